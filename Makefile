@@ -1,0 +1,41 @@
+# fewstep: two commands on a fresh machine.
+#   make demo   creates .venv if missing, installs fewstep, runs the solver comparison demo
+#   make test   creates .venv if missing, installs fewstep + dev tools, runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+CONSTRAINTS := constraints-dev.txt
+STAMP_RUN := $(VENV)/.stamp-run
+STAMP_DEV := $(VENV)/.stamp-dev
+REPORT ?= reports/demo
+
+.PHONY: demo test bench clean venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP_RUN): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[report,digits]"
+	touch $@
+
+$(STAMP_DEV): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	touch $@ $(STAMP_RUN)
+
+venv: $(STAMP_DEV)
+
+demo: $(STAMP_RUN)
+	$(VENV)/bin/fewstep demo --out $(REPORT)
+
+test: $(STAMP_DEV)
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+bench: $(STAMP_DEV)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache

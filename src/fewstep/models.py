@@ -1,0 +1,234 @@
+"""Model adapters: any callable predicting eps / x0 / v / flow velocity / score, or an EDM-style
+denoiser, becomes one :class:`Model` whose :meth:`Model.predict` returns both ``x0`` and ``eps``.
+
+Conversions (DESIGN 1.2), with ``x = alpha x0 + sigma eps``:
+
+* ``eps``:   ``x0 = (x - sigma eps) / alpha``
+* ``x0``:    ``eps = (x - alpha x0) / sigma``
+* ``v``:     ``v = alpha eps - sigma x0``  =>  ``x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)``,
+  ``eps = (sigma x + alpha v) / (alpha^2 + sigma^2)``
+* ``flow``:  ``u = eps - x0``  =>  ``x0 = (x - sigma u) / (alpha + sigma)``, ``eps = (x + alpha u) / (alpha + sigma)``
+* ``score``: ``s = -eps / sigma``
+* ``edm``:   a k-diffusion style denoiser ``D(x / alpha, sigma / alpha) -> x0`` (VE coordinates)
+
+All conversion coefficients are computed in float64 from the schedule and cast to the sample dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple
+
+import torch
+
+from .errors import ModelOutputError, ShapeError
+from .schedules import NoiseSchedule
+
+__all__ = [
+    "Model",
+    "Prediction",
+    "PREDICTION_TYPES",
+    "to_prediction",
+    "from_prediction",
+    "classifier_free_guidance",
+    "batched_classifier_free_guidance",
+    "Threshold",
+]
+
+PredictionType = Literal["eps", "x0", "v", "flow", "score", "edm"]
+PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "flow", "score", "edm")
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Prediction(NamedTuple):
+    """The model's data prediction ``x0`` and noise prediction ``eps`` at one point."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape per-sample (or scalar) coefficients ``c`` to broadcast against ``x`` of shape (B, ...)."""
+    c = c.to(device=x.device, dtype=x.dtype)
+    if c.ndim == 0:
+        return c
+    return c.reshape(c.shape[0], *([1] * (x.ndim - 1)))
+
+
+def to_prediction(
+    kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> Prediction:
+    """Convert a raw model output of type ``kind`` at ``(x, alpha, sigma)`` to ``(x0, eps)``."""
+    a, s = _bcast(alpha, x), _bcast(sigma, x)
+    if kind == "eps":
+        return Prediction((x - s * out) / a, out)
+    if kind in ("x0", "edm"):
+        return Prediction(out, (x - a * out) / s)
+    if kind == "v":
+        n = a * a + s * s
+        return Prediction((a * x - s * out) / n, (s * x + a * out) / n)
+    if kind == "flow":
+        n = a + s
+        return Prediction((x - s * out) / n, (x + a * out) / n)
+    if kind == "score":
+        eps = -s * out
+        return Prediction((x - s * eps) / a, eps)
+    raise ModelOutputError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")
+
+
+def from_prediction(
+    kind: str, pred: Prediction, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """Inverse of :func:`to_prediction`: the raw output of type ``kind`` that gives ``pred``."""
+    a, s = _bcast(alpha, x), _bcast(sigma, x)
+    x0, eps = pred
+    if kind == "eps":
+        return eps
+    if kind in ("x0", "edm"):
+        return x0
+    if kind == "v":
+        return a * eps - s * x0
+    if kind == "flow":
+        return eps - x0
+    if kind == "score":
+        return -eps / s
+    raise ModelOutputError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Data-space thresholding of the x0 prediction.
+
+    * ``static``: clip x0 to ``[-max_value, max_value]``.
+    * ``dynamic`` (Imagen, Saharia et al. 2022): per sample, ``s = clamp(quantile(|x0|, ratio), 1, max_value)``,
+      then ``x0 = clamp(x0, -s, s) / s``.
+    """
+
+    kind: Literal["static", "dynamic"] = "dynamic"
+    max_value: float = 1.0
+    ratio: float = 0.995
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("static", "dynamic"):
+            raise ValueError(f"threshold kind must be 'static' or 'dynamic', got {self.kind!r}")
+        if not (self.max_value > 0) or not (0 < self.ratio <= 1):
+            raise ValueError("threshold needs max_value > 0 and 0 < ratio <= 1")
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.kind == "static":
+            return x0.clamp(-self.max_value, self.max_value)
+        flat = x0.reshape(x0.shape[0], -1).abs()
+        work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+        s = torch.quantile(work, self.ratio, dim=1).clamp(1.0, self.max_value).to(x0.dtype)
+        s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+        return x0.clamp(-s, s) / s
+
+
+def classifier_free_guidance(cond: ModelFn, uncond: ModelFn, scale: float) -> ModelFn:
+    """Two-call CFG: ``uncond(x, t) + scale * (cond(x, t) - uncond(x, t))`` (same prediction type)."""
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        u = uncond(x, t)
+        return u + scale * (cond(x, t) - u)
+
+    return guided
+
+
+def batched_classifier_free_guidance(fn2: ModelFn, scale: float) -> ModelFn:
+    """One-call CFG: ``fn2`` takes a doubled batch, unconditional half first, conditional half second."""
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = fn2(torch.cat([x, x]), torch.cat([t, t]))
+        u, c = out.chunk(2)
+        return u + scale * (c - u)
+
+    return guided
+
+
+class Model:
+    """A denoising model in fewstep's terms.
+
+    ``fn(x, t)`` receives samples ``x`` of shape ``(B, ...)`` and times ``t`` of shape ``(B,)`` in the
+    schedule's own time variable (for ``prediction="edm"``: the VE noise level ``sigma / alpha``, and
+    ``x / alpha``) and returns a tensor shaped like ``x``.
+
+    ``calls`` counts invocations of ``fn`` and ``evaluations`` counts sample rows evaluated (exact NFE
+    accounting: NFE per sample = ``evaluations / batch``).
+    """
+
+    def __init__(
+        self,
+        fn: ModelFn,
+        schedule: NoiseSchedule,
+        prediction: PredictionType = "eps",
+        *,
+        threshold: Threshold | None = None,
+        check_finite: bool = True,
+        name: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        if prediction not in PREDICTION_TYPES:
+            raise ModelOutputError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a fewstep NoiseSchedule, got {type(schedule).__name__}")
+        self.fn = fn
+        self.schedule = schedule
+        self.prediction = prediction
+        self.threshold = threshold
+        self.check_finite = check_finite
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.sample_shape = sample_shape
+        self.calls = 0
+        self.evaluations = 0
+
+    def reset_counters(self) -> None:
+        self.calls = 0
+        self.evaluations = 0
+
+    def _time_input(self, t: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        tin = sigma / alpha if self.prediction == "edm" else t
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        return tin.to(device=x.device, dtype=dtype)
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Call ``fn`` once, validating the output; ``t`` is a per-sample float64 tensor."""
+        alpha, sigma = self.schedule._alpha(t), self.schedule._sigma(t)
+        xin = x / _bcast(alpha, x) if self.prediction == "edm" else x
+        out = self.fn(xin, self._time_input(t, x, alpha, sigma))
+        self.calls += 1
+        self.evaluations += x.shape[0]
+        if not isinstance(out, torch.Tensor):
+            raise ModelOutputError(f"model {self.name!r} returned {type(out).__name__}, expected a torch.Tensor")
+        if out.shape != x.shape:
+            raise ModelOutputError(
+                f"model {self.name!r} returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}"
+            )
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            n_bad = int((~torch.isfinite(out)).sum())
+            raise ModelOutputError(
+                f"model {self.name!r} returned {n_bad} NaN/Inf values at t in "
+                f"[{float(t.min()):.6g}, {float(t.max()):.6g}] (call {self.calls})"
+            )
+        return out.to(x.dtype)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor | float) -> Prediction:
+        """``(x0, eps)`` at samples ``x`` (B, ...) and times ``t`` (scalar or (B,))."""
+        if x.ndim < 1 or x.shape[0] == 0:
+            raise ShapeError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+        t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        if t64.ndim == 0:
+            t64 = t64.expand(x.shape[0])
+        elif t64.shape != (x.shape[0],):
+            raise ShapeError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t64.shape)}")
+        alpha, sigma = self.schedule._alpha(t64), self.schedule._sigma(t64)
+        pred = to_prediction(self.prediction, self.raw(x, t64), x, alpha, sigma)
+        if self.threshold is not None:
+            x0 = self.threshold(pred.x0)
+            pred = Prediction(x0, (x - _bcast(alpha, x) * x0) / _bcast(sigma, x))
+        return pred
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float) -> Prediction:
+        return self.predict(x, t)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, {self.schedule!r}, prediction={self.prediction!r})"

@@ -1,0 +1,163 @@
+"""Coefficients of one exponential-integrator update (one copy of the maths for every solver).
+
+For a step from s to t with nodes ``(tau_j, m_j)`` (``tau_0 = 0`` is the start), the prediction is
+interpolated as ``P(tau) = sum_k c_k tau^k`` and integrated exactly against the kernel::
+
+    x_t = a x_s + sum_k W_k c_k = a x_s + sum_j w_j m_j,   w = V^{-T} W,  V_jk = tau_j^k
+
+    data  (interp lambda): a = sigma_t / sigma_s,  W_k =  alpha_t h k! phi_(k+1)(-h)
+    noise (interp lambda): a = alpha_t / alpha_s,  W_k = -sigma_t h k! phi_(k+1)(h)
+
+with ``h = lambda_t - lambda_s`` (Lu et al. 2022, DPM-Solver / DPM-Solver++). ``W_0`` is written
+as ``alpha_t - sigma_t alpha_s / sigma_s`` (data) and ``sigma_t - alpha_t sigma_s / alpha_s`` (noise)
+so that steps into sigma = 0 and out of alpha = 0 stay finite. Variants change ``W``:
+UniPC's ``B(h)`` (Zhao et al. 2023) for a single difference term, DPM-Solver++(3M)'s ``W_k / k!``,
+Adams' flat weights ``W_0 / (k + 1)``. Everything is float64.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..errors import SolverError
+from ..schedules import NoiseSchedule
+from .phi import phis
+
+__all__ = ["Point", "point", "update_weights", "node_positions"]
+
+_GAUSS_NODES = 48
+
+
+class Point:
+    """``(t, alpha, sigma, lambda)`` of one time, float64 Python numbers."""
+
+    __slots__ = ("t", "alpha", "sigma", "lam")
+
+    def __init__(self, t: float, alpha: float, sigma: float, lam: float) -> None:
+        self.t, self.alpha, self.sigma, self.lam = t, alpha, sigma, lam
+
+    def __repr__(self) -> str:
+        return f"Point(t={self.t:.6g}, lambda={self.lam:.6g})"
+
+
+def point(schedule: NoiseSchedule, t: float) -> Point:
+    a, s, lam = schedule.coefficients(float(t))
+    return Point(float(t), float(a), float(s), float(lam))
+
+
+@lru_cache(maxsize=8)
+def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    x, w = np.polynomial.legendre.leggauss(n)
+    return 0.5 * (x + 1.0), 0.5 * w  # on [0, 1]
+
+
+def _interp_coordinate(interp: str, prediction: str, schedule: NoiseSchedule, p: Point) -> float:
+    if interp == "lambda":
+        return p.lam
+    if interp == "t":
+        return p.t
+    # flat kernel variable: alpha/sigma = e^lambda for data, sigma/alpha = e^-lambda for noise
+    return math.exp(p.lam) if prediction == "data" else math.exp(-p.lam)
+
+
+def node_positions(interp: str, prediction: str, schedule: NoiseSchedule, s: Point, t: Point, nodes: list[Point]) -> list[float]:
+    """``tau_j = (u(node_j) - u(s)) / (u(t) - u(s))`` in the interpolation variable u."""
+    us = _interp_coordinate(interp, prediction, schedule, s)
+    ut = _interp_coordinate(interp, prediction, schedule, t)
+    span = ut - us
+    if not math.isfinite(span) or span == 0.0:
+        raise SolverError(f"cannot place interpolation nodes on the step {s} -> {t} (infinite or empty in {interp})")
+    return [(_interp_coordinate(interp, prediction, schedule, n) - us) / span for n in nodes]
+
+
+def _base_terms(prediction: str, s: Point, t: Point) -> tuple[float, float]:
+    """``(a, W_0)``: the first-order (DDIM) transfer coefficient and weight."""
+    if prediction == "data":
+        if s.sigma <= 0.0:
+            raise SolverError(f"a data-prediction step cannot start at sigma = 0 ({s})")
+        return t.sigma / s.sigma, t.alpha - t.sigma * s.alpha / s.sigma
+    if s.alpha <= 0.0:
+        raise SolverError(f"a noise-prediction step cannot start at alpha = 0 ({s}); use data prediction")
+    return t.alpha / s.alpha, t.sigma - t.alpha * s.sigma / s.alpha
+
+
+def _exact_weights(prediction: str, interp: str, schedule: NoiseSchedule, s: Point, t: Point, w0: float, n: int) -> list[float]:
+    """Exact kernel integrals ``W_k`` of ``tau^k``, k = 0..n-1."""
+    if n == 1:
+        return [w0]
+    h = t.lam - s.lam
+    if not math.isfinite(h):
+        raise SolverError(
+            f"a step of order {n} from {s} to {t} spans an infinite log-SNR interval; only order 1 can step "
+            "out of alpha = 0 or into sigma = 0 (use a lower order on the first / last step)"
+        )
+    if interp == "flat":
+        return [w0 / (k + 1) for k in range(n)]
+    if interp == "lambda":
+        if prediction == "data":
+            ph = phis(-h, n)
+            return [w0] + [t.alpha * h * math.factorial(k) * ph[k] for k in range(1, n)]
+        ph = phis(h, n)
+        return [w0] + [-t.sigma * h * math.factorial(k) * ph[k] for k in range(1, n)]
+    # interp == "t": Gauss-Legendre in lambda of kernel(lambda) * tau(t(lambda))^k
+    q, wq = _gauss_legendre(_GAUSS_NODES)
+    lams = s.lam + q * h
+    ts = schedule.t_of_lambda(torch.from_numpy(lams)).numpy()
+    taus = (ts - s.t) / (t.t - s.t)
+    if prediction == "data":
+        kern = t.alpha * np.exp(lams - t.lam)
+    else:
+        kern = -t.sigma * np.exp(t.lam - lams)
+    out = [w0]
+    for k in range(1, n):
+        out.append(float(h * np.sum(wq * kern * taus**k)))
+    return out
+
+
+def _apply_variant(variant: str, prediction: str, s: Point, t: Point, weights: list[float]) -> list[float]:
+    n = len(weights)
+    if n == 1 or variant == "phi":
+        return weights
+    w = list(weights)
+    if variant == "adams":
+        return [w[0] / (k + 1) for k in range(n)]
+    if variant == "dpm3m":
+        return [w[k] / math.factorial(k) if k >= 2 else w[k] for k in range(n)]
+    # UniPC B(h): only the single-difference case differs from the exact weights
+    if n == 2:
+        h = t.lam - s.lam
+        if variant == "bh2":
+            w[1] = 0.5 * w[0]
+        elif prediction == "data":  # bh1, B(h) = -h with hh = -h
+            w[1] = 0.5 * t.alpha * h
+        else:  # bh1, B(h) = h
+            w[1] = -0.5 * t.sigma * h
+    return w
+
+
+def update_weights(
+    prediction: str,
+    interp: str,
+    variant: str,
+    schedule: NoiseSchedule,
+    s: Point,
+    t: Point,
+    taus: list[float],
+) -> tuple[float, list[float]]:
+    """``(a, [w_j])`` such that ``x_t = a x_s + sum_j w_j m_j`` for nodes at ``taus`` (taus[0] = 0)."""
+    a, w0 = _base_terms(prediction, s, t)
+    n = len(taus)
+    big_w = _apply_variant(variant, prediction, s, t, _exact_weights(prediction, interp, schedule, s, t, w0, n))
+    if n == 1:
+        return a, [w0]
+    vander = np.vander(np.asarray(taus, dtype=np.float64), n, increasing=True)
+    if abs(np.linalg.det(vander)) < 1e-14:
+        raise SolverError(f"interpolation nodes {taus} coincide; the step cannot use them")
+    w = np.linalg.solve(vander.T, np.asarray(big_w, dtype=np.float64))
+    if not np.all(np.isfinite(w)):
+        raise SolverError(f"non-finite update weights on the step {s} -> {t}")
+    return a, [float(v) for v in w]

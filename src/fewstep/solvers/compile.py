@@ -1,0 +1,128 @@
+"""Compile a :class:`SolverSchedule` into a list of affine operations (DESIGN 6).
+
+Every step is affine once the model outputs are known, so a whole solver becomes a short program:
+
+* ``Evaluate(state, t, slot)``: ``D[slot] = model(X[state], t)`` (both x0 and eps are kept);
+* ``Combine(target, base, a, terms)``: ``X[target] = a X[base] + sum c D[slot].kind``.
+
+All coefficients are float64 numbers computed here, once per plan: the sampling loop does no
+schedule maths, the parallel driver reads the same program, and search edits the plan only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import SolverError
+from ..schedules import NoiseSchedule
+from .coefficients import Point, node_positions, point, update_weights
+from .plan import SolverSchedule
+from .strategy import Step
+
+__all__ = ["Evaluate", "Combine", "CompiledPlan", "compile_plan"]
+
+KIND = {"data": "x0", "noise": "eps"}
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    state: int
+    t: float
+    slot: int
+
+
+@dataclass(frozen=True)
+class Combine:
+    target: int
+    base: int
+    a: float
+    terms: tuple[tuple[int, str, float], ...]  # (slot, "x0" | "eps", coefficient)
+    grid_index: int | None = None  # set when the target is the state at times[grid_index]
+
+
+@dataclass(frozen=True)
+class CompiledPlan:
+    ops: tuple[Evaluate | Combine, ...]
+    n_states: int
+    n_slots: int
+    output: int
+    times: tuple[float, ...]
+    nfe: int
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.ops: list[Evaluate | Combine] = []
+        self.n_states = 1
+        self.n_slots = 0
+
+    def evaluate(self, state: int, t: float) -> int:
+        slot = self.n_slots
+        self.n_slots += 1
+        self.ops.append(Evaluate(state, t, slot))
+        return slot
+
+    def combine(self, base: int, a: float, terms: list[tuple[int, str, float]], grid_index: int | None = None) -> int:
+        target = self.n_states
+        self.n_states += 1
+        self.ops.append(Combine(target, base, a, tuple(terms), grid_index))
+        return target
+
+
+def _weights(step: Step, variant: str, sched: NoiseSchedule, s: Point, t: Point, nodes: list[Point], taus: list[float] | None) -> tuple[float, list[float]]:
+    if taus is None:
+        taus = node_positions(step.interp, step.prediction, sched, s, t, nodes) if len(nodes) > 1 else [0.0]
+    try:
+        return update_weights(step.prediction, step.interp, variant, sched, s, t, taus)
+    except SolverError as exc:
+        raise SolverError(f"{exc}") from None
+
+
+def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
+    """Turn a solver schedule into affine operations for the noise schedule ``sched``."""
+    plan.check_schedule(sched)
+    b = _Builder()
+    pts = [point(sched, t) for t in plan.times]
+    start_slots: list[int] = []
+    cur = 0
+    pending: tuple[Step, int, Point, Point, list[tuple[Point, int]], float] | None = None  # corrector of the previous step
+    for i, step in enumerate(plan.steps):
+        s, t = pts[i], pts[i + 1]
+        kind = KIND[step.prediction]
+        e0 = b.evaluate(cur, s.t)
+        start_slots.append(e0)
+        if pending is not None:  # UniC: correct the state we just evaluated, re-using that evaluation
+            cstep, cbase, cs, ct, cnodes, _ = pending
+            nodes = cnodes + [(ct, e0)]
+            taus = None
+            if cstep.uniform_nodes:
+                taus = [0.0] + [-float(h) for h in cstep.history[: len(cnodes) - 1]] + [1.0]
+            a, w = _weights(cstep, cstep.corrector_variant or cstep.variant, sched, cs, ct, [p for p, _ in nodes], taus)
+            cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i)
+            pending = None
+        if step.method == "multistep":
+            nodes = [(s, e0)] + [(pts[i - h], start_slots[i - h]) for h in step.history]
+            taus = [0.0] + [-float(h) for h in step.history] if step.uniform_nodes else None
+            a, w = _weights(step, step.variant, sched, s, t, [p for p, _ in nodes], taus)
+            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], grid_index=i + 1)
+            if step.corrector:
+                pending = (step, cur, s, t, nodes[: step.corrector - 1], 0.0)
+        else:
+            if step.stages and not (math.isfinite(s.lam) and math.isfinite(t.lam)):
+                raise SolverError(
+                    f"step {i} is singlestep of order {step.order} but spans an infinite log-SNR interval "
+                    f"({s} -> {t}); use order 1 on a step that leaves alpha = 0 or reaches sigma = 0"
+                )
+            nodes = [(s, e0)]
+            for r in step.stages:
+                lam_r = s.lam + r * (t.lam - s.lam)
+                pr = t if r == 1.0 else point(sched, float(sched.t_of_lambda(lam_r)))
+                a, w = _weights(step, step.stage_variant or step.variant, sched, s, pr, [p for p, _ in nodes], None)
+                xr = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)])
+                nodes.append((pr, b.evaluate(xr, pr.t)))
+            final = nodes if step.final_nodes is None else [nodes[j] for j in step.final_nodes]
+            a, w = _weights(step, step.variant, sched, s, t, [p for p, _ in final], None)
+            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(final, w)], grid_index=i + 1)
+        cur = new
+    return CompiledPlan(tuple(b.ops), b.n_states, b.n_slots, cur, plan.times, b.n_slots)

@@ -1,0 +1,205 @@
+"""``SolverSchedule``: a time grid plus one :class:`Step` strategy per step, saved as JSON.
+
+The JSON file is versioned and validated field by field; loading it never executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import ScheduleFileError, SolverError
+from ..schedules import NoiseSchedule
+from .strategy import Step
+
+__all__ = ["SolverSchedule", "schedule_fingerprint", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "fewstep.solver_schedule"
+FORMAT_VERSION = 1
+_TOP_FIELDS = {"format", "version", "name", "times", "steps", "schedule", "meta"}
+
+
+def schedule_fingerprint(schedule: NoiseSchedule) -> str:
+    """A short stable id of a noise schedule (its kind and a hash of its config)."""
+    cfg = schedule.config()
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{cfg['kind']}:{digest}"
+
+
+@dataclass(frozen=True)
+class SolverSchedule:
+    """A complete solver: ``times[0] > ... > times[n]`` and ``steps[i]`` taking ``times[i] -> times[i+1]``."""
+
+    times: tuple[float, ...]
+    steps: tuple[Step, ...]
+    name: str = "custom"
+    #: fingerprint of the noise schedule the times refer to (``None`` = not recorded)
+    schedule: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        times = tuple(float(t) for t in self.times)
+        object.__setattr__(self, "times", times)
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if len(times) < 2:
+            raise SolverError(f"a solver schedule needs at least 2 times, got {len(times)}")
+        if len(self.steps) != len(times) - 1:
+            raise SolverError(f"{len(times)} times need {len(times) - 1} steps, got {len(self.steps)}")
+        if not all(math.isfinite(t) for t in times):
+            raise SolverError(f"times must be finite, got {list(times)[:8]}")
+        for i, (a, b) in enumerate(zip(times, times[1:])):
+            if not a > b:
+                raise SolverError(f"times must be strictly decreasing; times[{i}]={a} <= times[{i + 1}]={b}")
+        for i, st in enumerate(self.steps):
+            if not isinstance(st, Step):
+                raise SolverError(f"steps[{i}] is {type(st).__name__}, expected a Step")
+            if st.depth > i:
+                raise SolverError(
+                    f"step {i} (order {st.order}) reads {st.depth} previous steps but only {i} exist; "
+                    "use a lower order on the first steps (warm-up)"
+                )
+        if self.steps[-1].corrector:
+            raise SolverError("the last step cannot have a corrector: no model evaluation follows it")
+
+    # ---- derived ----------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def nfe(self) -> int:
+        """Model evaluations per sample."""
+        return sum(s.nfe for s in self.steps)
+
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        """Raise if this plan was made for another noise schedule, or its times fall outside it."""
+        if self.schedule is not None and self.schedule != schedule_fingerprint(schedule):
+            raise SolverError(
+                f"solver schedule {self.name!r} was made for noise schedule {self.schedule}, "
+                f"but the model uses {schedule_fingerprint(schedule)} ({schedule!r})"
+            )
+        schedule.check_times(list(self.times), what=f"times of solver schedule {self.name!r}")
+
+    def replace(self, **changes: Any) -> "SolverSchedule":
+        data = {"times": self.times, "steps": self.steps, "name": self.name, "schedule": self.schedule, "meta": dict(self.meta)}
+        data.update(changes)
+        return SolverSchedule(**data)
+
+    def with_step(self, i: int, step: Step) -> "SolverSchedule":
+        steps = list(self.steps)
+        steps[i] = step
+        return self.replace(steps=tuple(steps))
+
+    def describe(self) -> str:
+        """One line per step: times and strategy."""
+        lines = [f"{self.name}: {self.n_steps} steps, NFE {self.nfe}"]
+        for i, st in enumerate(self.steps):
+            extra = f" stages={list(st.stages)}" if st.stages else ""
+            extra += f" history={list(st.history)}" if st.history else ""
+            extra += f" corrector={st.corrector}" if st.corrector else ""
+            lines.append(
+                f"  {i:3d}: t {self.times[i]:.6g} -> {self.times[i + 1]:.6g}  {st.method} order {st.order} "
+                f"{st.prediction} {st.variant}/{st.interp}{extra}"
+            )
+        return "\n".join(lines)
+
+    # ---- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "schedule": self.schedule,
+            "times": list(self.times),
+            "steps": [s.to_dict() for s in self.steps],
+            "meta": self.meta,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SolverSchedule":
+        if not isinstance(data, dict):
+            raise ScheduleFileError(f"a solver schedule must be a JSON object, got {type(data).__name__}")
+        missing = {"format", "version", "times", "steps"} - set(data)
+        if missing:
+            raise ScheduleFileError(f"solver schedule is missing field(s) {sorted(missing)}")
+        extra = set(data) - _TOP_FIELDS
+        if extra:
+            raise ScheduleFileError(f"solver schedule has unknown field(s) {sorted(extra)}; known: {sorted(_TOP_FIELDS)}")
+        if data["format"] != FORMAT:
+            raise ScheduleFileError(f"not a fewstep solver schedule: format is {data['format']!r}, expected {FORMAT!r}")
+        if not isinstance(data["version"], int) or isinstance(data["version"], bool) or data["version"] > FORMAT_VERSION or data["version"] < 1:
+            raise ScheduleFileError(f"unsupported solver schedule version {data['version']!r} (this fewstep reads 1..{FORMAT_VERSION})")
+        times = data["times"]
+        if not isinstance(times, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+            raise ScheduleFileError("'times' must be a list of numbers")
+        steps = data["steps"]
+        if not isinstance(steps, list):
+            raise ScheduleFileError("'steps' must be a list of step objects")
+        name = data.get("name", "custom")
+        if not isinstance(name, str):
+            raise ScheduleFileError("'name' must be a string")
+        sched = data.get("schedule")
+        if sched is not None and not isinstance(sched, str):
+            raise ScheduleFileError("'schedule' must be a string or null")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ScheduleFileError("'meta' must be an object")
+        try:
+            parsed = [Step.from_dict(s) for s in steps]
+            return cls(times=tuple(times), steps=tuple(parsed), name=name, schedule=sched, meta=meta)
+        except (SolverError, TypeError) as exc:
+            raise ScheduleFileError(f"invalid solver schedule: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "SolverSchedule":
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise ScheduleFileError(f"solver schedule is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically (temp file + rename) so an interrupted save never leaves a broken file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "SolverSchedule":
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ScheduleFileError(f"cannot read solver schedule {str(path)!r}: {exc}") from None
+        return cls.from_json(text)
+
+    @classmethod
+    def uniform(cls, times: Sequence[float], step: Step, *, name: str = "custom", schedule: str | None = None) -> "SolverSchedule":
+        """The same strategy on every step (lower orders where the history is short)."""
+        steps = []
+        for i in range(len(times) - 1):
+            st = step
+            if step.depth > i:
+                st = step.with_(order=i + 1, corrector=min(step.corrector, i + 2) if step.corrector else 0)
+            steps.append(st)
+        return cls(times=tuple(times), steps=tuple(steps), name=name, schedule=schedule)
+
+
+def _reject_constant(value: str) -> Any:
+    raise ScheduleFileError(f"solver schedule contains {value}, which is not valid JSON")

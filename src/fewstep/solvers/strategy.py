@@ -1,0 +1,163 @@
+"""The strategy of one solver step: a small immutable record (DESIGN 1.3).
+
+A step from time s to time t integrates the probability-flow ODE exactly up to a polynomial
+interpolant of the model's prediction::
+
+    data:   x_t = (sigma_t / sigma_s) x_s + sigma_t int e^lambda  P_x0(lambda)  dlambda
+    noise:  x_t = (alpha_t / alpha_s) x_s - alpha_t int e^-lambda P_eps(lambda) dlambda
+
+The strategy decides which prediction is interpolated, through which nodes (the step's start,
+earlier steps' starts = *multistep*, extra evaluations inside the step = *singlestep*), in which
+variable (lambda, the model time t, or the variable in which the kernel is flat), how the
+integral weights are taken (exact phi functions or UniPC's B(h) variants), and whether a UniC
+corrector re-uses the next evaluation. DDIM, DPM-Solver(++), UniPC, DEIS, PNDM, Euler, Heun and
+LMS are all such records (see :mod:`fewstep.solvers.presets`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from ..errors import SolverError
+
+__all__ = ["Step", "PREDICTIONS", "METHODS", "VARIANTS", "INTERPS"]
+
+PREDICTIONS = ("data", "noise")
+METHODS = ("multistep", "singlestep")
+#: phi: exact integral of the interpolant; bh1/bh2: UniPC's B(h) = h / e^h - 1 for a single
+#: difference term (bh2 = DPM-Solver++ "midpoint"); dpm3m: DPM-Solver++(3M)'s weights (k-th term
+#: divided by k!); adams: flat kernel weights 1/(k+1) scaled by the first-order weight (PNDM).
+VARIANTS = ("phi", "bh1", "bh2", "dpm3m", "adams")
+#: lambda: polynomial in the half log-SNR; t: in the model's time (DEIS tAB); flat: in the variable
+#: whose kernel is flat (sigma/alpha for noise prediction, alpha/sigma for data prediction: LMS).
+INTERPS = ("lambda", "t", "flat")
+MAX_ORDER = 4
+
+_DEFAULT_STAGES = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0), 4: (0.25, 0.5, 0.75)}
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise SolverError(f"Step.{name} must be one of {options}, got {value!r}")
+
+
+def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise SolverError(f"Step.{name} must be a list of integers, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's strategy. Defaults give DDIM (first order, data prediction)."""
+
+    order: int = 1
+    prediction: Literal["data", "noise"] = "data"
+    method: Literal["multistep", "singlestep"] = "multistep"
+    variant: Literal["phi", "bh1", "bh2", "dpm3m", "adams"] = "phi"
+    interp: Literal["lambda", "t", "flat"] = "lambda"
+    #: multistep: previous step starts used as nodes (1 = the previous step's start, ...)
+    history: tuple[int, ...] = field(default=())
+    #: multistep: place history nodes at -1, -2, ... (fixed Adams-Bashforth weights) not at their real spacing
+    uniform_nodes: bool = False
+    #: singlestep: positions r in (0, 1] of the extra evaluations, as fractions of the step in lambda
+    stages: tuple[float, ...] = field(default=())
+    #: singlestep: variant used to reach the stages (default: ``variant``)
+    stage_variant: str | None = None
+    #: singlestep: nodes of the final interpolant (0 = start, j = stage j); default all
+    final_nodes: tuple[int, ...] | None = None
+    #: UniC corrector: number of nodes of its interpolant (0 = none); it adds the new point to the
+    #: start and the first ``corrector - 2`` history nodes. UniPC uses ``order + 1``.
+    corrector: int = 0
+    corrector_variant: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or not 1 <= self.order <= MAX_ORDER:
+            raise SolverError(f"Step.order must be an integer in 1..{MAX_ORDER}, got {self.order!r}")
+        _choice("prediction", self.prediction, PREDICTIONS)
+        _choice("method", self.method, METHODS)
+        _choice("variant", self.variant, VARIANTS)
+        _choice("interp", self.interp, INTERPS)
+        for name in ("stage_variant", "corrector_variant"):
+            if getattr(self, name) is not None:
+                _choice(name, getattr(self, name), VARIANTS)
+        if not isinstance(self.uniform_nodes, bool):
+            raise SolverError(f"Step.uniform_nodes must be true/false, got {self.uniform_nodes!r}")
+        hist = _int_tuple("history", self.history)
+        object.__setattr__(self, "history", hist)
+        if not isinstance(self.stages, (tuple, list)) or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in self.stages):
+            raise SolverError(f"Step.stages must be a list of numbers, got {self.stages!r}")
+        object.__setattr__(self, "stages", tuple(float(r) for r in self.stages))
+        if self.final_nodes is not None:
+            object.__setattr__(self, "final_nodes", _int_tuple("final_nodes", self.final_nodes))
+        if not isinstance(self.corrector, int) or isinstance(self.corrector, bool) or self.corrector < 0:
+            raise SolverError(f"Step.corrector must be an integer >= 0, got {self.corrector!r}")
+
+        if self.method == "multistep":
+            if not hist and self.order > 1:
+                object.__setattr__(self, "history", tuple(range(1, self.order)))
+            if len(self.history) != self.order - 1:
+                raise SolverError(f"a multistep step of order {self.order} needs {self.order - 1} history nodes, got {self.history}")
+            if any(h < 1 for h in self.history) or len(set(self.history)) != len(self.history):
+                raise SolverError(f"Step.history entries must be distinct integers >= 1, got {self.history}")
+            if self.stages or self.final_nodes is not None:
+                raise SolverError("stages / final_nodes apply to singlestep steps only")
+            if self.corrector:
+                if not 2 <= self.corrector <= self.order + 1:
+                    raise SolverError(f"a corrector of {self.corrector} nodes needs 2 <= corrector <= order + 1 = {self.order + 1}")
+        else:
+            if self.history or self.uniform_nodes:
+                raise SolverError("history / uniform_nodes apply to multistep steps only")
+            if self.corrector:
+                raise SolverError("the UniC corrector applies to multistep steps only")
+            if not self.stages and self.order > 1:
+                object.__setattr__(self, "stages", _DEFAULT_STAGES[self.order])
+            if len(self.stages) != self.order - 1:
+                raise SolverError(f"a singlestep step of order {self.order} needs {self.order - 1} stages, got {self.stages}")
+            if any(not (0.0 < r <= 1.0) for r in self.stages) or any(b <= a for a, b in zip(self.stages, self.stages[1:])):
+                raise SolverError(f"singlestep stages must be increasing positions in (0, 1], got {self.stages}")
+            if self.final_nodes is not None:
+                fn = self.final_nodes
+                if 0 not in fn or any(not 0 <= j <= len(self.stages) for j in fn) or len(set(fn)) != len(fn):
+                    raise SolverError(f"final_nodes must contain 0 and distinct stage indices 0..{len(self.stages)}, got {fn}")
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def nfe(self) -> int:
+        """Model evaluations this step costs (its start plus its stages)."""
+        return 1 + len(self.stages)
+
+    @property
+    def depth(self) -> int:
+        """How many previous step starts this step reads."""
+        return max(self.history, default=0)
+
+    def with_(self, **changes: Any) -> "Step":
+        """A copy with some fields changed (re-validated). Changing ``order`` resets derived defaults."""
+        data = self.to_dict()
+        if "order" in changes:
+            data.update(history=(), stages=(), final_nodes=None)
+        data.update(changes)
+        return Step.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["history"] = list(self.history)
+        d["stages"] = list(self.stages)
+        d["final_nodes"] = None if self.final_nodes is None else list(self.final_nodes)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Step":
+        if not isinstance(data, dict):
+            raise SolverError(f"a step must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        extra = set(data) - known
+        if extra:
+            raise SolverError(f"unknown step field(s) {sorted(extra)}; known: {sorted(known)}")
+        args = dict(data)
+        for key in ("history", "stages", "final_nodes"):
+            if isinstance(args.get(key), list):
+                args[key] = tuple(args[key])
+        return cls(**args)

@@ -1,0 +1,170 @@
+"""Time grids (DESIGN 1.4): plain functions returning ``n + 1`` strictly decreasing times (float64)
+from ``t_start`` to ``t_end`` in the schedule's own time variable.
+
+When ``t_end`` is the schedule's clean time (sigma = 0, the default), spacings defined by noise
+levels (``uniform_lambda``, ``karras``) cannot reach it: they place ``n`` points on
+``[t_start, t_noisy_end]`` (default the schedule's ``t_min``) and append the clean time, as
+k-diffusion appends sigma = 0 and diffusers a final zero sigma. Spacings defined in time
+(``uniform_t``, ``quadratic``) reach it directly. ``leading`` / ``trailing`` / ``linspace``
+reproduce diffusers' integer timesteps for :class:`~fewstep.DiscreteVP`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ScheduleError
+from .schedules import DiscreteVP, FlowMatching, NoiseSchedule
+
+__all__ = ["time_grid", "SPACINGS", "validate_grid", "default_spacing"]
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ScheduleError(f"the number of steps must be an integer >= 1, got {n!r}")
+
+
+def _uniform_t(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) -> np.ndarray:
+    ts = np.linspace(t0, t1, n + 1)
+    if isinstance(sched, FlowMatching) and sched.shift != 1.0:
+        ts = sched.shift_times(torch.from_numpy(ts)).numpy()
+    return ts
+
+
+def _quadratic(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) -> np.ndarray:
+    """Time-quadratic (DPM-Solver's ``time_quadratic``) in the normalised time ``t - t_clean``."""
+    c = sched.t_clean
+    u = np.linspace(math.sqrt(t0 - c), math.sqrt(t1 - c), n + 1)
+    return c + u * u
+
+
+def _lambda_range(sched: NoiseSchedule, t0: float, t1: float) -> tuple[float, float]:
+    l0, l1 = float(sched.lambda_(t0)), float(sched.lambda_(t1))
+    if not (math.isfinite(l0) and math.isfinite(l1)):
+        raise ScheduleError(f"noise-level spacings need finite log-SNR at both ends, got lambda({t0})={l0}, lambda({t1})={l1}")
+    return l0, l1
+
+
+def _uniform_lambda(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) -> np.ndarray:
+    l0, l1 = _lambda_range(sched, t0, t1)
+    ts = sched.t_of_lambda(torch.linspace(l0, l1, n + 1, dtype=torch.float64)).numpy()
+    ts[0], ts[-1] = t0, t1
+    return ts
+
+
+def _karras(sched: NoiseSchedule, n: int, t0: float, t1: float, rho: float = 7.0, **_: float) -> np.ndarray:
+    """Karras et al. (2022): ``sigma_i^(1/rho)`` uniform, with sigma = sigma_t / alpha_t = e^-lambda."""
+    l0, l1 = _lambda_range(sched, t0, t1)
+    smax, smin = math.exp(-l0), math.exp(-l1)
+    ramp = np.linspace(0.0, 1.0, n + 1)
+    sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    ts = sched.t_of_lambda(torch.from_numpy(-np.log(sig))).numpy()
+    ts[0], ts[-1] = t0, t1
+    return ts
+
+
+def _discrete(sched: NoiseSchedule, what: str) -> DiscreteVP:
+    if not isinstance(sched, DiscreteVP):
+        raise ScheduleError(f"the {what!r} spacing is defined for DiscreteVP schedules only, not {sched!r}")
+    return sched
+
+
+def _leading(sched: NoiseSchedule, n: int, t0: float, t1: float, steps_offset: int = 0, **_: float) -> np.ndarray:
+    """diffusers ``leading``: ``arange(n) * (N // n) + offset``, reversed, then the clean time."""
+    s = _discrete(sched, "leading")
+    ratio = s.num_train_timesteps // n
+    if ratio < 1:
+        raise ScheduleError(f"leading spacing needs n <= {s.num_train_timesteps}, got {n}")
+    ts = (np.arange(n)[::-1] * ratio + steps_offset).astype(np.float64)
+    return np.append(ts, s.t_clean)
+
+
+def _trailing(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) -> np.ndarray:
+    """diffusers ``trailing``: ``round(arange(N, 0, -N / n)) - 1``, then the clean time."""
+    s = _discrete(sched, "trailing")
+    ts = np.round(np.arange(s.num_train_timesteps, 0, -s.num_train_timesteps / n)).astype(np.float64) - 1
+    return np.append(ts[:n], s.t_clean)
+
+
+def _linspace(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) -> np.ndarray:
+    """diffusers ``linspace``: ``linspace(0, N - 1, n).round()``, reversed, then the clean time."""
+    s = _discrete(sched, "linspace")
+    ts = np.linspace(0, s.num_train_timesteps - 1, n).round()[::-1].astype(np.float64)
+    return np.append(ts, s.t_clean)
+
+
+Spacing = Callable[..., np.ndarray]
+#: name -> (function, kind): "time" spacings reach the clean time, "noise" ones append it, "discrete" are diffusers integer grids
+SPACINGS: dict[str, tuple[Spacing, str]] = {
+    "uniform_t": (_uniform_t, "time"),
+    "quadratic": (_quadratic, "time"),
+    "uniform_lambda": (_uniform_lambda, "noise"),
+    "logsnr": (_uniform_lambda, "noise"),
+    "karras": (_karras, "noise"),
+    "leading": (_leading, "discrete"),
+    "trailing": (_trailing, "discrete"),
+    "linspace": (_linspace, "discrete"),
+}
+
+
+def default_spacing(sched: NoiseSchedule) -> str:
+    """The grid a schedule's models are usually sampled on: Karras for EDM, uniform time otherwise."""
+    from .schedules import EDM
+
+    return "karras" if isinstance(sched, EDM) else "uniform_t"
+
+
+def validate_grid(sched: NoiseSchedule, times: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Check a grid (finite, strictly decreasing, inside the schedule's domain) and return it as float64."""
+    ts = np.asarray(torch.as_tensor(times, dtype=torch.float64).cpu().numpy(), dtype=np.float64).reshape(-1)
+    if ts.size < 2:
+        raise ScheduleError(f"a time grid needs at least 2 points, got {ts.size}")
+    if not np.all(np.isfinite(ts)):
+        raise ScheduleError(f"time grid has non-finite entries: {ts.tolist()[:8]}")
+    if np.any(np.diff(ts) >= 0):
+        i = int(np.argmax(np.diff(ts) >= 0))
+        raise ScheduleError(f"time grid must be strictly decreasing (from noise to data); t[{i}]={ts[i]} <= t[{i + 1}]={ts[i + 1]}")
+    sched.check_times(torch.from_numpy(ts), what="time grid entries")
+    return ts
+
+
+def time_grid(
+    sched: NoiseSchedule,
+    n: int,
+    spacing: str | Sequence[float] | None = None,
+    *,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    t_noisy_end: float | None = None,
+    rho: float = 7.0,
+    steps_offset: int = 0,
+) -> np.ndarray:
+    """``n + 1`` times for ``n`` steps. ``spacing`` is a name from :data:`SPACINGS` or an explicit list."""
+    _check_n(n)
+    if spacing is not None and not isinstance(spacing, str):
+        ts = validate_grid(sched, spacing)
+        if ts.size != n + 1:
+            raise ScheduleError(f"an explicit grid for {n} steps needs {n + 1} times, got {ts.size}")
+        return ts
+    name = spacing or default_spacing(sched)
+    if name not in SPACINGS:
+        raise ScheduleError(f"unknown time spacing {name!r}; known: {sorted(SPACINGS)}")
+    fn, kind = SPACINGS[name]
+    t0 = sched.t_max if t_start is None else float(t_start)
+    t1 = sched.t_clean if t_end is None else float(t_end)
+    if not t0 > t1:
+        raise ScheduleError(f"t_start ({t0}) must be larger than t_end ({t1})")
+    sched.check_times(torch.tensor([t0, t1], dtype=torch.float64), what="t_start/t_end")
+    if kind == "noise" and t1 == sched.t_clean:
+        tn = sched.t_min if t_noisy_end is None else float(t_noisy_end)
+        if n == 1:
+            ts = np.array([t0, t1])
+        else:
+            ts = np.append(fn(sched, n - 1, t0, tn, rho=rho), t1)
+    else:
+        ts = fn(sched, n, t0, t1, rho=rho, steps_offset=steps_offset)
+    return validate_grid(sched, ts)
