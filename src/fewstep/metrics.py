@@ -27,16 +27,17 @@ def likelihood_gap(oracle: "object", samples: torch.Tensor, true_samples: torch.
 def gaussian_fit(x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(x.detach().cpu().to(torch.float64) if isinstance(x, torch.Tensor) else x, dtype=np.float64)
     a = a.reshape(a.shape[0], -1)
-    return a.mean(0), np.cov(a, rowvar=False)
+    return a.mean(0), np.atleast_2d(np.cov(a, rowvar=False))
 
 
 def frechet_distance(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
     """``|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2))`` between Gaussian fits (FID's formula)."""
     mx, sx = gaussian_fit(x)
     my, sy = gaussian_fit(y)
-    covmean, _ = linalg.sqrtm(sx @ sy, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = 1e-8 * np.eye(sx.shape[0])
-        covmean = linalg.sqrtm((sx + eps) @ (sy + eps))
-    covmean = np.real(covmean)
-    return float(np.sum((mx - my) ** 2) + np.trace(sx) + np.trace(sy) - 2.0 * np.trace(covmean))
+    # tr (S_x S_y)^(1/2) = sum of sqrt of the eigenvalues of S_x S_y (real, >= 0 for PSD S_x, S_y);
+    # computed from the symmetric form A S_y A with A = S_x^(1/2) for stability
+    root_x = linalg.sqrtm(sx)
+    root_x = np.real(root_x)
+    evals = np.linalg.eigvalsh(root_x @ sy @ root_x)
+    trace_covmean = float(np.sum(np.sqrt(np.clip(evals, 0.0, None))))
+    return float(np.sum((mx - my) ** 2) + np.trace(sx) + np.trace(sy) - 2.0 * trace_covmean)

@@ -39,7 +39,9 @@ def _quadratic(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) -
     """Time-quadratic (DPM-Solver's ``time_quadratic``) in the normalised time ``t - t_clean``."""
     c = sched.t_clean
     u = np.linspace(math.sqrt(t0 - c), math.sqrt(t1 - c), n + 1)
-    return c + u * u
+    ts = c + u * u
+    ts[0], ts[-1] = t0, t1
+    return ts
 
 
 def _lambda_range(sched: NoiseSchedule, t0: float, t1: float) -> tuple[float, float]:
