@@ -70,6 +70,9 @@ def node_positions(interp: str, prediction: str, schedule: NoiseSchedule, s: Poi
     ut = _interp_coordinate(interp, prediction, schedule, t)
     span = ut - us
     if not math.isfinite(span) or span == 0.0:
+        # an infinite step (out of alpha = 0 or into sigma = 0) can only use its own end points
+        if all(n is s or n is t or n.t in (s.t, t.t) for n in nodes):
+            return [0.0 if n.t == s.t else 1.0 for n in nodes]
         raise SolverError(f"cannot place interpolation nodes on the step {s} -> {t} (infinite or empty in {interp})")
     return [(_interp_coordinate(interp, prediction, schedule, n) - us) / span for n in nodes]
 
@@ -91,10 +94,7 @@ def _exact_weights(prediction: str, interp: str, schedule: NoiseSchedule, s: Poi
         return [w0]
     h = t.lam - s.lam
     if not math.isfinite(h):
-        raise SolverError(
-            f"a step of order {n} from {s} to {t} spans an infinite log-SNR interval; only order 1 can step "
-            "out of alpha = 0 or into sigma = 0 (use a lower order on the first / last step)"
-        )
+        return [w0] + [math.inf] * (n - 1)  # only a variant with finite weights (UniPC bh2) can use it
     if interp == "flat":
         return [w0 / (k + 1) for k in range(n)]
     if interp == "lambda":
@@ -152,6 +152,11 @@ def update_weights(
     a, w0 = _base_terms(prediction, s, t)
     n = len(taus)
     big_w = _apply_variant(variant, prediction, s, t, _exact_weights(prediction, interp, schedule, s, t, w0, n))
+    if not all(math.isfinite(v) for v in big_w):
+        raise SolverError(
+            f"a step with {n} interpolation nodes from {s} to {t} spans an infinite log-SNR interval; only "
+            "order 1 can step out of alpha = 0 or into sigma = 0 (use a lower order on the first / last step)"
+        )
     if n == 1:
         return a, [w0]
     vander = np.vander(np.asarray(taus, dtype=np.float64), n, increasing=True)
