@@ -9,6 +9,7 @@ import torch
 
 from .errors import ShapeError, SolverError
 from .models import Model
+from .noise import keyed_noise
 from .solvers.compile import Combine, CompiledPlan, Evaluate, compile_plan
 from .solvers.plan import SolverSchedule
 from .solvers.presets import preset
@@ -52,8 +53,11 @@ def run_plan(
     *,
     callback: Callback | None = None,
     progress: bool = False,
+    seed: int | None = None,
+    sample_indices: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Execute the affine program of a compiled plan, one model call per evaluation."""
+    """Execute the affine program of a compiled plan, one model call per evaluation. Fresh noise
+    (stochastic steps) is keyed by ``(seed, sample index, step)``; sample indices default to 0..B-1."""
     from tqdm.auto import tqdm
 
     work = _work_dtype(x_T.dtype)
@@ -73,6 +77,11 @@ def run_plan(
             x = states[op.base] * op.a if op.a != 1.0 else states[op.base].clone()
             for slot, kind, c in op.terms:
                 x.add_(preds[slot][0 if kind == "x0" else 1], alpha=c)
+            if op.noise != 0.0:
+                if seed is None:
+                    raise SolverError("this solver schedule draws noise; pass seed=")
+                z = keyed_noise(x.shape, seed, step=op.noise_key, indices=sample_indices, dtype=work, device=x.device)
+                x.add_(z, alpha=op.noise)
             states[op.target] = x
             if state_last.get(op.base, -1) <= k:
                 states.pop(op.base, None)
@@ -128,6 +137,8 @@ def sample(
     callback: Callback | None = None,
     progress: bool = False,
     return_info: bool = False,
+    seed: int | None = None,
+    sample_indices: Sequence[int] | torch.Tensor | None = None,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Sample from ``model`` starting at noise ``x_T`` (already scaled to the start time's marginal,
@@ -135,12 +146,20 @@ def sample(
 
     Grid options for presets: ``spacing``, ``t_start``, ``t_end`` (default: the schedule's largest
     time to sigma = 0), ``t_noisy_end``, ``rho``. ``callback(i, t_i, x_i)`` sees every grid state.
+
+    Stochastic schedules draw noise keyed by ``(seed, sample index, step)``, so sample k is the same
+    whatever the batch it is in; ``sample_indices`` gives the rows' global indices when a batch is
+    split (default ``0..B-1``). Without ``seed`` a random one is drawn and reported in the info.
     """
     _check_input(model, x_T)
     plan = resolve_plan(model, solver, nfe, options)
     compiled = compile_plan(plan, model.schedule)
+    if compiled.stochastic and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if sample_indices is not None and len(sample_indices) != x_T.shape[0]:
+        raise ShapeError(f"{len(sample_indices)} sample_indices for a batch of {x_T.shape[0]}")
     calls0 = model.calls
-    out = run_plan(model, x_T, compiled, callback=callback, progress=progress)
+    out = run_plan(model, x_T, compiled, callback=callback, progress=progress, seed=seed, sample_indices=sample_indices)
     if return_info:
-        return out, SampleInfo(plan, compiled.nfe, model.calls - calls0)
+        return out, SampleInfo(plan, compiled.nfe, model.calls - calls0, {"seed": seed} if compiled.stochastic else {})
     return out

@@ -27,7 +27,7 @@ from ..errors import SolverError
 from ..schedules import NoiseSchedule
 from .phi import phis
 
-__all__ = ["Point", "point", "update_weights", "node_positions"]
+__all__ = ["Point", "point", "update_weights", "node_positions", "renoise_weights"]
 
 _GAUSS_NODES = 48
 
@@ -166,3 +166,14 @@ def update_weights(
     if not np.all(np.isfinite(w)):
         raise SolverError(f"non-finite update weights on the step {s} -> {t}")
     return a, [float(v) for v in w]
+
+
+def renoise_weights(s: Point, t: Point, nu: float) -> tuple[float, float, float]:
+    """``(a, w_x0, c_noise)`` of the first-order data step that re-draws a fraction ``nu`` of the
+    noise: ``x_t = a x_s + w x0 + c z`` with ``a = (sigma_t/sigma_s) sqrt(1 - nu)``,
+    ``w = alpha_t - alpha_s a``, ``c = sigma_t sqrt(nu)``. It keeps the marginal of x_t exact when
+    x0 is exact (nu = 0: DDIM; nu = 1: consistency-model re-noising)."""
+    if s.sigma <= 0.0:
+        raise SolverError(f"a data-prediction step cannot start at sigma = 0 ({s})")
+    a = (t.sigma / s.sigma) * math.sqrt(1.0 - nu)
+    return a, t.alpha - s.alpha * a, t.sigma * math.sqrt(nu)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..errors import SolverError
 from ..schedules import NoiseSchedule
-from .coefficients import Point, node_positions, point, update_weights
+from .coefficients import Point, node_positions, point, renoise_weights, update_weights
 from .plan import SolverSchedule
 from .strategy import Step
 
@@ -39,6 +39,8 @@ class Combine:
     a: float
     terms: tuple[tuple[int, str, float], ...]  # (slot, "x0" | "eps", coefficient)
     grid_index: int | None = None  # set when the target is the state at times[grid_index]
+    noise: float = 0.0  # coefficient of fresh standard normal noise keyed by (seed, sample, noise_key)
+    noise_key: int = -1
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class CompiledPlan:
     output: int
     times: tuple[float, ...]
     nfe: int
+
+    @property
+    def stochastic(self) -> bool:
+        return any(isinstance(op, Combine) and op.noise != 0.0 for op in self.ops)
 
 
 class _Builder:
@@ -63,10 +69,10 @@ class _Builder:
         self.ops.append(Evaluate(state, t, slot))
         return slot
 
-    def combine(self, base: int, a: float, terms: list[tuple[int, str, float]], grid_index: int | None = None) -> int:
+    def combine(self, base: int, a: float, terms: list[tuple[int, str, float]], grid_index: int | None = None, noise: float = 0.0, noise_key: int = -1) -> int:
         target = self.n_states
         self.n_states += 1
-        self.ops.append(Combine(target, base, a, tuple(terms), grid_index))
+        self.ops.append(Combine(target, base, a, tuple(terms), grid_index, noise, noise_key))
         return target
 
 
@@ -109,7 +115,10 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
             a, w = _weights(cstep, cstep.corrector_variant or cstep.variant, sched, cs, ct, [p for p, _ in nodes], taus)
             cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i)
             pending = None
-        if step.method == "multistep":
+        if step.stochastic:
+            a, w0, noise = renoise_weights(s, t, step.renoise)
+            new = b.combine(cur, a, [(e0, "x0", w0)], grid_index=i + 1, noise=noise, noise_key=i)
+        elif step.method == "multistep":
             nodes = [(s, e0)] + [(pts[i - h], start_slots[i - h]) for h in step.history]
             taus = [0.0] + [-float(h) for h in step.history] if step.uniform_nodes else None
             if taus is None:

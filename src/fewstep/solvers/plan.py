@@ -73,6 +73,11 @@ class SolverSchedule:
         return len(self.steps)
 
     @property
+    def stochastic(self) -> bool:
+        """Does any step draw fresh noise (then sampling needs a seed)?"""
+        return any(s.stochastic for s in self.steps)
+
+    @property
     def nfe(self) -> int:
         """Model evaluations per sample."""
         return sum(s.nfe for s in self.steps)

@@ -288,6 +288,20 @@ def dpmpp_2s(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any
     return _singlestep("dpmpp_2s", nfe, sched, order=2, prediction="data", variant="bh2", spacing=spacing, **grid)
 
 
+@register_preset("lcm")
+def lcm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, renoise: float = 1.0, **grid: Any) -> SolverSchedule:
+    """Consistency-model multistep sampling (Song et al. 2023; Luo et al. 2023, LCM): predict x0,
+    re-noise it to the next level with fresh noise, repeat; the last step returns x0. Meant for
+    consistency-distilled models; stochastic (needs a seed). Default grid: diffusers' trailing
+    spacing for DiscreteVP."""
+    n = _check_nfe(nfe, 1, "lcm")
+    from ..schedules import DiscreteVP
+
+    times = _grid(sched, n, spacing, "trailing" if isinstance(sched, DiscreteVP) else None, **grid)
+    steps = [Step(order=1, prediction="data", renoise=renoise)] * (n - 1) + [Step(order=1, prediction="data")]
+    return _finish("lcm", sched, times, steps)
+
+
 def preset(name: str, nfe: int, sched: NoiseSchedule, **options: Any) -> SolverSchedule:
     """Build the named preset for ``nfe`` model evaluations on the noise schedule ``sched``.
 

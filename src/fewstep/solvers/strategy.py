@@ -71,6 +71,10 @@ class Step:
     #: start and the first ``corrector - 2`` history nodes. UniPC uses ``order + 1``.
     corrector: int = 0
     corrector_variant: str | None = None
+    #: fraction nu in [0, 1] of the next noise level's variance drawn afresh (first-order data steps):
+    #: ``x_t = (sigma_t/sigma_s) sqrt(1-nu) x_s + (alpha_t - alpha_s (sigma_t/sigma_s) sqrt(1-nu)) x0 + sigma_t sqrt(nu) z``.
+    #: 0 is DDIM; 1 is consistency-model multistep sampling (predict x0, re-noise).
+    renoise: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.order, int) or isinstance(self.order, bool) or not 1 <= self.order <= MAX_ORDER:
@@ -93,6 +97,11 @@ class Step:
             object.__setattr__(self, "final_nodes", _int_tuple("final_nodes", self.final_nodes))
         if not isinstance(self.corrector, int) or isinstance(self.corrector, bool) or self.corrector < 0:
             raise SolverError(f"Step.corrector must be an integer >= 0, got {self.corrector!r}")
+        if not isinstance(self.renoise, (int, float)) or isinstance(self.renoise, bool) or not 0.0 <= float(self.renoise) <= 1.0:
+            raise SolverError(f"Step.renoise must be a number in [0, 1], got {self.renoise!r}")
+        object.__setattr__(self, "renoise", float(self.renoise))
+        if self.renoise > 0.0 and (self.order != 1 or self.prediction != "data" or self.method != "multistep" or self.corrector):
+            raise SolverError("renoise > 0 is defined for first-order data-prediction multistep steps without corrector")
 
         if self.method == "multistep":
             if not hist and self.order > 1:
@@ -127,6 +136,10 @@ class Step:
     def nfe(self) -> int:
         """Model evaluations this step costs (its start plus its stages)."""
         return 1 + len(self.stages)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.renoise > 0.0
 
     @property
     def depth(self) -> int:
