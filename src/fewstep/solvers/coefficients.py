@@ -73,7 +73,10 @@ def node_positions(interp: str, prediction: str, schedule: NoiseSchedule, s: Poi
         # an infinite step (out of alpha = 0 or into sigma = 0) can only use its own end points
         if all(n is s or n is t or n.t in (s.t, t.t) for n in nodes):
             return [0.0 if n.t == s.t else 1.0 for n in nodes]
-        raise SolverError(f"cannot place interpolation nodes on the step {s} -> {t} (infinite or empty in {interp})")
+        raise SolverError(
+            f"cannot place interpolation nodes on the step {s} -> {t} (infinite or empty in {interp}): only order 1 "
+            "can step out of alpha = 0 or into sigma = 0 (use a lower order on the first / last step)"
+        )
     return [(_interp_coordinate(interp, prediction, schedule, n) - us) / span for n in nodes]
 
 

@@ -1,0 +1,137 @@
+"""The Step framework: validation errors, exactness properties, noise reproducibility."""
+
+import math
+
+import pytest
+import torch
+
+import fewstep
+from fewstep import SolverSchedule, Step
+from fewstep.errors import SolverError
+from fewstep.solvers.coefficients import point, update_weights
+from fewstep.solvers.compile import Combine, compile_plan
+from fewstep.solvers.phi import phis
+
+SCHED = fewstep.DiscreteVP.linear()
+
+
+def test_phi_series_and_recurrence_agree_at_the_switch():
+    for z in (-2.0000001, -1.9999999, 1.9999999, 2.0000001):
+        a = phis(z, 5)
+        b = [math.expm1(z) / z]
+        for k in range(1, 5):
+            b.append((b[-1] - 1 / math.factorial(k)) / z)
+        assert all(abs(x - y) <= 1e-12 * abs(y) for x, y in zip(a, b))
+    assert phis(1e-9, 3) == pytest.approx([1.0, 0.5, 1 / 6], rel=1e-8)
+
+
+def test_exact_weights_integrate_polynomials_exactly():
+    """A prediction that is a polynomial in lambda of degree < number of nodes is integrated exactly."""
+    s, t = point(SCHED, 600.0), point(SCHED, 300.0)
+    h = t.lam - s.lam
+    prev = [point(SCHED, 800.0), point(SCHED, 900.0)]
+    nodes = [s] + prev
+    taus = [(p.lam - s.lam) / h for p in nodes]
+    a, w = update_weights("data", "lambda", "phi", SCHED, s, t, taus)
+    f = lambda lam: 0.3 - 0.7 * lam + 0.2 * lam**2  # noqa: E731
+    # sigma_t * int e^lam f(lam) dlam, by fine quadrature
+    import numpy as np
+
+    grid = np.linspace(s.lam, t.lam, 200001)
+    exact = t.sigma * np.trapezoid(np.exp(grid) * f(grid), grid)
+    approx = sum(wj * f(p.lam) for wj, p in zip(w, nodes))
+    assert approx == pytest.approx(exact, rel=1e-8)
+    assert a == pytest.approx(t.sigma / s.sigma)
+
+
+def test_affine_form_is_exposed_and_linear():
+    plan = fewstep.preset("unipc", 6, SCHED)
+    compiled = compile_plan(plan, SCHED)
+    combines = [op for op in compiled.ops if isinstance(op, Combine)]
+    assert compiled.nfe == 6 and all(math.isfinite(op.a) for op in combines)
+    assert all(math.isfinite(c) for op in combines for _, _, c in op.terms)
+
+
+def test_order_the_history_cannot_support():
+    with pytest.raises(SolverError, match="reads 2 previous steps but only 0 exist"):
+        SolverSchedule(times=(999.0, 500.0, -1.0), steps=(Step(order=3), Step()))
+
+
+def test_nfe_too_small_for_singlestep_warmup():
+    with pytest.raises(SolverError, match="nfe >= 7"):
+        fewstep.preset("dpmpp_3m", 4, SCHED, warmup="singlestep")
+
+
+def test_singlestep_into_sigma_zero_is_refused():
+    plan = SolverSchedule(times=(999.0, -1.0), steps=(Step(order=2, method="singlestep"),))
+    g = fewstep.GaussianMixture.random(4, 2, 1, seed=0)
+    with pytest.raises(SolverError, match="infinite log-SNR"):
+        fewstep.sample(g.as_model(SCHED), torch.randn(2, 4), plan)
+
+
+def test_multistep_high_order_into_sigma_zero_is_refused():
+    plan = SolverSchedule(times=(999.0, 500.0, -1.0), steps=(Step(), Step(order=2, variant="phi")))
+    g = fewstep.GaussianMixture.random(4, 2, 1, seed=0)
+    with pytest.raises(SolverError, match="only order 1 can step"):
+        fewstep.sample(g.as_model(SCHED), torch.randn(2, 4), plan)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"order": 5}, "order must be an integer in 1..4"),
+        ({"variant": "magic"}, "variant must be one of"),
+        ({"order": 2, "history": (1, 1)}, "needs 1 history nodes|distinct"),
+        ({"order": 2, "method": "singlestep", "stages": (0.7, 0.3)}, "needs 1 stages|increasing"),
+        ({"order": 3, "method": "singlestep", "stages": (0.7, 0.3)}, "increasing"),
+        ({"order": 2, "corrector": 5}, "corrector"),
+        ({"order": 2, "method": "singlestep", "corrector": 2}, "multistep steps only"),
+        ({"renoise": 0.5, "order": 2}, "renoise"),
+    ],
+)
+def test_step_validation_messages(kwargs, match):
+    with pytest.raises(SolverError, match=match):
+        Step(**kwargs)
+
+
+def test_last_step_cannot_have_a_corrector():
+    with pytest.raises(SolverError, match="last step cannot have a corrector"):
+        SolverSchedule(times=(999.0, 500.0, -1.0), steps=(Step(), Step(order=1, corrector=2)))
+
+
+def test_every_preset_honours_the_nfe_budget_exactly():
+    g = fewstep.GaussianMixture.random(4, 2, 1, seed=0)
+    for sched in (SCHED, fewstep.EDM(), fewstep.FlowMatching()):
+        model = g.as_model(sched)
+        x = fewstep.initial_noise(sched, (2, 4), 0, dtype=torch.float64)
+        for name in fewstep.preset_names():
+            for nfe in (3, 4, 5, 6, 7, 8, 10, 15):
+                model.reset_counters()
+                fewstep.sample(model, x, name, nfe=nfe, seed=0)
+                assert model.calls == nfe, (name, nfe, type(sched).__name__)
+
+
+def test_stochastic_preset_noise_is_batch_invariant_and_seeded():
+    g = fewstep.GaussianMixture.random(4, 2, 1, seed=0)
+    model = g.as_model(SCHED)
+    x = fewstep.initial_noise(SCHED, (7, 4), 0, dtype=torch.float64)
+    full = fewstep.sample(model, x, "lcm", nfe=4, seed=11)
+    part = fewstep.sample(model, x[2:5], "lcm", nfe=4, seed=11, sample_indices=[2, 3, 4])
+    assert torch.allclose(full[2:5], part, atol=1e-12)
+    assert not torch.allclose(full, fewstep.sample(model, x, "lcm", nfe=4, seed=12))
+    _, info = fewstep.sample(model, x, "lcm", nfe=4, return_info=True)
+    assert isinstance(info.extra["seed"], int)
+    again = fewstep.sample(model, x, "lcm", nfe=4, seed=info.extra["seed"])
+    assert torch.allclose(again, fewstep.sample(model, x, "lcm", nfe=4, seed=info.extra["seed"]))
+
+
+def test_renoise_keeps_exact_marginals():
+    """With an exact x0 and nu = 1 the state after a step is exactly distributed as x_t when x0 is a point mass."""
+    g = fewstep.GaussianMixture(torch.tensor([1.0]), torch.tensor([[0.7, -0.2]]), torch.tensor([[1e-12, 1e-12]]))
+    model = g.as_model(SCHED)
+    x = fewstep.initial_noise(SCHED, (20000, 2), 0, dtype=torch.float64)
+    plan = SolverSchedule(times=(999.0, 400.0, 200.0), steps=(Step(renoise=1.0), Step(renoise=0.5)))
+    y = fewstep.sample(model, x, plan, seed=0)
+    a, s = float(SCHED.alpha(200.0)), float(SCHED.sigma(200.0))
+    assert torch.allclose(y.mean(0), a * torch.tensor([0.7, -0.2], dtype=torch.float64), atol=0.02)
+    assert torch.allclose(y.std(0), torch.full((2,), s, dtype=torch.float64), rtol=0.02)
