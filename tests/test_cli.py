@@ -32,3 +32,16 @@ def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["sample", "--solver", str(bad), "--out", str(tmp_path / "x.npy")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_bench_takes_presets_with_options_and_schedule_files(tmp_path, capsys):
+    import fewstep
+
+    plan = fewstep.preset("unipc", 6, fewstep.DiscreteVP.linear())
+    f = plan.save(tmp_path / "mine.json")
+    out = tmp_path / "b"
+    assert main(["bench", "--oracle", "gmm-d2", "--batch", "8", "--nfe", "5", "8", "--solvers", "ddim", "dpmpp_3m:weights=\"published\"", str(f), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    labels = {(r[0], r[1]) for r in rows}
+    assert labels == {("ddim", 5), ("ddim", 8), ("dpmpp_3m:weights=published", 5), ("dpmpp_3m:weights=published", 8), ("unipc", 6)}
+    assert (out / "error_vs_nfe.png").exists()

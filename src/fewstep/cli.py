@@ -44,17 +44,38 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _solver_arg(value: str) -> str | SolverSchedule:
+def _parse_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _solver_arg(value: str) -> tuple[str | SolverSchedule, dict[str, object]]:
+    """``name``, ``name:key=value,key=value`` (preset options) or a schedule ``.json`` file."""
     if value.endswith(".json") or Path(value).is_file():
-        return SolverSchedule.load(value)
-    return value
+        return SolverSchedule.load(value), {}
+    name, _, opts = value.partition(":")
+    options: dict[str, object] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"preset option {item!r} must look like key=value")
+        options[key] = _parse_value(val)
+    return name, options
+
+
+def _label(solver: str | SolverSchedule, options: dict[str, object]) -> str:
+    if isinstance(solver, SolverSchedule):
+        return solver.name
+    return solver + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
 
 
 def compare(
     *,
     oracle_name: str,
     schedule_name: str,
-    solvers: Sequence[str | SolverSchedule],
+    solvers: Sequence[tuple[str | SolverSchedule, dict[str, object]]],
     nfes: Sequence[int],
     batch: int,
     seed: int,
@@ -75,12 +96,15 @@ def compare(
     _log(f"reference ready in {time.perf_counter() - t0:.1f}s; its own change under a 100x tighter tolerance: {ref.max_abs_change:.2e}")
     true = oracle.sample(max(batch, 512), seed=seed + 1)
     rows, series = [], {}
-    jobs = [(s, n) for s in solvers for n in nfes]
-    for solver, n in tqdm(jobs, desc="solvers", unit="run"):
-        label = solver if isinstance(solver, str) else solver.name
-        opts = {"spacing": spacing} if (spacing and isinstance(solver, str)) else {}
+    # presets run at every NFE; a schedule file runs at its own NFE
+    jobs = [((s, o), n) for s, o in solvers for n in (nfes if isinstance(s, str) else [s.nfe])]
+    for (solver, options), n in tqdm(jobs, desc="solvers", unit="run"):
+        label = _label(solver, options)
+        opts = dict(options)
+        if spacing and isinstance(solver, str):
+            opts.setdefault("spacing", spacing)
         try:
-            x, info = sample(model, x_T, solver, nfe=n if isinstance(solver, str) else None, return_info=True, **opts)
+            x, info = sample(model, x_T, solver, nfe=n if isinstance(solver, str) else None, return_info=True, seed=seed, **opts)
         except Exception as exc:  # a preset that cannot run at this NFE is reported, not fatal
             rows.append([label, n, "n/a", "n/a", "n/a", str(exc)[:60]])
             continue
@@ -111,7 +135,7 @@ def compare(
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     table = compare(
-        oracle_name=args.oracle, schedule_name=args.schedule, solvers=["ddim"], nfes=[5, 10, 20, 50],
+        oracle_name=args.oracle, schedule_name=args.schedule, solvers=[("ddim", {})], nfes=[5, 10, 20, 50],
         batch=args.batch, seed=args.seed, out=out, title=f"fewstep demo: DDIM on {args.oracle}",
         spacing=args.spacing,
     )
@@ -137,9 +161,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sched = SCHEDULES[args.schedule]()
     model = oracle.as_model(sched)
     x_T = initial_noise(sched, (args.batch, oracle.dim), args.seed)
-    solver = _solver_arg(args.solver)
-    opts = {"spacing": args.spacing} if (args.spacing and isinstance(solver, str)) else {}
-    x, info = sample(model, x_T, solver, nfe=args.nfe if isinstance(solver, str) else None, progress=True, return_info=True, **opts)
+    solver, opts = _solver_arg(args.solver)
+    if args.spacing and isinstance(solver, str):
+        opts.setdefault("spacing", args.spacing)
+    x, info = sample(model, x_T, solver, nfe=args.nfe if isinstance(solver, str) else None, progress=True, return_info=True, seed=args.seed, **opts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
@@ -171,14 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="error vs NFE table and plot for chosen presets or schedule files")
     common(b, 256)
-    b.add_argument("--solvers", nargs="+", default=["ddim"], help=f"preset names ({', '.join(preset_names())}) or schedule .json files")
+    b.add_argument("--solvers", nargs="+", default=["ddim", "dpmpp_2m", "unipc"], help=f"preset names ({', '.join(preset_names())}), optionally with options as name:key=value,key=value, or schedule .json files")
     b.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8, 10, 15, 20, 50])
     b.add_argument("--out", default="reports/bench")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sample", help="draw samples with a preset or a schedule file; save them as .npy")
     common(s, 16)
-    s.add_argument("--solver", default="ddim", help="preset name or schedule .json file")
+    s.add_argument("--solver", default="ddim", help="preset name (name:key=value,... for options) or schedule .json file")
     s.add_argument("--nfe", type=int, default=10)
     s.add_argument("--out", default="reports/samples.npy")
     s.add_argument("--save-schedule", default=None, help="also write the solver schedule used as JSON")
