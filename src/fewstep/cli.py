@@ -132,28 +132,23 @@ def compare(
     return table
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _run_compare(args: argparse.Namespace, solvers: list[tuple[str | SolverSchedule, dict[str, object]]], nfes: Sequence[int], title: str) -> int:
     out = Path(args.out)
     table = compare(
-        oracle_name=args.oracle, schedule_name=args.schedule, solvers=[("ddim", {})], nfes=[5, 10, 20, 50],
-        batch=args.batch, seed=args.seed, out=out, title=f"fewstep demo: DDIM on {args.oracle}",
-        spacing=args.spacing,
+        oracle_name=args.oracle, schedule_name=args.schedule, solvers=solvers, nfes=nfes,
+        batch=args.batch, seed=args.seed, out=out, title=title, spacing=args.spacing,
     )
     print(table)
     print(f"\nreport written to {out / 'report.md'} (plot: {out / 'error_vs_nfe.png'})")
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _run_compare(args, [("ddim", {})], [5, 10, 20, 50], f"fewstep demo: DDIM on {args.oracle}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    table = compare(
-        oracle_name=args.oracle, schedule_name=args.schedule, solvers=[_solver_arg(s) for s in args.solvers],
-        nfes=args.nfe, batch=args.batch, seed=args.seed, out=out, title=f"fewstep bench on {args.oracle}",
-        spacing=args.spacing,
-    )
-    print(table)
-    print(f"\nreport written to {out / 'report.md'}")
-    return 0
+    return _run_compare(args, [_solver_arg(s) for s in args.solvers], args.nfe, f"fewstep bench on {args.oracle}")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
