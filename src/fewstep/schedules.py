@@ -274,7 +274,8 @@ class CosineVP(VPSchedule):
         theta = (t + self.s) / (1 + self.s) * math.pi / 2
         # log(cos(theta)/cos(theta0)) via log1p of the difference (no cancellation near t = 0)
         diff = -2.0 * torch.sin((theta + self._theta0) / 2) * torch.sin((theta - self._theta0) / 2)
-        return torch.log1p(diff / math.cos(self._theta0))
+        la = torch.log1p(diff / math.cos(self._theta0))
+        return torch.where(t >= 1.0, torch.full_like(la, -math.inf), la)  # alpha(1) = 0 exactly
 
     def _t_of_log_alpha(self, log_alpha: torch.Tensor) -> torch.Tensor:
         theta = torch.arccos((torch.exp(log_alpha) * math.cos(self._theta0)).clamp(-1.0, 1.0))

@@ -120,6 +120,18 @@ def default_spacing(sched: NoiseSchedule) -> str:
     return "karras" if isinstance(sched, EDM) else "uniform_t"
 
 
+def _discrete_grid(sched: NoiseSchedule, n: int, fn: Spacing, name: str, t_start: float | None, t_end: float | None, steps_offset: int) -> np.ndarray:
+    """diffusers' integer spacings fix their own first time; ``t_end`` replaces the final clean time."""
+    if t_start is not None:
+        raise ScheduleError(f"the {name!r} spacing fixes its own first time; pass explicit times to start at {t_start}")
+    ts = fn(sched, n, 0.0, 0.0, steps_offset=steps_offset)
+    if t_end is not None:
+        if not float(t_end) < ts[-2]:
+            raise ScheduleError(f"t_end={t_end} must lie below the last {name!r} timestep {ts[-2]}")
+        ts[-1] = float(t_end)
+    return validate_grid(sched, ts)
+
+
 def validate_grid(sched: NoiseSchedule, times: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
     """Check a grid (finite, strictly decreasing, inside the schedule's domain) and return it as float64."""
     ts = np.asarray(torch.as_tensor(times, dtype=torch.float64).cpu().numpy(), dtype=np.float64).reshape(-1)
@@ -156,6 +168,8 @@ def time_grid(
     if name not in SPACINGS:
         raise ScheduleError(f"unknown time spacing {name!r}; known: {sorted(SPACINGS)}")
     fn, kind = SPACINGS[name]
+    if kind == "discrete":
+        return _discrete_grid(sched, n, fn, name, t_start, t_end, steps_offset)
     t0 = sched.t_max if t_start is None else float(t_start)
     t1 = sched.t_clean if t_end is None else float(t_end)
     if not t0 > t1:

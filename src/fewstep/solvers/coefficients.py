@@ -95,11 +95,11 @@ def _exact_weights(prediction: str, interp: str, schedule: NoiseSchedule, s: Poi
     """Exact kernel integrals ``W_k`` of ``tau^k``, k = 0..n-1."""
     if n == 1:
         return [w0]
+    if interp == "flat":  # exact in the kernel-flat variable, finite even into sigma = 0 (noise form)
+        return [w0 / (k + 1) for k in range(n)]
     h = t.lam - s.lam
     if not math.isfinite(h):
-        return [w0] + [math.inf] * (n - 1)  # only a variant with finite weights (UniPC bh2) can use it
-    if interp == "flat":
-        return [w0 / (k + 1) for k in range(n)]
+        return [w0] + [math.inf] * (n - 1)  # only a variant with finite weights (bh2, adams) can use it
     if interp == "lambda":
         if prediction == "data":
             ph = phis(-h, n)

@@ -78,7 +78,8 @@ def _ends_clean(sched: NoiseSchedule, times: np.ndarray) -> bool:
 
 
 def _multistep_orders(n: int, order: int, lower_order_final: bool, ends_clean: bool) -> list[int]:
-    """Warm-up (order i + 1 on step i), optional lower order on the last steps, order 1 into sigma = 0."""
+    """Warm-up (order i + 1 on step i), optional lower order on the last steps, order 1 into sigma = 0
+    (pass ``ends_clean=False`` for steps whose weights stay finite there: flat kernels, Adams)."""
     orders = []
     for i in range(n):
         o = min(order, i + 1)
@@ -108,7 +109,8 @@ def _multistep(
     times = _grid(sched, n, spacing, default_spacing, **grid)
     ends = _ends_clean(sched, times)
     lof = (n < 15) if lower_order_final is None else lower_order_final
-    orders = _multistep_orders(n, order, lof, ends)
+    finite_into_clean = variant == "adams" or (interp == "flat" and prediction == "noise")
+    orders = _multistep_orders(n, order, lof, ends and not finite_into_clean)
     pure = _pure_noise_start(sched, times)
     if pure:
         n_warm = 0  # a singlestep step cannot leave alpha = 0; the first step is DDIM
@@ -219,12 +221,10 @@ def pndm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) ->
     pure = not _finite_start(sched, grid)
     n = n_eval if pure else n_eval - 1  # leaving alpha = 0 the first step is DDIM (1 NFE), else trapezoidal (2 NFE)
     times = _grid(sched, n, spacing, None, **grid)
-    ends = _ends_clean(sched, times)
     first = Step(order=1, prediction="noise") if pure else Step(order=2, prediction="noise", method="singlestep", stages=(1.0,), variant="adams")
     steps = [first]
-    for i in range(1, n):
-        o = 1 if (ends and i == n - 1) else min(4, i + 1)
-        steps.append(Step(order=o, prediction="noise", variant="adams", uniform_nodes=True))
+    for i in range(1, n):  # Adams weights stay finite into sigma = 0, so the last step keeps its order
+        steps.append(Step(order=min(4, i + 1), prediction="noise", variant="adams", uniform_nodes=True))
     return _finish("pndm", sched, times, steps)
 
 
