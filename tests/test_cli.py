@@ -8,11 +8,11 @@ from fewstep.cli import main
 def test_demo_writes_report_table_and_plot(tmp_path, capsys):
     assert main(["demo", "--batch", "16", "--oracle", "gmm-d2", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "| ddim | 5 |" in report and "| ddim | 50 |" in report
+    assert "| ddim | 5 |" in report and "| ddim | 50 |" in report and "| unipc | 10 |" in report
     png = (tmp_path / "error_vs_nfe.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    errs = [r[2] for r in rows]
+    errs = [r[2] for r in rows if r[0] == "ddim"]
     assert errs == sorted(errs, reverse=True)  # error falls as NFE grows
     assert "RMSE vs reference" in capsys.readouterr().out
 

@@ -143,8 +143,12 @@ def _run_compare(args: argparse.Namespace, solvers: list[tuple[str | SolverSched
     return 0
 
 
+DEMO_SOLVERS = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "heun"]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _run_compare(args, [("ddim", {})], [5, 10, 20, 50], f"fewstep demo: DDIM on {args.oracle}")
+    solvers = [_solver_arg(s) for s in args.solvers]
+    return _run_compare(args, solvers, [5, 10, 20, 50], f"fewstep demo: solvers on {args.oracle}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -184,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--spacing", default=None, choices=sorted(SPACINGS), help="time grid (default: the preset's)")
 
-    d = sub.add_parser("demo", help="compare DDIM at NFE 5/10/20/50 on a bundled oracle; write a report")
+    d = sub.add_parser("demo", help="compare solvers at NFE 5/10/20/50 on a bundled oracle; write a report")
     common(d, 256)
+    d.add_argument("--solvers", nargs="+", default=DEMO_SOLVERS, help="presets to compare")
     d.add_argument("--out", default="reports/demo", help="report folder")
     d.set_defaults(func=cmd_demo)
 
