@@ -198,3 +198,42 @@ def test_bad_explicit_grids_are_rejected(times):
 def test_discrete_spacings_reject_continuous_schedules():
     with pytest.raises(fewstep.ScheduleError, match="DiscreteVP"):
         fewstep.time_grid(fewstep.EDM(), 5, "leading")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow", "score", "edm"])
+@pytest.mark.parametrize("solver", ["dpmpp_3m", "unipc", "dpm_solver_3", "heun"])
+def test_folded_loop_equals_explicit_predictions(prediction, solver):
+    """The loop folds the x0/eps conversion into each step's coefficients; with a (non-affine)
+    threshold it forms x0 and eps explicitly. An identity threshold must give the same samples."""
+    sched = fewstep.DiscreteVP.linear() if prediction != "edm" else fewstep.EDM()
+    g = fewstep.GaussianMixture.random(3, 2, 1, seed=4)
+    x_T = fewstep.initial_noise(sched, (5, 3), 1, dtype=torch.float64)
+    folded = g.as_model(sched, prediction)
+    explicit = g.as_model(sched, prediction)
+    explicit.threshold = fewstep.Threshold("static", max_value=1e30)
+    a = fewstep.sample(folded, x_T, solver, nfe=9)
+    b = fewstep.sample(explicit, x_T, solver, nfe=9)
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_huge_finite_outputs_are_not_mistaken_for_nan():
+    """The finiteness check sums the output; an overflowing sum is confirmed element-wise."""
+    m = fewstep.Model(lambda x, t: torch.full_like(x, 3e38), fewstep.EDM(), "eps")
+    out = m.output(torch.zeros(4, 8), 1.0, 1.0, 1.0)
+    assert torch.isfinite(out).all()
+
+
+def test_compiled_plans_are_reused_only_for_the_same_request():
+    sched = fewstep.DiscreteVP.linear()
+    g = fewstep.GaussianMixture.random(3, 2, 1, seed=2)
+    model = g.as_model(sched)
+    x_T = fewstep.initial_noise(sched, (4, 3), 0, dtype=torch.float64)
+    _, a = fewstep.sample(model, x_T, "dpmpp_2m", nfe=8, return_info=True)
+    _, b = fewstep.sample(model, x_T, "dpmpp_2m", nfe=8, return_info=True)
+    assert a.plan is b.plan  # compiled once
+    _, c = fewstep.sample(model, x_T, "dpmpp_2m", nfe=8, spacing="karras", return_info=True)
+    _, d = fewstep.sample(model, x_T, "dpmpp_2m", nfe=9, return_info=True)
+    other = g.as_model(fewstep.DiscreteVP.scaled_linear())
+    _, e = fewstep.sample(other, x_T, "dpmpp_2m", nfe=8, return_info=True)
+    assert len({id(p.plan) for p in (a, c, d, e)}) == 4
+    assert not np.allclose(c.plan.times, a.plan.times) and e.plan.schedule != a.plan.schedule

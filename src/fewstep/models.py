@@ -16,6 +16,7 @@ All conversion coefficients are computed in float64 from the schedule and cast t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
 
@@ -29,6 +30,7 @@ __all__ = [
     "Prediction",
     "PREDICTION_TYPES",
     "to_prediction",
+    "prediction_coefficients",
     "from_prediction",
     "classifier_free_guidance",
     "batched_classifier_free_guidance",
@@ -47,6 +49,13 @@ class Prediction(NamedTuple):
     eps: torch.Tensor
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN/Inf in ``x``: one reduction, confirmed element-wise only if the sum is not finite
+    (which a float overflow of finite values can also cause)."""
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return math.isfinite(float(total)) or bool(torch.isfinite(x).all())
+
+
 def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape per-sample (or scalar) coefficients ``c`` to broadcast against ``x`` of shape (B, ...)."""
     c = c.to(device=x.device, dtype=x.dtype)
@@ -55,25 +64,37 @@ def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return c.reshape(c.shape[0], *([1] * (x.ndim - 1)))
 
 
+def prediction_coefficients(kind: str, alpha: float | torch.Tensor, sigma: float | torch.Tensor) -> tuple:
+    """``(p0, q0, pe, qe)`` with ``x0 = p0 x + q0 out`` and ``eps = pe x + qe out``: every
+    parameterisation is affine in the sample ``x`` and the raw output ``out`` (DESIGN 1.2)."""
+    a, s = alpha, sigma
+    if kind == "eps":
+        return 1.0 / a, -s / a, 0.0, 1.0
+    if kind in ("x0", "edm"):
+        return 0.0, 1.0, 1.0 / s, -a / s
+    if kind == "v":
+        n = a * a + s * s
+        return a / n, -s / n, s / n, a / n
+    if kind == "flow":
+        n = a + s
+        return 1.0 / n, -s / n, 1.0 / n, a / n
+    if kind == "score":
+        return 1.0 / a, s * s / a, 0.0, -s
+    raise ModelOutputError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")
+
+
+def _affine(p: float | torch.Tensor, q: float | torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if isinstance(p, float) and p == 0.0:
+        return out if isinstance(q, float) and q == 1.0 else q * out
+    return p * x + q * out
+
+
 def to_prediction(
     kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
 ) -> Prediction:
     """Convert a raw model output of type ``kind`` at ``(x, alpha, sigma)`` to ``(x0, eps)``."""
-    a, s = _bcast(alpha, x), _bcast(sigma, x)
-    if kind == "eps":
-        return Prediction((x - s * out) / a, out)
-    if kind in ("x0", "edm"):
-        return Prediction(out, (x - a * out) / s)
-    if kind == "v":
-        n = a * a + s * s
-        return Prediction((a * x - s * out) / n, (s * x + a * out) / n)
-    if kind == "flow":
-        n = a + s
-        return Prediction((x - s * out) / n, (x + a * out) / n)
-    if kind == "score":
-        eps = -s * out
-        return Prediction((x - s * eps) / a, eps)
-    raise ModelOutputError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")
+    p0, q0, pe, qe = (c if isinstance(c, float) else _bcast(c, x) for c in prediction_coefficients(kind, alpha, sigma))
+    return Prediction(_affine(p0, q0, x, out), _affine(pe, qe, x, out))
 
 
 def from_prediction(
@@ -185,16 +206,9 @@ class Model:
         self.calls = 0
         self.evaluations = 0
 
-    def _time_input(self, t: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        tin = sigma / alpha if self.prediction == "edm" else t
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        return tin.to(device=x.device, dtype=dtype)
-
-    def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Call ``fn`` once, validating the output; ``t`` is a per-sample float64 tensor."""
-        alpha, sigma = self.schedule._alpha(t), self.schedule._sigma(t)
-        xin = x / _bcast(alpha, x) if self.prediction == "edm" else x
-        out = self.fn(xin, self._time_input(t, x, alpha, sigma))
+    def _call(self, x: torch.Tensor, xin: torch.Tensor, tin: torch.Tensor, t_lo: float, t_hi: float) -> torch.Tensor:
+        """Call ``fn`` once and validate its output (type, shape, finiteness); count the call."""
+        out = self.fn(xin, tin)
         self.calls += 1
         self.evaluations += x.shape[0]
         if not isinstance(out, torch.Tensor):
@@ -203,13 +217,30 @@ class Model:
             raise ModelOutputError(
                 f"model {self.name!r} returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}"
             )
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+        if self.check_finite and not all_finite(out):
             n_bad = int((~torch.isfinite(out)).sum())
             raise ModelOutputError(
-                f"model {self.name!r} returned {n_bad} NaN/Inf values at t in "
-                f"[{float(t.min()):.6g}, {float(t.max()):.6g}] (call {self.calls})"
+                f"model {self.name!r} returned {n_bad} NaN/Inf values at t in [{t_lo:.6g}, {t_hi:.6g}] (call {self.calls})"
             )
         return out.to(x.dtype)
+
+    def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Call ``fn`` once, validating the output; ``t`` is a per-sample float64 tensor."""
+        alpha, sigma = self.schedule._alpha(t), self.schedule._sigma(t)
+        xin = x / _bcast(alpha, x) if self.prediction == "edm" else x
+        tin = (sigma / alpha if self.prediction == "edm" else t).to(device=x.device, dtype=self._input_dtype(x))
+        return self._call(x, xin, tin, float(t.min()), float(t.max()))
+
+    def output(self, x: torch.Tensor, t: float, alpha: float, sigma: float) -> torch.Tensor:
+        """The raw output at one time ``t`` for the whole batch, given that time's ``alpha`` and
+        ``sigma`` (the compiled sampling loop's fast path: no schedule maths per call)."""
+        xin = x * (1.0 / alpha) if self.prediction == "edm" else x
+        tval = sigma / alpha if self.prediction == "edm" else t
+        tin = torch.full((x.shape[0],), tval, dtype=self._input_dtype(x), device=x.device)
+        return self._call(x, xin, tin, t, t)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor | float) -> Prediction:
         """``(x0, eps)`` at samples ``x`` (B, ...) and times ``t`` (scalar or (B,))."""

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import ShapeError, SolverError
-from .models import Model
+from .models import Model, all_finite, prediction_coefficients
 from .noise import keyed_noise
 from .solvers.compile import Combine, CompiledPlan, Evaluate, compile_plan
-from .solvers.plan import SolverSchedule
+from .solvers.plan import SolverSchedule, schedule_fingerprint
 from .solvers.presets import preset
 
-__all__ = ["sample", "run_plan", "SampleInfo", "resolve_plan"]
+__all__ = ["sample", "run_plan", "SampleInfo", "resolve_plan", "clear_plan_cache"]
 
 Callback = Callable[[int, float, torch.Tensor], None]
 
@@ -33,17 +34,43 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _last_uses(plan: CompiledPlan) -> tuple[dict[int, int], dict[int, int]]:
-    state_last: dict[int, int] = {plan.output: len(plan.ops)}
-    slot_last: dict[int, int] = {}
-    for k, op in enumerate(plan.ops):
+Key = tuple[str, int]  # ("state" | "out" | "x0" | "eps", index): a tensor the loop keeps
+
+
+def _expand(model: Model, plan: CompiledPlan, fold: bool) -> list[list[tuple[Key, float]]]:
+    """Each Combine as ``sum_k c_k T_k`` over kept tensors. With ``fold`` the prediction conversion
+    ``D = p X[state] + q out`` (:func:`~fewstep.models.prediction_coefficients`) is folded into the
+    coefficients, so a step costs one multiply-add per distinct tensor and x0/eps are never formed."""
+    where: dict[int, Evaluate] = {}
+    programs: list[list[tuple[Key, float]]] = []
+    for op in plan.ops:
         if isinstance(op, Evaluate):
-            state_last[op.state] = max(state_last.get(op.state, -1), k)
-        else:
-            state_last[op.base] = max(state_last.get(op.base, -1), k)
-            for slot, _, _ in op.terms:
-                slot_last[slot] = k
-    return state_last, slot_last
+            where[op.slot] = op
+            continue
+        acc: dict[Key, float] = {("state", op.base): op.a}
+        for slot, kind, c in op.terms:
+            if fold:
+                ev = where[slot]
+                p0, q0, pe, qe = prediction_coefficients(model.prediction, ev.alpha, ev.sigma)
+                p, q = (p0, q0) if kind == "x0" else (pe, qe)
+                parts = [(("state", ev.state), p), (("out", slot), q)]
+            else:
+                parts = [((kind, slot), 1.0)]
+            for key, w in parts:
+                if w != 0.0:
+                    acc[key] = acc.get(key, 0.0) + c * w
+        programs.append([(k, w) for k, w in acc.items() if w != 0.0 or k == ("state", op.base)])
+    return programs
+
+
+def _last_uses(plan: CompiledPlan, programs: list[list[tuple[Key, float]]]) -> dict[Key, int]:
+    last: dict[Key, int] = {("state", plan.output): len(plan.ops)}
+    combines = iter(programs)
+    for k, op in enumerate(plan.ops):
+        keys = [("state", op.state)] if isinstance(op, Evaluate) else [key for key, _ in next(combines)]
+        for key in keys:
+            last[key] = max(last.get(key, -1), k)
+    return last
 
 
 def run_plan(
@@ -57,42 +84,54 @@ def run_plan(
     sample_indices: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute the affine program of a compiled plan, one model call per evaluation. Fresh noise
-    (stochastic steps) is keyed by ``(seed, sample index, step)``; sample indices default to 0..B-1."""
+    (stochastic steps) is keyed by ``(seed, sample index, step)``; sample indices default to 0..B-1.
+
+    States are kept in float32 (or float64); the model sees the input dtype. Without thresholding
+    (which is not affine) each combination works on raw model outputs directly."""
     from tqdm.auto import tqdm
 
     work = _work_dtype(x_T.dtype)
-    states: dict[int, torch.Tensor] = {0: x_T.to(work)}
-    preds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    state_last, slot_last = _last_uses(plan)
+    fold = model.threshold is None
+    programs = _expand(model, plan, fold)
+    last = _last_uses(plan, programs)
+    kept: dict[Key, torch.Tensor] = {("state", 0): x_T.to(work)}
+    combines = iter(programs)
     bar = tqdm(total=plan.nfe, desc="sampling", unit="eval", disable=not progress, leave=False)
+
+    def release(keys: Sequence[Key], k: int) -> None:
+        for key in keys:
+            if last.get(key, -1) <= k:
+                kept.pop(key, None)
+
     try:
         for k, op in enumerate(plan.ops):
             if isinstance(op, Evaluate):
-                p = model.predict(states[op.state].to(x_T.dtype), op.t)
-                preds[op.slot] = (p.x0.to(work), p.eps.to(work))
+                x_in = kept[("state", op.state)].to(x_T.dtype)
+                if fold:
+                    kept[("out", op.slot)] = model.output(x_in, op.t, op.alpha, op.sigma).to(work)
+                else:
+                    pred = model.predict(x_in, op.t)
+                    kept[("x0", op.slot)], kept[("eps", op.slot)] = pred.x0.to(work), pred.eps.to(work)
                 bar.update(1)
-                if state_last.get(op.state, -1) <= k:
-                    states.pop(op.state, None)
+                release([("state", op.state)], k)
                 continue
-            x = states[op.base] * op.a if op.a != 1.0 else states[op.base].clone()
-            for slot, kind, c in op.terms:
-                x.add_(preds[slot][0 if kind == "x0" else 1], alpha=c)
+            program = next(combines)
+            (key0, c0), rest = program[0], program[1:]
+            x = kept[key0] * c0 if c0 != 1.0 else kept[key0].clone()
+            for key, c in rest:
+                x.add_(kept[key], alpha=c)
             if op.noise != 0.0:
                 if seed is None:
                     raise SolverError("this solver schedule draws noise; pass seed=")
                 z = keyed_noise(x.shape, seed, step=op.noise_key, indices=sample_indices, dtype=work, device=x.device)
                 x.add_(z, alpha=op.noise)
-            states[op.target] = x
-            if state_last.get(op.base, -1) <= k:
-                states.pop(op.base, None)
-            for slot, _, _ in op.terms:
-                if slot_last.get(slot, -1) <= k:
-                    preds.pop(slot, None)
+            kept[("state", op.target)] = x
+            release([key for key, _ in program], k)
             if callback is not None and op.grid_index is not None:
                 callback(op.grid_index, plan.times[op.grid_index], x)
     finally:
         bar.close()
-    return states[plan.output].to(x_T.dtype)
+    return kept[("state", plan.output)].to(x_T.dtype)
 
 
 def resolve_plan(
@@ -115,6 +154,37 @@ def resolve_plan(
     return preset(solver, nfe, model.schedule, **options)
 
 
+_COMPILED: OrderedDict[tuple[Any, ...], tuple[SolverSchedule, CompiledPlan]] = OrderedDict()
+_COMPILED_MAX = 64
+
+
+def _prepare(model: Model, solver: str | SolverSchedule, nfe: int | None, options: dict[str, Any]) -> tuple[SolverSchedule, CompiledPlan]:
+    """Build and compile the plan; a preset with hashable options is compiled once per noise
+    schedule and reused (a pipeline calls ``sample`` with the same solver batch after batch)."""
+    key: tuple[Any, ...] | None = None
+    if isinstance(solver, str):
+        key = (solver, nfe, tuple(sorted(options.items())), schedule_fingerprint(model.schedule))
+        try:
+            hash(key)
+        except TypeError:  # e.g. an explicit list of times
+            key = None
+    if key is not None and key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+    plan = resolve_plan(model, solver, nfe, options)
+    result = plan, compile_plan(plan, model.schedule)
+    if key is not None:
+        _COMPILED[key] = result
+        if len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+    return result
+
+
+def clear_plan_cache() -> None:
+    """Forget the compiled plans that :func:`sample` keeps for repeated calls."""
+    _COMPILED.clear()
+
+
 def _check_input(model: Model, x_T: torch.Tensor) -> None:
     if not isinstance(x_T, torch.Tensor):
         raise ShapeError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
@@ -124,7 +194,7 @@ def _check_input(model: Model, x_T: torch.Tensor) -> None:
         raise ShapeError(f"x_T must be shaped (batch, ...) with batch >= 1, got {tuple(x_T.shape)}")
     if model.sample_shape is not None and tuple(x_T.shape[1:]) != tuple(model.sample_shape):
         raise ShapeError(f"model {model.name!r} takes samples of shape (batch, {', '.join(map(str, model.sample_shape))}), got {tuple(x_T.shape)}")
-    if not bool(torch.isfinite(x_T).all()):
+    if not all_finite(x_T):
         raise ShapeError("x_T contains NaN or Inf")
 
 
@@ -152,8 +222,7 @@ def sample(
     split (default ``0..B-1``). Without ``seed`` a random one is drawn and reported in the info.
     """
     _check_input(model, x_T)
-    plan = resolve_plan(model, solver, nfe, options)
-    compiled = compile_plan(plan, model.schedule)
+    plan, compiled = _prepare(model, solver, nfe, options)
     if compiled.stochastic and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     if sample_indices is not None and len(sample_indices) != x_T.shape[0]:

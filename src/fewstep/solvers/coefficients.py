@@ -49,6 +49,12 @@ def point(schedule: NoiseSchedule, t: float) -> Point:
     return Point(float(t), float(a), float(s), float(lam))
 
 
+def points(schedule: NoiseSchedule, times: Sequence[float]) -> list[Point]:
+    """:func:`point` at many times in one vectorised schedule evaluation."""
+    a, s, lam = (c.tolist() for c in schedule.coefficients(torch.tensor([float(t) for t in times], dtype=torch.float64)))
+    return [Point(float(t), ai, si, li) for t, ai, si, li in zip(times, a, s, lam)]
+
+
 @lru_cache(maxsize=8)
 def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
     x, w = np.polynomial.legendre.leggauss(n)

@@ -2,7 +2,7 @@
 
 Every step is affine once the model outputs are known, so a whole solver becomes a short program:
 
-* ``Evaluate(state, t, slot)``: ``D[slot] = model(X[state], t)`` (both x0 and eps are kept);
+* ``Evaluate(state, t, slot)``: ``D[slot] = model(X[state], t)`` (its x0 and eps);
 * ``Combine(target, base, a, terms)``: ``X[target] = a X[base] + sum c D[slot].kind``.
 
 All coefficients are float64 numbers computed here, once per plan: the sampling loop does no
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..errors import SolverError
 from ..schedules import NoiseSchedule
-from .coefficients import Point, node_positions, point, renoise_weights, update_weights
+from .coefficients import Point, node_positions, point, points, renoise_weights, update_weights
 from .plan import SolverSchedule
 from .strategy import Step
 
@@ -30,6 +30,8 @@ class Evaluate:
     state: int
     t: float
     slot: int
+    alpha: float = math.nan  # the schedule's alpha and sigma at t (float64), so the loop does no schedule maths
+    sigma: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,10 @@ class _Builder:
         self.n_states = 1
         self.n_slots = 0
 
-    def evaluate(self, state: int, t: float) -> int:
+    def evaluate(self, state: int, p: Point) -> int:
         slot = self.n_slots
         self.n_slots += 1
-        self.ops.append(Evaluate(state, t, slot))
+        self.ops.append(Evaluate(state, p.t, slot, p.alpha, p.sigma))
         return slot
 
     def combine(self, base: int, a: float, terms: list[tuple[int, str, float]], grid_index: int | None = None, noise: float = 0.0, noise_key: int = -1) -> int:
@@ -95,14 +97,14 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
     """Turn a solver schedule into affine operations for the noise schedule ``sched``."""
     plan.check_schedule(sched)
     b = _Builder()
-    pts = [point(sched, t) for t in plan.times]
+    pts = points(sched, plan.times)
     start_slots: list[int] = []
     cur = 0
     pending: tuple[Step, int, Point, Point, list[tuple[Point, int]], float] | None = None  # corrector of the previous step
     for i, step in enumerate(plan.steps):
         s, t = pts[i], pts[i + 1]
         kind = KIND[step.prediction]
-        e0 = b.evaluate(cur, s.t)
+        e0 = b.evaluate(cur, s)
         start_slots.append(e0)
         if pending is not None:  # UniC: correct the state we just evaluated, re-using that evaluation
             cstep, cbase, cs, ct, cnodes, _ = pending
@@ -139,7 +141,7 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
                 pr = t if r == 1.0 else point(sched, float(sched.t_of_lambda(lam_r)))
                 a, w = _weights(step, step.stage_variant or step.variant, sched, s, pr, [p for p, _ in nodes], None)
                 xr = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)])
-                nodes.append((pr, b.evaluate(xr, pr.t)))
+                nodes.append((pr, b.evaluate(xr, pr)))
             final = nodes if step.final_nodes is None else [nodes[j] for j in step.final_nodes]
             a, w = _weights(step, step.variant, sched, s, t, [p for p, _ in final], None)
             new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(final, w)], grid_index=i + 1)

@@ -26,10 +26,14 @@ _TOP_FIELDS = {"format", "version", "name", "times", "steps", "schedule", "meta"
 
 
 def schedule_fingerprint(schedule: NoiseSchedule) -> str:
-    """A short stable id of a noise schedule (its kind and a hash of its config)."""
-    cfg = schedule.config()
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{cfg['kind']}:{digest}"
+    """A short stable id of a noise schedule (its kind and a hash of its config); schedules are
+    immutable, so it is computed once per schedule object."""
+    cached = schedule.__dict__.get("_fingerprint")
+    if cached is None:
+        cfg = schedule.config()
+        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+        cached = schedule.__dict__["_fingerprint"] = f"{cfg['kind']}:{digest}"
+    return cached
 
 
 @dataclass(frozen=True)
