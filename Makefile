@@ -8,6 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := constraints-dev.txt
 STAMP_RUN := $(VENV)/.stamp-run
 STAMP_DEV := $(VENV)/.stamp-dev
+STAMP_BENCH := $(VENV)/.stamp-bench
 REPORT ?= reports/demo
 
 .PHONY: demo test bench clean venv
@@ -26,6 +27,12 @@ $(STAMP_DEV): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@ $(STAMP_RUN)
 
+# k-diffusion's peers: its wheel without dependencies (torchvision from PyPI does not load beside
+# the CPU torch); benchmarks/peers.py loads only k_diffusion/sampling.py.
+$(STAMP_BENCH): $(STAMP_DEV)
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps k-diffusion torchsde torchdiffeq trampoline
+	touch $@
+
 venv: $(STAMP_DEV)
 
 demo: $(STAMP_RUN)
@@ -34,7 +41,7 @@ demo: $(STAMP_RUN)
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
-bench: $(STAMP_DEV)
+bench: $(STAMP_BENCH)
 	$(PY) benchmarks/run_all.py
 
 clean:

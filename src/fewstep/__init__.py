@@ -3,6 +3,15 @@
 The public API (DESIGN section 7) is re-exported here.
 """
 
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules:
+    # libgomp's default (active) wait policy lets idle OpenMP threads spin; on small shared machines
+    # (2 vCPUs, other processes busy) every small parallel torch op then costs milliseconds instead
+    # of microseconds. Passive waiting is the default here unless the user chose otherwise.
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .errors import FewstepError, ModelOutputError, ScheduleError, ScheduleFileError, ShapeError, SolverError
 from .metrics import frechet_distance, likelihood_gap, rmse
 from .models import Model, Prediction, Threshold, batched_classifier_free_guidance, classifier_free_guidance
@@ -15,6 +24,7 @@ from .solvers.plan import SolverSchedule
 from .solvers.presets import preset, preset_names
 from .solvers.strategy import Step
 from .timesteps import time_grid
+from . import zoo
 
 __version__ = "0.1.0"
 
@@ -24,5 +34,5 @@ __all__ = [
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "__version__",
     "batched_classifier_free_guidance", "bundled_oracle", "check_reference", "classifier_free_guidance",
     "frechet_distance", "initial_noise", "keyed_noise", "likelihood_gap", "preset", "preset_names",
-    "reference_solution", "rmse", "sample", "time_grid",
+    "reference_solution", "rmse", "sample", "time_grid", "zoo",
 ]

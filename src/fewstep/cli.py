@@ -9,7 +9,8 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -17,8 +18,9 @@ from . import __version__
 from .metrics import frechet_distance, likelihood_gap, rmse
 from .noise import initial_noise
 from .oracle import ORACLES, bundled_oracle
-from .reference import check_reference
-from .report import markdown_table, plot_error_vs_nfe
+from .reference import ReferenceCheck, check_fine_reference, check_reference
+from .models import Model
+from .report import markdown_table, plot_error_vs_nfe, plot_image_grid
 from .sample import sample
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule
 from .solvers.plan import SolverSchedule
@@ -51,7 +53,7 @@ def _parse_value(text: str) -> object:
         return text
 
 
-def _solver_arg(value: str) -> tuple[str | SolverSchedule, dict[str, object]]:
+def parse_solver_arg(value: str) -> tuple[str | SolverSchedule, dict[str, object]]:
     """``name``, ``name:key=value,key=value`` (preset options) or a schedule ``.json`` file."""
     if value.endswith(".json") or Path(value).is_file():
         return SolverSchedule.load(value), {}
@@ -71,31 +73,90 @@ def _label(solver: str | SolverSchedule, options: dict[str, object]) -> str:
     return solver + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
 
 
+@dataclass
+class Target:
+    """What a comparison runs on: a model, its initial noises, the metric columns, report lines."""
+
+    label: str
+    model: Model
+    x_T: torch.Tensor
+    headers: list[str]
+    metrics: Callable[[torch.Tensor], list[object]]
+    notes: list[str]
+    reference: Callable[[Model, torch.Tensor], ReferenceCheck]
+    images: Callable[[torch.Tensor], Any] | None = None  # samples -> (n, h, w) numpy for grids
+
+
+def oracle_target(name: str, schedule_name: str, batch: int, seed: int) -> Target:
+    """An exact oracle on a named noise schedule: RMSE, exact likelihood gap, Fréchet distance to data."""
+    oracle = bundled_oracle(name)
+    sched: NoiseSchedule = SCHEDULES[schedule_name]()
+    true = oracle.sample(max(batch, 512), seed=seed + 1)
+    floor = frechet_distance(oracle.sample(batch, seed=seed + 2), true)
+    return Target(
+        label=f"oracle {name}",
+        model=oracle.as_model(sched),
+        x_T=initial_noise(sched, (batch, oracle.dim), seed, dtype=torch.float64),
+        headers=["log-lik gap (nats)", "Fréchet to data"],
+        metrics=lambda x: [likelihood_gap(oracle, x, true), frechet_distance(x, true)],
+        notes=[
+            f"Model: exact oracle `{name}` ({oracle!r}), noise schedule `{schedule_name}` ({sched!r}).",
+            f"Fréchet distance between two sets of exact samples of these sizes (the floor): {floor:.4g}.",
+        ],
+        reference=lambda m, x: check_reference(m, x, rtol=1e-10),
+    )
+
+
+def zoo_target(name: str, batch: int, seed: int, reference_nfe: int = 300) -> Target:
+    """A bundled trained network: RMSE against a very fine solve, and Fréchet distances /
+    classifier confidence against held-out digits."""
+    from . import zoo
+    from .zoo.evaluate import DigitsEvaluator
+
+    model = zoo.load(name)
+    ev = DigitsEvaluator()
+    base = ev.baseline()
+    info = zoo.card(name)
+    keys = ["fd_features", "fd_pixels", "confidence"]
+    return Target(
+        label=f"model {name}",
+        model=model,
+        x_T=initial_noise(model.schedule, (batch, *model.sample_shape), seed),
+        headers=["digits FD (features)", "FD (pixels)", "classifier confidence"],
+        metrics=lambda x: [ev.evaluate(x)[k] for k in keys],
+        notes=[
+            f"Model: bundled `{name}` ({info['architecture']['class']}, {info['architecture'].get('parameters', '?')} parameters, "
+            f"{info['prediction']} prediction on {model.schedule!r}), float32.",
+            f"Digits metrics against the {base['n_heldout']} held-out digits: Fréchet distance in the bundled classifier's feature "
+            f"space and in pixel space, and the classifier's mean confidence. The real train split scores "
+            f"{base['fd_features']:.4g} / {base['fd_pixels']:.4g} / {base['confidence']:.3f} ({base['n_train']} digits; held-out "
+            f"digits themselves: confidence {base['heldout_confidence']:.3f}).",
+        ],
+        reference=lambda m, x: check_fine_reference(m, x, nfe=reference_nfe),
+        images=lambda x: model.to_images(x[:16]).numpy(),
+    )
+
+
 def compare(
     *,
-    oracle_name: str,
-    schedule_name: str,
+    target: Target,
     solvers: Sequence[tuple[str | SolverSchedule, dict[str, object]]],
     nfes: Sequence[int],
-    batch: int,
     seed: int,
     out: Path,
     title: str,
     spacing: str | None = None,
 ) -> str:
-    """Error vs NFE of several solvers on an oracle, against a converged reference; writes report.md + PNG."""
+    """Error vs NFE of several solvers against a converged reference; writes report.md, an
+    error-vs-NFE plot, and (for image models) a grid of samples per solver and NFE."""
     from tqdm.auto import tqdm
 
-    oracle = bundled_oracle(oracle_name)
-    sched: NoiseSchedule = SCHEDULES[schedule_name]()
-    model = oracle.as_model(sched)
-    x_T = initial_noise(sched, (batch, oracle.dim), seed, dtype=torch.float64)
+    model, x_T = target.model, target.x_T
     t0 = time.perf_counter()
-    _log(f"reference: DOP853 probability-flow solve of {batch} samples (d={oracle.dim}) ...")
-    ref = check_reference(model, x_T)
-    _log(f"reference ready in {time.perf_counter() - t0:.1f}s; its own change under a 100x tighter tolerance: {ref.max_abs_change:.2e}")
-    true = oracle.sample(max(batch, 512), seed=seed + 1)
-    rows, series = [], {}
+    _log(f"reference: converged probability-flow solve of {x_T.shape[0]} samples ({target.label}) ...")
+    ref = target.reference(model, x_T)
+    _log(f"reference ({ref.method}) ready in {time.perf_counter() - t0:.1f}s; its own change from a 2x-100x coarser solve: max {ref.max_abs_change:.2e}, rms {ref.rms_change:.2e}")
+    rows, series, grids = [], {}, {}
     # presets run at every NFE; a schedule file runs at its own NFE
     jobs = [((s, o), n) for s, o in solvers for n in (nfes if isinstance(s, str) else [s.nfe])]
     for (solver, options), n in tqdm(jobs, desc="solvers", unit="run"):
@@ -106,61 +167,83 @@ def compare(
         try:
             x, info = sample(model, x_T, solver, nfe=n if isinstance(solver, str) else None, return_info=True, seed=seed, **opts)
         except Exception as exc:  # a preset that cannot run at this NFE is reported, not fatal
-            rows.append([label, n, "n/a", "n/a", "n/a", str(exc)[:60]])
+            rows.append([label, n, "n/a", *["n/a"] * len(target.headers), str(exc)[:60]])
             continue
         err = rmse(x, ref.solution)
-        rows.append([label, info.nfe, err, likelihood_gap(oracle, x, true), frechet_distance(x, true), ""])
+        rows.append([label, info.nfe, err, *target.metrics(x), ""])
         series.setdefault(label, ([], []))
         series[label][0].append(info.nfe)
         series[label][1].append(err)
+        if target.images is not None:
+            grids.setdefault(label, {})[info.nfe] = target.images(x)
     out.mkdir(parents=True, exist_ok=True)
-    headers = ["solver", "NFE", "RMSE vs reference", "log-lik gap (nats)", "Fréchet to data", "note"]
+    headers = ["solver", "NFE", "RMSE vs reference", *target.headers, "note"]
     table = markdown_table(headers, rows)
     plot = plot_error_vs_nfe(series, out / "error_vs_nfe.png", title=title)
-    exact_fd = frechet_distance(oracle.sample(batch, seed=seed + 2), true)
+    figures = [f"![error vs NFE]({plot.name})"]
+    if grids:
+        grid = plot_image_grid(grids, out / "samples.png", title=f"{title}: the same 16 noises", reference=target.images(ref.solution))
+        figures.append(f"![samples per solver and NFE]({grid.name})")
+    reference_line = (
+        f"Batch {x_T.shape[0]}, seed {seed}. Reference: {ref.method} probability-flow solve from the same noise; its change "
+        f"from a coarser solve (100x the tolerance, or half the NFE) is {ref.max_abs_change:.2e} max abs, {ref.rms_change:.2e} RMS."
+    )
     text = "\n".join([
-        f"# {title}", "",
-        f"Model: exact oracle `{oracle_name}` ({oracle!r}), noise schedule `{schedule_name}` ({sched!r}).",
-        f"Batch {batch}, seed {seed}. Reference: DOP853 (rtol 1e-12) probability-flow solve from the same noise; "
-        f"its change under a 100x tighter tolerance is {ref.max_abs_change:.2e} (max abs).",
-        f"Fréchet distance between two sets of exact samples of these sizes (the floor): {exact_fd:.4g}.",
-        f"Machine: {_machine()}; fewstep {__version__}.", "",
-        table, "", f"![error vs NFE]({plot.name})", "",
+        f"# {title}", "", *target.notes, reference_line, f"Machine: {_machine()}; fewstep {__version__}.", "",
+        table, "", *figures, "",
     ])
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"headers": headers, "rows": rows}, indent=1, default=str))
     return table
 
 
+def _use_zoo(args: argparse.Namespace) -> bool:
+    if args.model and args.oracle:
+        raise ValueError("give --model (a bundled network) or --oracle (an exact oracle), not both")
+    if not args.model and not args.oracle:
+        args.model, args.oracle = (DEMO_MODEL, None) if args.command == "demo" else (None, "gmm-d64")
+    return bool(args.model)
+
+
+def _target(args: argparse.Namespace) -> Target:
+    if _use_zoo(args):
+        return zoo_target(args.model, args.batch, args.seed)
+    return oracle_target(args.oracle, args.schedule, args.batch, args.seed)
+
+
 def _run_compare(args: argparse.Namespace, solvers: list[tuple[str | SolverSchedule, dict[str, object]]], nfes: Sequence[int], title: str) -> int:
     out = Path(args.out)
-    table = compare(
-        oracle_name=args.oracle, schedule_name=args.schedule, solvers=solvers, nfes=nfes,
-        batch=args.batch, seed=args.seed, out=out, title=title, spacing=args.spacing,
-    )
+    target = _target(args)
+    table = compare(target=target, solvers=solvers, nfes=nfes, seed=args.seed, out=out, title=f"{title}: {target.label}", spacing=args.spacing)
     print(table)
     print(f"\nreport written to {out / 'report.md'} (plot: {out / 'error_vs_nfe.png'})")
     return 0
 
 
 DEMO_SOLVERS = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "heun"]
+DEMO_MODEL = "digits-vp-eps"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    solvers = [_solver_arg(s) for s in args.solvers]
-    return _run_compare(args, solvers, [5, 10, 20, 50], f"fewstep demo: solvers on {args.oracle}")
+    solvers = [parse_solver_arg(s) for s in args.solvers]
+    return _run_compare(args, solvers, [5, 10, 20, 50], "fewstep demo")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _run_compare(args, [_solver_arg(s) for s in args.solvers], args.nfe, f"fewstep bench on {args.oracle}")
+    return _run_compare(args, [parse_solver_arg(s) for s in args.solvers], args.nfe, "fewstep bench")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    oracle = bundled_oracle(args.oracle)
-    sched = SCHEDULES[args.schedule]()
-    model = oracle.as_model(sched)
-    x_T = initial_noise(sched, (args.batch, oracle.dim), args.seed)
-    solver, opts = _solver_arg(args.solver)
+    if _use_zoo(args):
+        from . import zoo
+
+        model = zoo.load(args.model)
+        x_T = initial_noise(model.schedule, (args.batch, *model.sample_shape), args.seed)
+    else:
+        oracle = bundled_oracle(args.oracle)
+        model = oracle.as_model(SCHEDULES[args.schedule]())
+        x_T = initial_noise(model.schedule, (args.batch, oracle.dim), args.seed)
+    solver, opts = parse_solver_arg(args.solver)
     if args.spacing and isinstance(solver, str):
         opts.setdefault("spacing", args.spacing)
     x, info = sample(model, x_T, solver, nfe=args.nfe if isinstance(solver, str) else None, progress=True, return_info=True, seed=args.seed, **opts)
@@ -168,7 +251,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
 
-    np.save(out, x.to(torch.float64).numpy())
+    np.save(out, model.to_images(x).to(torch.float64).numpy())
     print(f"{args.batch} samples with {info.plan.name} ({info.nfe} NFE) written to {out}")
     if args.save_schedule:
         info.plan.save(args.save_schedule)
@@ -182,13 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, batch: int) -> None:
-        sp.add_argument("--oracle", default="gmm-d64", choices=sorted(ORACLES), help="bundled exact oracle model")
-        sp.add_argument("--schedule", default="vp-linear", choices=sorted(SCHEDULES), help="noise schedule")
+        sp.add_argument("--model", default=None, help=f"bundled trained network (fewstep.zoo; default for demo: {DEMO_MODEL})")
+        sp.add_argument("--oracle", default=None, choices=sorted(ORACLES), help="bundled exact oracle model (default for bench and sample: gmm-d64)")
+        sp.add_argument("--schedule", default="vp-linear", choices=sorted(SCHEDULES), help="noise schedule of an oracle")
         sp.add_argument("--batch", type=int, default=batch, help="number of samples")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--spacing", default=None, choices=sorted(SPACINGS), help="time grid (default: the preset's)")
 
-    d = sub.add_parser("demo", help="compare solvers at NFE 5/10/20/50 on a bundled oracle; write a report")
+    d = sub.add_parser("demo", help="compare solvers at NFE 5/10/20/50 on a bundled model (or oracle); write a report")
     common(d, 256)
     d.add_argument("--solvers", nargs="+", default=DEMO_SOLVERS, help="presets to compare")
     d.add_argument("--out", default="reports/demo", help="report folder")
@@ -201,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="reports/bench")
     b.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("sample", help="draw samples with a preset or a schedule file; save them as .npy")
+    s = sub.add_parser("sample", help="draw samples with a preset or a schedule file; save them (in the data's own scale) as .npy")
     common(s, 16)
     s.add_argument("--solver", default="ddim", help="preset name (name:key=value,... for options) or schedule .json file")
     s.add_argument("--nfe", type=int, default=10)

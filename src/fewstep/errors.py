@@ -26,3 +26,7 @@ class SolverError(FewstepError):
 
 class ScheduleFileError(FewstepError):
     """A solver-schedule JSON file is malformed."""
+
+
+class ZooError(FewstepError):
+    """A bundled model is unknown, or its weight file or card is missing or corrupted."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import linalg
 
 __all__ = ["rmse", "likelihood_gap", "frechet_distance", "gaussian_fit"]
 
@@ -36,8 +35,8 @@ def frechet_distance(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray)
     my, sy = gaussian_fit(y)
     # tr (S_x S_y)^(1/2) = sum of sqrt of the eigenvalues of S_x S_y (real, >= 0 for PSD S_x, S_y);
     # computed from the symmetric form A S_y A with A = S_x^(1/2) for stability
-    root_x = linalg.sqrtm(sx)
-    root_x = np.real(root_x)
+    w, v = np.linalg.eigh(sx)  # S_x is symmetric PSD (possibly singular: e.g. always-blank pixels)
+    root_x = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
     evals = np.linalg.eigvalsh(root_x @ sy @ root_x)
     trace_covmean = float(np.sum(np.sqrt(np.clip(evals, 0.0, None))))
     return float(np.sum((mx - my) ** 2) + np.trace(sx) + np.trace(sy) - 2.0 * trace_covmean)

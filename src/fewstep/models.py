@@ -187,6 +187,7 @@ class Model:
         check_finite: bool = True,
         name: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
+        to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if prediction not in PREDICTION_TYPES:
             raise ModelOutputError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
@@ -199,8 +200,14 @@ class Model:
         self.check_finite = check_finite
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.sample_shape = sample_shape
+        self._to_images = to_images
         self.calls = 0
         self.evaluations = 0
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples mapped back to the data's own scale and shape (identity unless the model says how;
+        the bundled digits models give pixel values 0..16 shaped (n, 8, 8))."""
+        return x if self._to_images is None else self._to_images(x)
 
     def reset_counters(self) -> None:
         self.calls = 0

@@ -1,0 +1,41 @@
+"""Run every benchmark and write its report into benchmarks/reports/ (what `make bench` calls).
+
+    python benchmarks/run_all.py            # full: overhead (~1 min) then quality (~15 min on 2 CPU cores)
+    python benchmarks/run_all.py --quick    # quick modes of both (~1-2 min)
+
+The overhead benchmark runs first so that its timings are taken on an otherwise idle machine.
+Nothing here asserts on timings; the exit status is non-zero only if a benchmark crashes.
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+import argparse
+import time
+
+import overhead
+import quality
+from _common import log
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the quick mode of every benchmark")
+    ap.add_argument("--only", choices=["overhead", "quality"], default=None, help="run one benchmark")
+    args = ap.parse_args(argv)
+    flags = ["--quick"] if args.quick else []
+    t0 = time.perf_counter()
+    status = 0
+    if args.only in (None, "overhead"):
+        log("== overhead ==")
+        status |= overhead.main(flags)
+    if args.only in (None, "quality"):
+        log("== quality ==")
+        status |= quality.main(flags)
+    log(f"all benchmarks done in {time.perf_counter() - t0:.0f} s; reports in {_common.REPORTS}")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

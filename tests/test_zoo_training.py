@@ -1,0 +1,120 @@
+"""The digits zoo: networks, the data split and the training entry point (a few steps only)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import fewstep  # noqa: E402
+from fewstep.zoo import nets  # noqa: E402
+from fewstep.zoo.data import load_digits_split, to_images, to_model_space  # noqa: E402
+from fewstep.zoo.train import NAMES, main, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_digits_split()
+
+
+def test_unet_shapes_and_rebuild():
+    net = nets.DigitsUNet(channels=16, channel_mult=(1, 2), num_res_blocks=1, time_scale=1e-3)
+    x, t = torch.randn(5, 1, 8, 8), torch.rand(5) * 999
+    assert torch.equal(net(x, t), torch.zeros(5, 1, 8, 8))  # zero-initialised output conv
+    torch.nn.init.normal_(net.conv_out.weight)
+    out = net(x, t)
+    assert out.shape == (5, 1, 8, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    twin = nets.build("DigitsUNet", json.loads(json.dumps(net.config)))
+    twin.load_state_dict(net.state_dict())
+    assert torch.allclose(twin(x, t), out)
+    assert not torch.allclose(net(x, t + 100), out)  # time conditioning reaches the output
+
+
+def test_classifier_shapes():
+    net = nets.build("DigitsClassifier", {"channels": 8, "features": 64})
+    x = torch.randn(7, 1, 8, 8)
+    assert net.features(x).shape == (7, 64)
+    logits = net(x)
+    assert logits.shape == (7, 10) and logits.dtype == torch.float32
+    assert nets.DigitsClassifier(**net.config).config == net.config
+
+
+def test_build_rejects_unknown_class():
+    with pytest.raises(ValueError, match="'os.system'"):
+        nets.build("os.system", {})
+
+
+def test_pixel_round_trip():
+    p = np.random.default_rng(0).integers(0, 17, size=(6, 8, 8))
+    x = to_model_space(p)
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(to_images(x), torch.as_tensor(p, dtype=torch.float32))
+    assert torch.equal(to_images(x.reshape(6, 64)), to_images(x.reshape(6, 1, 8, 8)))
+    assert to_images(torch.full((2, 64), 5.0)).max() == 16.0
+    with pytest.raises(ValueError):
+        to_images(torch.zeros(3, 10))
+
+
+def test_split_deterministic_disjoint_stratified(split):
+    again = load_digits_split()
+    assert np.array_equal(split.heldout_idx, again.heldout_idx) and torch.equal(split.train_x, again.train_x)
+    assert not np.array_equal(split.heldout_idx, load_digits_split(seed=1).heldout_idx)
+    assert len(np.intersect1d(split.train_idx, split.heldout_idx)) == 0
+    assert len(split.train_idx) + len(split.heldout_idx) == 1797
+    assert split.train_x.shape == (len(split.train_idx), 1, 8, 8) and split.train_x.dtype == torch.float32
+    assert split.heldout_y.dtype == torch.int64 and split.train_x.min() >= -1 and split.train_x.max() <= 1
+    for label in range(10):
+        n_held, n_all = int((split.heldout_y == label).sum()), int((split.train_y == label).sum()) + int((split.heldout_y == label).sum())
+        assert abs(n_held - 0.25 * n_all) <= 0.5
+    d = split.describe()
+    text = ",".join(map(str, sorted(split.heldout_idx.tolist())))
+    assert d["heldout_sha256"] == hashlib.sha256(text.encode()).hexdigest() and d["n_heldout"] == len(split.heldout_idx)
+    json.dumps(d)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_entry_point(name, tmp_path):
+    card = train(name, steps=3, out=tmp_path, log_every=10)
+    on_disk = json.loads((tmp_path / f"{name}.json").read_text())
+    assert on_disk == json.loads(json.dumps(card))
+    weights = tmp_path / card["weights"]
+    assert card["format"] == "fewstep-zoo-card" and card["version"] == 1 and card["name"] == name
+    assert card["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    arch = card["architecture"]
+    net = nets.build(arch["class"], arch["config"])
+    net.load_state_dict(safetensors_torch.load_file(str(weights)))
+    assert arch["parameters"] == sum(p.numel() for p in net.parameters())
+    assert card["sample_shape"] == [1, 8, 8] and card["data"]["pixel_scale"] == "x = pixels / 8 - 1"
+    tr = card["training"]
+    assert tr["steps"] == 3 and tr["seed"] == 0 and np.isfinite(tr["final_loss"]) and tr["device"] == "cpu"
+    assert {"wall_s", "torch", "hyperparameters"} <= set(tr)
+    x = torch.zeros(2, 1, 8, 8)
+    if name == "digits-classifier":
+        assert 0.0 <= card["metrics"]["heldout_accuracy"] <= 1.0 and "schedule" not in card
+        assert net(x).shape == (2, 10)
+    else:
+        sched = fewstep.schedules.schedule_from_config(card["schedule"])
+        assert card["prediction"] == {"digits-vp-eps": "eps", "digits-flow": "flow"}[name]
+        model = fewstep.Model(lambda x, t: net(x, t), sched, card["prediction"], sample_shape=(1, 8, 8))
+        x_T = fewstep.initial_noise(sched, (4, 1, 8, 8), 0)
+        with torch.no_grad():
+            assert torch.isfinite(fewstep.sample(model, x_T, "ddim", nfe=2)).all()
+
+
+@pytest.mark.parametrize("name", ["digits-flow", "digits-classifier"])
+def test_training_is_reproducible(name, tmp_path):
+    a = train(name, steps=2, out=tmp_path / "a", log_every=10)
+    b = train(name, steps=2, out=tmp_path / "b", log_every=10)
+    assert a["sha256"] == b["sha256"]
+    assert train(name, steps=2, out=tmp_path / "c", seed=1, log_every=10)["sha256"] != a["sha256"]
+
+
+def test_training_rejects_unknown_name(tmp_path):
+    with pytest.raises(ValueError, match="digits-nope"):
+        train("digits-nope", steps=1, out=tmp_path)
+    with pytest.raises(SystemExit):
+        main(["digits-nope"])
