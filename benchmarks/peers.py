@@ -1,4 +1,4 @@
-"""The peers fewstep is measured against, driven on an exact oracle model.
+"""The peers fewstep is measured against, driven on an exact oracle or a bundled network.
 
 * diffusers schedulers, driven by a plain ``scale_model_input`` / ``step`` loop with the oracle's
   eps prediction;
@@ -53,10 +53,16 @@ SPACINGS = ("leading", "linspace", "trailing")
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class PeerContext:
-    """The oracle and the fewstep noise schedule it is sampled under (DiscreteVP in practice)."""
+    """The model the peers query, and the fewstep noise schedule it is sampled under.
 
-    oracle: fewstep.GaussianMixture
-    sched: fewstep.DiscreteVP
+    ``model`` is an exact oracle (a :class:`fewstep.GaussianMixture`, answered through its closed-form
+    posterior at any (alpha, sigma)) or a :class:`fewstep.Model` (a network), answered at the time
+    ``t(lambda)`` of the requested noise level with the state rescaled to that time's alpha (x0 and
+    eps depend only on ``x / alpha`` and the log-SNR). Diffusers' schedulers need a ``DiscreteVP``.
+    """
+
+    model: "fewstep.GaussianMixture | fewstep.Model"
+    sched: fewstep.NoiseSchedule
     model_mode: str = "sigma"
     calls: int = 0
     _eps_model: Any = field(default=None, repr=False)
@@ -64,10 +70,12 @@ class PeerContext:
     def __post_init__(self) -> None:
         if self.model_mode not in ("sigma", "timestep"):
             raise ValueError(f"model_mode must be 'sigma' or 'timestep', got {self.model_mode!r}")
-        self._eps_model = self.oracle.as_model(self.sched, "eps")
-        n = self.sched.num_train_timesteps
-        #: float64 alphas_cumprod of the very schedule fewstep and the reference use
-        self.alphas_cumprod = (self.sched.alpha(torch.arange(n, dtype=torch.float64)) ** 2).to(torch.float64)
+        self.oracle = self.model if isinstance(self.model, fewstep.GaussianMixture) else None
+        self._eps_model = self.oracle.as_model(self.sched, "eps") if self.oracle is not None else self.model
+        if isinstance(self.sched, fewstep.DiscreteVP):
+            n = self.sched.num_train_timesteps
+            #: float64 alphas_cumprod of the very schedule fewstep and the reference use
+            self.alphas_cumprod = (self.sched.alpha(torch.arange(n, dtype=torch.float64)) ** 2).to(torch.float64)
 
     @property
     def sigma_vp_max(self) -> float:
@@ -81,30 +89,31 @@ class PeerContext:
     def sigma_ve_min(self) -> float:
         return math.exp(-float(self.sched.lambda_(float(self.sched.t_min))))
 
-    def eps_at_sigma_ve(self, x: torch.Tensor, sigma_ve: float) -> torch.Tensor:
-        """Exact eps of the VP state ``x`` whose noise level is ``sigma_ve = sigma_t / alpha_t``."""
+    def _posterior(self, x: torch.Tensor, alpha: float, sigma: float) -> fewstep.Prediction:
+        """(x0, eps) of the state ``x`` at noise level (alpha, sigma); one model evaluation."""
         self.calls += 1
-        b = x.shape[0]
+        if self.oracle is not None:
+            one = torch.ones(x.shape[0], dtype=torch.float64)
+            return self.oracle.posterior(x, alpha * one, sigma * one)
+        t = float(self.sched.t_of_lambda(torch.tensor(math.log(alpha / sigma), dtype=torch.float64)))
+        a_t = float(self.sched.alpha(t))
+        return self.model.predict(x * (a_t / alpha), t)
+
+    def eps_at_sigma_ve(self, x: torch.Tensor, sigma_ve: float) -> torch.Tensor:
+        """eps of the VP state ``x`` whose noise level is ``sigma_ve = sigma_t / alpha_t``."""
         a = 1.0 / math.sqrt(1.0 + sigma_ve * sigma_ve)
-        s = sigma_ve * a
-        one = torch.ones(b, dtype=torch.float64)
-        return self.oracle.posterior(x, a * one, s * one).eps.to(x.dtype)
+        return self._posterior(x, a, sigma_ve * a).eps.to(x.dtype)
 
     def eps_at_alphabar(self, x: torch.Tensor, alphabar: float) -> torch.Tensor:
-        self.calls += 1
-        b = x.shape[0]
-        one = torch.ones(b, dtype=torch.float64)
-        return self.oracle.posterior(x, math.sqrt(alphabar) * one, math.sqrt(1.0 - alphabar) * one).eps.to(x.dtype)
+        return self._posterior(x, math.sqrt(alphabar), math.sqrt(1.0 - alphabar)).eps.to(x.dtype)
 
     def eps_at_timestep(self, x: torch.Tensor, t: float) -> torch.Tensor:
         self.calls += 1
-        return self._eps_model.fn(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))
+        return self._eps_model.predict(x, float(t)).eps.to(x.dtype)
 
     def denoiser(self, x_ve: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """k-diffusion's ``D(x, sigma)`` for the VE view: the exact E[x0 | x_ve]."""
-        self.calls += 1
-        sig = torch.as_tensor(sigma, dtype=torch.float64).expand(x_ve.shape[0])
-        return self.oracle.posterior(x_ve, torch.ones_like(sig), sig).x0.to(x_ve.dtype)
+        """k-diffusion's ``D(x, sigma)`` for the VE view: E[x0 | x_ve] (alpha = 1)."""
+        return self._posterior(x_ve, 1.0, float(torch.as_tensor(sigma).reshape(-1)[0])).x0.to(x_ve.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +398,45 @@ def kdiffusion_peers() -> list[Peer]:
     ]
 
 
-def all_peers(*, kdiffusion: bool = True) -> list[Peer]:
-    peers = diffusers_peers()
+# ---- flow matching ------------------------------------------------------------------------------
+def _flow_euler(ctx: PeerContext, option: dict[str, Any], x_T: torch.Tensor, nfe: int) -> tuple[torch.Tensor, int] | None:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (shift 1) on a flow-matching model: Euler in
+    ``sigma = t`` from 1 with the velocity ``u = eps - x0`` the model gives at that time."""
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sch = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, **option)
+        sch.set_timesteps(nfe)
+    x = x_T.clone()
+    calls0 = ctx.calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, t in enumerate(sch.timesteps):
+            ctx.calls += 1
+            pred = ctx.model.predict(x, float(sch.sigmas[i]))  # FlowMatching: t = sigma
+            x = sch.step((pred.eps - pred.x0).to(x.dtype), t, x).prev_sample
+    return x.to(x_T.dtype), ctx.calls - calls0
+
+
+def flow_peers() -> list[Peer]:
+    """Peers for flow-matching models: diffusers' flow Euler scheduler on its own grid and with Karras / exponential sigmas."""
+    opts = [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}]
+    return [Peer("diffusers FlowMatchEuler", "diffusers", opts, _flow_euler, "euler")]
+
+
+def all_peers(*, kdiffusion: bool = True, schedule: fewstep.NoiseSchedule | None = None) -> list[Peer]:
+    """The peers that apply to models on ``schedule`` (default: the DDPM schedule of the oracles):
+    diffusers' DDPM-family schedulers for a ``DiscreteVP``, its flow Euler for ``FlowMatching``,
+    k-diffusion's samplers wherever the start has a finite VE noise level (alpha(t_max) > 0)."""
+    if schedule is None or isinstance(schedule, fewstep.DiscreteVP):
+        peers = diffusers_peers()
+    elif isinstance(schedule, fewstep.FlowMatching):
+        peers = flow_peers()
+    else:
+        peers = []
+    if schedule is not None and float(schedule.alpha(float(schedule.t_max))) <= 0.0:
+        kdiffusion = False  # k-diffusion starts at a finite sigma_max; a pure-noise start has none
     if kdiffusion:
         try:
             load_k_sampling()

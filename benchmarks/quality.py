@@ -24,11 +24,12 @@ import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import argparse
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,6 +48,12 @@ FULL_ORACLES = (("gmm-d64", 256), ("digits-gmm", 256), ("gmm-d3072", 64))
 QUICK_ORACLES = (("gmm-d64", 64),)
 REF_RTOL = 1e-10
 N_TRUE = 2048
+#: the bundled networks (DESIGN: "the preset quality table ... on the digits models"); batch 256 keeps
+#: the feature Fréchet distance meaningful, the grid of NFE and spacings keeps the run within ~30 min
+ZOO_MODELS = (("digits-vp-eps", 256), ("digits-flow", 256))
+ZOO_NFES = (5, 6, 8, 10, 15, 20)
+ZOO_SPACINGS = ("uniform_t", "uniform_lambda", "karras", "leading", "trailing")
+ZOO_REF_NFE = 400
 #: preset options also run (as their own rows): the diffusers-equivalent DEIS (interpolation in
 #: lambda rather than tAB's t), and full order up to the last noisy step (fewstep's default, like
 #: diffusers', lowers the order at the end below 15 steps)
@@ -84,19 +91,100 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------
-def reference(oracle_name: str, model: fewstep.Model, x_T: torch.Tensor, batch: int, seed: int) -> tuple[torch.Tensor, float, bool]:
-    """The DOP853 reference from ``x_T``, computed once per (oracle, batch, seed) and cached."""
+@dataclass
+class Target:
+    """A model every solver samples from the same noises, its reference and its second metric."""
+
+    name: str
+    kind: str  # "oracle" | "zoo"
+    model: fewstep.Model  # what fewstep samples
+    peer_model: Any  # what the peers query (the oracle itself, or the same Model)
+    sched: fewstep.NoiseSchedule
+    x_T: torch.Tensor
+    ref: torch.Tensor
+    metric: Callable[[torch.Tensor], float]  # of the best samples per (solver, NFE)
+    metric_header: str
+    describe: str  # the paragraph under the section heading
+    meta: dict[str, Any]
+
+
+def _cached(path: Path, shape: tuple[int, ...], compute: Callable[[], tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, dict[str, Any], bool]:
+    """A float64 array (plus its JSON side-car) computed once and cached under ``benchmarks/.cache``."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"ref-{oracle_name}-vp_linear-b{batch}-s{seed}-rtol{REF_RTOL:g}.npy"
-    if path.is_file():
+    side = path.with_suffix(".json")
+    if path.is_file() and side.is_file():
         arr = np.load(path)
-        if arr.shape == tuple(x_T.shape):
-            return torch.from_numpy(arr), 0.0, True
+        if arr.shape == shape:
+            return torch.from_numpy(arr), json.loads(side.read_text()), True
     t0 = time.perf_counter()
-    ref = fewstep.reference_solution(model, x_T, rtol=REF_RTOL, atol=REF_RTOL)
-    dt = time.perf_counter() - t0
-    np.save(path, ref.to(torch.float64).numpy())
-    return ref.to(torch.float64), dt, False
+    x, info = compute()
+    info = {**info, "compute_s": time.perf_counter() - t0}
+    np.save(path, x.to(torch.float64).numpy())
+    side.write_text(json.dumps(info))
+    return x.to(torch.float64), info, False
+
+
+def oracle_target(name: str, batch: int, seed: int) -> Target:
+    """An exact oracle: DOP853 reference, exact log-likelihood gap as the second metric."""
+    t0 = time.perf_counter()
+    oracle = fewstep.bundled_oracle(name)
+    t_build = time.perf_counter() - t0
+    sched = fewstep.DiscreteVP.linear()
+    model = oracle.as_model(sched)  # x0 prediction (fewstep reads x0 and eps from it)
+    x_T = fewstep.initial_noise(sched, (batch, oracle.dim), seed, dtype=torch.float64)
+    log(f"[{name}] d={oracle.dim}, batch {batch}: reference ...")
+    path = CACHE / f"ref-{name}-vp_linear-b{batch}-s{seed}-rtol{REF_RTOL:g}.npy"
+    ref, info, cached = _cached(path, tuple(x_T.shape), lambda: (fewstep.reference_solution(model, x_T, rtol=REF_RTOL, atol=REF_RTOL), {}))
+    lik = LikGap(oracle, seed)
+    floor = lik(oracle.sample(batch, seed=seed + 2))
+    ref_note = "cached" if cached else f"computed in {info['compute_s']:.1f} s"
+    describe = (f"Oracle {oracle!r}, d = {oracle.dim}, batch {batch}, seed {seed}. "
+                f"Reference: DOP853 at rtol = atol = {REF_RTOL:g} ({ref_note}). "
+                f"Likelihood gap = mean log p(true) - mean log p(samples) in nats with {N_TRUE} true samples; "
+                f"{batch} exact samples score {floor:+.3g} (the column's noise floor).")
+    meta = {"oracle": repr(oracle), "dim": oracle.dim, "batch": batch, "seed": seed, "oracle_build_s": t_build,
+            "reference_s": info["compute_s"], "reference_cached": cached, "exact_gap_floor": floor}
+    return Target(name, "oracle", model, oracle, sched, x_T, ref, lik, "lik gap (nats)", describe, meta)
+
+
+def zoo_target(name: str, batch: int, seed: int, ref_nfe: int = ZOO_REF_NFE) -> Target:
+    """A bundled digits network (float32 weights, float64 solver arithmetic): reference = UniPC at
+    ``ref_nfe`` (its change from ``ref_nfe / 2`` is reported), second metric = the digits feature
+    Fréchet distance to the held-out split."""
+    from fewstep.zoo import card
+    from fewstep.zoo.evaluate import DigitsEvaluator
+
+    model = fewstep.zoo.load(name)
+    sched = model.schedule
+    x_T = fewstep.initial_noise(sched, (batch, *model.sample_shape), seed, dtype=torch.float64)
+    log(f"[{name}] batch {batch}: reference (unipc NFE {ref_nfe}) ...")
+    sha = str(card(name)["sha256"])[:12]
+    path = CACHE / f"ref-zoo-{name}-{sha}-b{batch}-s{seed}-unipc{ref_nfe}.npy"
+
+    def compute() -> tuple[torch.Tensor, dict[str, Any]]:
+        chk = fewstep.check_fine_reference(model, x_T, nfe=ref_nfe)
+        return chk.solution, {"rms_change": chk.rms_change, "max_abs_change": chk.max_abs_change, "method": chk.method}
+
+    ref, info, cached = _cached(path, tuple(x_T.shape), compute)
+    evaluator = DigitsEvaluator()
+    floor = evaluator.evaluate(evaluator.split.train_x[:batch])["fd_features"]
+    fd_ref = evaluator.evaluate(ref)["fd_features"]
+    ref_note = "cached" if cached else f"computed in {info['compute_s']:.1f} s"
+    describe = (f"Bundled network `{name}` (float32 weights, {card(name)['architecture']['parameters']:,} parameters; solver arithmetic in "
+                f"float64), batch {batch}, seed {seed}. Reference: {info['method']} with `lower_order_final=false` ({ref_note}); "
+                f"it moves by {info['rms_change']:.2g} RMS (max {info['max_abs_change']:.2g}) from half as many NFE, the resolution "
+                f"of the RMSE column. Feature FD = Fréchet distance of the samples to the {len(evaluator.split.heldout_x)} held-out digits "
+                f"in the bundled classifier's feature space (`fewstep.zoo.evaluate`); with {batch} samples, real train digits score "
+                f"{floor:.3g} and the reference samples {fd_ref:.3g} (small-sample FD is biased upwards: compare within the column).")
+    meta = {"model": name, "sha256": sha, "batch": batch, "seed": seed, "reference_s": info["compute_s"],
+            "reference_cached": cached, "reference_rms_change": info["rms_change"], "fd_features_real": floor,
+            "fd_features_reference": fd_ref}
+    return Target(name, "zoo", model, model, sched, x_T, ref, lambda x: evaluator.evaluate(x)["fd_features"],
+                  "feature FD", describe, meta)
+
+
+def make_target(name: str, batch: int, seed: int) -> Target:
+    return zoo_target(name, batch, seed) if name in fewstep.zoo.list() else oracle_target(name, batch, seed)
 
 
 def distinct_presets() -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
@@ -145,19 +233,10 @@ class LikGap:
 
 
 # ---------------------------------------------------------------------------------------------
-def run_oracle(name: str, batch: int, seed: int, nfes: tuple[int, ...], *, kdiffusion: bool, model_mode: str,
-               presets: list[str]) -> tuple[list[Result], dict[tuple[str, int], float], dict[str, Any]]:
+def run_target(target: Target, nfes: tuple[int, ...], *, kdiffusion: bool, model_mode: str,
+               presets: list[str], spacings: tuple[str, ...] = SPACINGS) -> tuple[list[Result], dict[tuple[str, int], float], dict[str, Any]]:
     t_start = time.perf_counter()
-    t0 = time.perf_counter()
-    oracle = fewstep.bundled_oracle(name)
-    t_build = time.perf_counter() - t0
-    sched = fewstep.DiscreteVP.linear()
-    model = oracle.as_model(sched)  # x0 prediction (fewstep reads x0 and eps from it)
-    x_T = fewstep.initial_noise(sched, (batch, oracle.dim), seed, dtype=torch.float64)
-    log(f"[{name}] d={oracle.dim}, batch {batch}: reference ...")
-    ref, t_ref, cached = reference(name, model, x_T, batch, seed)
-    log(f"[{name}] reference {'from cache' if cached else f'computed in {t_ref:.1f}s'}")
-    lik = LikGap(oracle, seed)
+    name, model, x_T, ref = target.name, target.model, target.x_T, target.ref
     results: list[Result] = []
     samples: dict[tuple[str, int], torch.Tensor] = {}  # best sample per (solver, nfe), for the likelihood gap
     best: dict[tuple[str, int], float] = {}
@@ -177,7 +256,7 @@ def run_oracle(name: str, batch: int, seed: int, nfes: tuple[int, ...], *, kdiff
         t0 = time.perf_counter()
         base, popts = parse_solver_arg(p)
         for n in nfes:
-            for sp in SPACINGS:
+            for sp in spacings:
                 try:
                     x, info = fewstep.sample(model, x_T, base, nfe=n, spacing=sp, return_info=True, **popts)
                 except Exception as exc:  # noqa: BLE001  a preset that cannot run here is reported, not fatal
@@ -188,8 +267,8 @@ def run_oracle(name: str, batch: int, seed: int, nfes: tuple[int, ...], *, kdiff
         log(f"[{name}] fewstep {p}: {timings[p]:.1f}s")
 
     # ---- peers, each at every grid option
-    ctx = peers_mod.PeerContext(oracle, sched, model_mode)
-    for peer in peers_mod.all_peers(kdiffusion=kdiffusion):
+    ctx = peers_mod.PeerContext(target.peer_model, target.sched, model_mode)
+    for peer in peers_mod.all_peers(kdiffusion=kdiffusion, schedule=target.sched):
         t0 = time.perf_counter()
         for n in nfes:
             if n < peer.min_nfe:
@@ -213,7 +292,7 @@ def run_oracle(name: str, batch: int, seed: int, nfes: tuple[int, ...], *, kdiff
     # ---- the same method on the same grid: fewstep preset vs diffusers scheduler, both on trailing steps
     t0 = time.perf_counter()
     agreement = []
-    by_name = {p.name: p for p in peers_mod.all_peers(kdiffusion=False)}
+    by_name = {p.name: p for p in peers_mod.all_peers(kdiffusion=False, schedule=target.sched)}
     for label, preset_name, opts, peer_name, parity in AGREEMENT_PAIRS:
         peer = by_name.get(peer_name)
         if peer is None or preset_name not in presets:
@@ -237,19 +316,10 @@ def run_oracle(name: str, batch: int, seed: int, nfes: tuple[int, ...], *, kdiff
     log(f"[{name}] same-grid agreement: {timings['same-grid agreement']:.1f}s")
 
     t0 = time.perf_counter()
-    gaps = {key: lik(x) for key, x in samples.items()}
-    timings["likelihood gaps"] = time.perf_counter() - t0
-    meta = {
-        "oracle": repr(oracle), "dim": oracle.dim, "batch": batch, "seed": seed, "oracle_build_s": t_build,
-        "reference_s": t_ref, "reference_cached": cached, "wall_s": time.perf_counter() - t_start,
-        "timings": dict(timings), "exact_gap_floor": _exact_gap(oracle, lik, batch, seed), "agreement": agreement,
-    }
+    gaps = {key: target.metric(x) for key, x in samples.items()}
+    timings[target.metric_header] = time.perf_counter() - t0
+    meta = {**target.meta, "wall_s": time.perf_counter() - t_start, "timings": dict(timings), "agreement": agreement}
     return results, gaps, meta
-
-
-def _exact_gap(oracle: fewstep.GaussianMixture, lik: LikGap, batch: int, seed: int) -> float:
-    """The likelihood gap of ``batch`` exact samples: the noise floor of that column."""
-    return lik(oracle.sample(batch, seed=seed + 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,20 +344,15 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3g}"
 
 
-def oracle_section(name: str, results: list[Result], gaps: dict[tuple[str, int], float], meta: dict[str, Any],
-                   nfes: tuple[int, ...], counterparts: dict[str, list[str]], aliases: dict[str, list[str]]) -> tuple[list[str], list[dict[str, Any]]]:
+def target_section(name: str, describe: str, metric_header: str, results: list[Result], gaps: dict[tuple[str, int], float],
+                   meta: dict[str, Any], nfes: tuple[int, ...], counterparts: dict[str, list[str]],
+                   aliases: dict[str, list[str]]) -> tuple[list[str], list[dict[str, Any]]]:
     agreement = {(e["fewstep"], e["nfe"]): e["cell"] for e in meta.get("agreement", [])}
     agreement_pairs = list(dict.fromkeys((e["fewstep"], e["peer"]) for e in meta.get("agreement", [])))
     bests = best_rows(results)
     solvers_fs = sorted({r.solver for r in results if r.source == "fewstep"})
     solvers_peer = list(dict.fromkeys(r.solver for r in results if r.source != "fewstep"))
-    ref_note = "cached" if meta["reference_cached"] else f"computed in {meta['reference_s']:.1f} s"
-    lines = [f"## {name}", "",
-             f"Oracle {meta['oracle']}, d = {meta['dim']}, batch {meta['batch']}, seed {meta['seed']}. "
-             f"Reference: DOP853 at rtol = atol = {REF_RTOL:g} ({ref_note}). "
-             f"Likelihood gap = mean log p(true) - mean log p(samples) in nats with {N_TRUE} true samples; "
-             f"{meta['batch']} exact samples score {meta['exact_gap_floor']:+.3g} (the column's noise floor). "
-             f"Wall time for this oracle: {meta['wall_s']:.0f} s.", ""]
+    lines = [f"## {name}", "", f"{describe} Wall time for this model: {meta['wall_s']:.0f} s.", ""]
 
     # summary: best fewstep vs best peer (and best diffusers) per NFE
     lines += ["### Summary: best fewstep preset vs best peer", "",
@@ -315,7 +380,8 @@ def oracle_section(name: str, results: list[Result], gaps: dict[tuple[str, int],
             f"{bg.solver} ({bg.option})" if bg else "n/a", _fmt(bg.rmse if bg else None), _ratio(bg.rmse if bg else None, bp.rmse),
         ])
         summary_json.append({"oracle": name, "nfe": n, "fewstep": asdict(bf), "peer": asdict(bp), "diffusers": asdict(bd) if bd else None,
-                             "fewstep_on_peer_grids": asdict(bg) if bg else None})
+                             "fewstep_on_peer_grids": asdict(bg) if bg else None,
+                             "metric_fewstep": gaps.get((bf.solver, n)), "metric_peer": gaps.get((bp.solver, n))})
     lines += [markdown_table(["NFE", "best fewstep (spacing)", "RMSE", "best peer (option)", "RMSE", "ratio fs/peer",
                               "best diffusers (option)", "RMSE", "ratio fs/diffusers",
                               f"best fewstep on peer grids ({', '.join(PEER_GRIDS)})", "RMSE", "ratio to best peer"], summary_rows), ""]
@@ -374,7 +440,7 @@ def oracle_section(name: str, results: list[Result], gaps: dict[tuple[str, int],
                 continue
             rows.append([s, r.source, n, r.nfe_used, r.option, _fmt(r.rmse), _fmt(gaps.get((s, n))), ""])
     lines += ["### All rows (each solver at its best option per NFE)", "",
-              markdown_table(["solver", "source", "NFE", "NFE used", "best option", "RMSE", "lik gap (nats)", "note"], rows), ""]
+              markdown_table(["solver", "source", "NFE", "NFE used", "best option", "RMSE", metric_header, "note"], rows), ""]
     t = meta["timings"]
     lines += ["Time per solver family (all options and NFEs): " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) + ".", ""]
     return lines, summary_json
@@ -392,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="gmm-d64 only, batch 64 (a few minutes at most)")
     ap.add_argument("--oracles", nargs="+", default=None, help="oracle[:batch] ... (default: gmm-d64:256 digits-gmm:256 gmm-d3072:64)")
-    ap.add_argument("--nfe", nargs="+", type=int, default=list(NFES))
+    ap.add_argument("--digits", action="store_true",
+                    help="the bundled digits networks instead of the oracles (NFE 5-20, four spacings) -> reports/quality_digits.md")
+    ap.add_argument("--models", nargs="+", default=None, help="zoo model[:batch] ... (default with --digits: digits-vp-eps:256)")
+    ap.add_argument("--nfe", nargs="+", type=int, default=None, help=f"NFE budgets (default {NFES}; with --digits {ZOO_NFES})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--presets", nargs="+", default=None, help="fewstep presets (default: all deterministic ones)")
     ap.add_argument("--no-kdiffusion", action="store_true", help="leave out the k-diffusion peers")
@@ -402,15 +471,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     quiet_diffusers()
 
-    if args.oracles:
-        oracles = []
-        for spec in args.oracles:
+    digits = args.digits or bool(args.models)
+    specs = args.models if digits else args.oracles
+    if specs:
+        targets = []
+        for spec in specs:
             nm, _, b = spec.partition(":")
-            oracles.append((nm, int(b) if b else (64 if nm == "gmm-d3072" or args.quick else 256)))
+            targets.append((nm, int(b) if b else (64 if nm == "gmm-d3072" or args.quick else 256)))
+    elif digits:
+        targets = [(nm, 64 if args.quick else b) for nm, b in ZOO_MODELS]
     else:
-        oracles = list(QUICK_ORACLES if args.quick else FULL_ORACLES)
-    nfes = tuple(sorted(set(args.nfe)))
-    out = Path(args.out) if args.out else REPORTS / ("quality_quick.md" if args.quick else "quality.md")
+        targets = list(QUICK_ORACLES if args.quick else FULL_ORACLES)
+    default_nfes = ((5, 10) if args.quick else ZOO_NFES) if digits else NFES
+    nfes = tuple(sorted(set(args.nfe or default_nfes)))
+    spacings = ZOO_SPACINGS if digits else SPACINGS
+    stem = "quality_digits" if digits else "quality"
+    out = Path(args.out) if args.out else REPORTS / (f"{stem}_quick.md" if args.quick else f"{stem}.md")
     presets, aliases, skipped = distinct_presets()
     presets = presets + list(VARIANTS)
     if args.presets:
@@ -422,28 +498,38 @@ def main(argv: list[str] | None = None) -> int:
     all_results: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     metas = {}
-    for name, batch in oracles:
-        res, gaps, meta = run_oracle(name, batch, args.seed, nfes, kdiffusion=not args.no_kdiffusion, model_mode=args.model_mode, presets=presets)
-        lines, summ = oracle_section(name, res, gaps, meta, nfes, cps, aliases)
+    metric_header = "lik gap (nats)"
+    for name, batch in targets:
+        target = make_target(name, batch, args.seed)
+        metric_header = target.metric_header
+        res, gaps, meta = run_target(target, nfes, kdiffusion=not args.no_kdiffusion, model_mode=args.model_mode,
+                                     presets=presets, spacings=spacings)
+        lines, summ = target_section(name, target.describe, target.metric_header, res, gaps, meta, nfes, cps, aliases)
         sections += lines
         summaries += summ
         metas[name] = meta
         bests = best_rows(res)
         all_results += [{**asdict(r), "best": bests.get((r.solver, r.nfe)) is r,
-                         "lik_gap": gaps.get((r.solver, r.nfe)) if bests.get((r.solver, r.nfe)) is r else None} for r in res]
+                         metric_header: gaps.get((r.solver, r.nfe)) if bests.get((r.solver, r.nfe)) is r else None} for r in res]
     wall = time.perf_counter() - t_all
 
+    command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    setup = ("Setup: the bundled digits network(s) (`fewstep.zoo.load`), on the schedule they were trained with "
+             "(digits-vp-eps: DDPM linear betas 1e-4..0.02, 1000 steps); initial noise "
+             "`fewstep.initial_noise(sched, (batch, 1, 8, 8), seed)` in float64, shared by every solver; peers query the same network "
+             "(at the time t(lambda) of the noise level they ask for); all solvers end at sigma = 0. "
+             if digits else
+             "Setup: noise schedule `fewstep.DiscreteVP.linear()` (DDPM linear betas 1e-4..0.02, 1000 steps); "
+             "model `oracle.as_model(sched)` (the exact posterior); initial noise `fewstep.initial_noise(sched, (batch, d), seed)` "
+             "in float64, shared by every solver; all solvers end at sigma = 0. ")
     head = [
-        "# Quality per NFE: fewstep presets vs diffusers and k-diffusion on exact oracles", "",
-        f"Generated by `python benchmarks/quality.py{' --quick' if args.quick else ''}` in {wall:.0f} s wall time "
-        f"({time.strftime('%Y-%m-%d %H:%M')}).", "",
+        "# Quality per NFE: fewstep presets vs diffusers and k-diffusion on "
+        + ("the bundled digits networks" if digits else "exact oracles"), "",
+        f"Generated by `{command}` in {wall:.0f} s wall time ({time.strftime('%Y-%m-%d %H:%M')}).", "",
         "Machine:", *machine_lines(), "",
-        "Setup: noise schedule `fewstep.DiscreteVP.linear()` (DDPM linear betas 1e-4..0.02, 1000 steps); "
-        "model `oracle.as_model(sched)` (the exact posterior); initial noise `fewstep.initial_noise(sched, (batch, d), seed)` "
-        "in float64, shared by every solver; all solvers end at sigma = 0. "
-        f"NFE = model evaluations per sample. Seed {args.seed}.", "",
+        setup + f"NFE = model evaluations per sample. Seed {args.seed}.", "",
         "Grid options each solver picks its best from (per NFE, by RMSE):", "",
-        f"- fewstep presets: `spacing=` {', '.join(SPACINGS)}; besides the defaults, the preset options {', '.join('`' + v + '`' for v in VARIANTS)} run as rows of their own.",
+        f"- fewstep presets: `spacing=` {', '.join(spacings)}; besides the defaults, the preset options {', '.join('`' + v + '`' for v in VARIANTS)} run as rows of their own.",
         "- diffusers schedulers: `timestep_spacing` leading / linspace / trailing, each with and without "
         "`use_karras_sigmas` where the scheduler has it (DDIM and PNDM do not; DPMSolverSinglestep has no "
         "`timestep_spacing`); options that produce an identical grid are run once. DDIM and PNDM with "
@@ -452,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         "`init_noise_sigma` as diffusers intends. Heun uses 2n - 1 calls for n steps, so at an even budget it uses one call less; "
         "PNDM uses n + 1 calls for n steps.",
         "- k-diffusion samplers (sampling.py loaded standalone): Karras (rho 7) or exponential sigmas from "
-        "sigma_min = sigma(t=0) to sigma_max = sigma(t=999) in the VE view, then 0; the denoiser is the oracle's exact "
-        "`posterior(x, 1, sigma).x0`. `dpm_fast` gets NFE - 1 evaluations plus one denoiser call to reach sigma = 0.",
+        "sigma_min = sigma(t=0) to sigma_max = sigma(t=999) in the VE view, then 0; the denoiser is the model's "
+        "x0 prediction in that view (the oracle's exact `posterior(x, 1, sigma).x0`). `dpm_fast` gets NFE - 1 evaluations plus one denoiser call to reach sigma = 0.",
         f"- Peer model queries: `--model-mode {args.model_mode}` "
         + ("(each call answered exactly at the noise level the scheduler itself assigns to that call, so only its discretisation "
            "error is measured; `--model-mode timestep` calls eps(x, t) at the scheduler's timestep instead)." if args.model_mode == "sigma"
@@ -471,9 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         if s["nfe"] in SUMMARY_NFES:
             f, p, d = s["fewstep"], s["peer"], s["diffusers"]
             hl.append([s["oracle"], s["nfe"], f"{f['solver']} ({f['option']})", _fmt(f["rmse"]), f"{p['solver']} ({p['option']})",
-                       _fmt(p["rmse"]), _ratio(f["rmse"], p["rmse"]), _ratio(f["rmse"], d["rmse"] if d else None)])
+                       _fmt(p["rmse"]), _ratio(f["rmse"], p["rmse"]), _ratio(f["rmse"], d["rmse"] if d else None),
+                       _fmt(s["metric_fewstep"]), _fmt(s["metric_peer"])])
     head += ["## Headline: NFE 5-10", "", markdown_table(
-        ["oracle", "NFE", "best fewstep", "RMSE", "best peer", "RMSE", "fs/peer", "fs/best diffusers"], hl), ""]
+        ["model", "NFE", "best fewstep", "RMSE", "best peer", "RMSE", "fs/peer", "fs/best diffusers",
+         f"{metric_header}: fewstep", f"{metric_header}: peer"], hl), ""]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(head + sections))

@@ -1,7 +1,8 @@
 """Run every benchmark and write its report into benchmarks/reports/ (what `make bench` calls).
 
-    python benchmarks/run_all.py            # full: overhead (~1 min) then quality (~15 min on 2 CPU cores)
-    python benchmarks/run_all.py --quick    # quick modes of both (~1-2 min)
+    python benchmarks/run_all.py            # full: overhead (~1 min), quality on the oracles (~15 min on
+                                            # 2 CPU cores), quality on the digits networks (~35 min)
+    python benchmarks/run_all.py --quick    # quick modes of all three (~2-3 min)
 
 The overhead benchmark runs first so that its timings are taken on an otherwise idle machine.
 Nothing here asserts on timings; the exit status is non-zero only if a benchmark crashes.
@@ -22,7 +23,7 @@ from _common import log
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the quick mode of every benchmark")
-    ap.add_argument("--only", choices=["overhead", "quality"], default=None, help="run one benchmark")
+    ap.add_argument("--only", choices=["overhead", "quality", "digits"], default=None, help="run one benchmark")
     args = ap.parse_args(argv)
     flags = ["--quick"] if args.quick else []
     t0 = time.perf_counter()
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "quality"):
         log("== quality ==")
         status |= quality.main(flags)
+    if args.only in (None, "digits"):
+        log("== quality on the digits networks ==")
+        status |= quality.main(["--digits", *flags])
     log(f"all benchmarks done in {time.perf_counter() - t0:.0f} s; reports in {_common.REPORTS}")
     return status
 

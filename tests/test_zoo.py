@@ -94,3 +94,22 @@ def test_demo_on_a_bundled_network_writes_image_grids(tmp_path):
     report = (out / "report.md").read_text()
     assert "digits-vp-eps" in report and "| unipc | 10 |" in report and "samples.png" in report
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_quality_records_its_figures_in_the_card(tmp_path):
+    from fewstep.zoo import evaluate
+
+    root = _copy(_copy(tmp_path, "digits-flow"), "digits-classifier")
+    assert evaluate.main(["digits-flow", "--root", str(root), "--n", "24", "--nfe", "4", "--write"]) == 0
+    m = zoo.card("digits-flow", root)["metrics"]
+    assert m["samples"] == 24 and m["nfe"] == 4 and m["solver"] == "unipc"
+    assert m["fd_features_ratio"] == pytest.approx(m["fd_features"] / m["train_vs_heldout"]["fd_features"])
+    assert 0.0 <= m["confidence"] <= 1.0
+    zoo.load("digits-flow", root)  # the card still matches its weights
+
+
+def test_fine_reference_starts_from_pure_noise_on_flow_models():
+    model = zoo.load("digits-flow", dtype=torch.float64)
+    x = fewstep.initial_noise(model.schedule, (2, 1, 8, 8), 0, dtype=torch.float64)
+    chk = fewstep.check_fine_reference(model, x, nfe=8)  # lambda(t_max = 1) = -inf: uniform t, not uniform lambda
+    assert "uniform_t" in chk.method and torch.isfinite(chk.solution).all() and chk.rms_change > 0

@@ -92,6 +92,10 @@ def test_training_entry_point(name, tmp_path):
     tr = card["training"]
     assert tr["steps"] == 3 and tr["seed"] == 0 and np.isfinite(tr["final_loss"]) and tr["device"] == "cpu"
     assert {"wall_s", "torch", "hyperparameters"} <= set(tr)
+    stored = safetensors_torch.load_file(str(weights))  # stored as the config says, loaded back as float32
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {getattr(torch, tr["hyperparameters"]["storage_dtype"])}
+    loaded, _ = fewstep.zoo.load_network(name, tmp_path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = torch.zeros(2, 1, 8, 8)
     if name == "digits-classifier":
         assert 0.0 <= card["metrics"]["heldout_accuracy"] <= 1.0 and "schedule" not in card

@@ -17,7 +17,7 @@ from .metrics import frechet_distance, likelihood_gap, rmse
 from .models import Model, Prediction, Threshold, batched_classifier_free_guidance, classifier_free_guidance
 from .noise import initial_noise, keyed_noise
 from .oracle import GaussianMixture, bundled_oracle
-from .reference import check_reference, reference_solution
+from .reference import check_fine_reference, check_reference, reference_solution
 from .sample import SampleInfo, sample
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule, VPSchedule
 from .solvers.plan import SolverSchedule
@@ -32,7 +32,7 @@ __all__ = [
     "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
     "ModelOutputError", "NoiseSchedule", "Prediction", "SampleInfo", "ScheduleError", "ScheduleFileError",
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "__version__",
-    "batched_classifier_free_guidance", "bundled_oracle", "check_reference", "classifier_free_guidance",
+    "batched_classifier_free_guidance", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",
     "frechet_distance", "initial_noise", "keyed_noise", "likelihood_gap", "preset", "preset_names",
     "reference_solution", "rmse", "sample", "time_grid", "zoo",
 ]

@@ -101,10 +101,16 @@ def check_reference(model: Model, x_T: torch.Tensor, *, rtol: float = 1e-10, **k
     return ReferenceCheck(fine, float(diff.abs().max()), float(diff.pow(2).mean().sqrt()), rtol / 100, f"DOP853 (rtol {rtol / 100:g})")
 
 
-def check_fine_reference(model: Model, x_T: torch.Tensor, *, nfe: int = 400, solver: str = "unipc", spacing: str = "uniform_lambda") -> ReferenceCheck:
+def check_fine_reference(model: Model, x_T: torch.Tensor, *, nfe: int = 400, solver: str = "unipc", spacing: str | None = None) -> ReferenceCheck:
     """A very fine exponential integrator (for networks, whose rough vector field makes adaptive
-    DOP853 take tiny steps): ``solver`` at ``nfe`` and at ``nfe / 2``; the change is the error bar."""
+    DOP853 take tiny steps): ``solver`` at ``nfe`` and at ``nfe / 2``; the change is the error bar.
+    ``spacing`` defaults to uniform log-SNR, or uniform t where the start is pure noise (lambda = -inf,
+    e.g. flow matching from t = 1)."""
     from .sample import sample
+
+    if spacing is None:
+        start = float(model.schedule.lambda_(float(model.schedule.t_max)))
+        spacing = "uniform_lambda" if math.isfinite(start) else "uniform_t"
 
     opts = {"spacing": spacing, "lower_order_final": False}
     coarse = sample(model, x_T, solver, nfe=nfe // 2, **opts)
