@@ -34,6 +34,19 @@ def test_unet_shapes_and_rebuild():
     assert not torch.allclose(net(x, t + 100), out)  # time conditioning reaches the output
 
 
+def test_edm_preconditioning():
+    net = nets.EDMDigitsUNet(channels=16, channel_mult=(1, 2), num_res_blocks=1, sigma_data=0.8)
+    x, sigma = torch.randn(4, 1, 8, 8), torch.tensor([0.01, 0.5, 2.0, 80.0])
+    c_skip = (0.64 / (sigma**2 + 0.64)).reshape(-1, 1, 1, 1)
+    assert torch.allclose(net(x, sigma), c_skip * x)  # F = 0 at initialisation: D = c_skip x
+    torch.nn.init.normal_(net.conv_out.weight)
+    d = net(x, sigma)
+    assert not torch.allclose(d, c_skip * x) and torch.allclose(net(x, torch.tensor(1e-6)), x, atol=1e-4)  # D -> x as sigma -> 0
+    twin = nets.build("EDMDigitsUNet", json.loads(json.dumps(net.config)))
+    twin.load_state_dict(net.state_dict())
+    assert torch.allclose(twin(x, sigma), d)
+
+
 def test_classifier_shapes():
     net = nets.build("DigitsClassifier", {"channels": 8, "features": 64})
     x = torch.randn(7, 1, 8, 8)
@@ -102,7 +115,7 @@ def test_training_entry_point(name, tmp_path):
         assert net(x).shape == (2, 10)
     else:
         sched = fewstep.schedules.schedule_from_config(card["schedule"])
-        assert card["prediction"] == {"digits-vp-eps": "eps", "digits-flow": "flow"}[name]
+        assert card["prediction"] == {"digits-vp-eps": "eps", "digits-flow": "flow", "digits-edm": "edm"}[name]
         model = fewstep.Model(lambda x, t: net(x, t), sched, card["prediction"], sample_shape=(1, 8, 8))
         x_T = fewstep.initial_noise(sched, (4, 1, 8, 8), 0)
         with torch.no_grad():

@@ -151,6 +151,30 @@ class DigitsUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class EDMDigitsUNet(DigitsUNet):
+    """:class:`DigitsUNet` inside the EDM preconditioning (Karras et al. 2022, table 1): the denoiser
+
+        D(x; sigma) = c_skip x + c_out F(c_in x, c_noise),   c_skip = sd^2 / (sigma^2 + sd^2),
+        c_out = sigma sd / sqrt(sigma^2 + sd^2),   c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = log(sigma) / 4,
+
+    with ``sd = sigma_data`` (the data's RMS). ``forward(x, sigma)`` returns D, an x0 estimate:
+    fewstep's ``prediction="edm"``.
+    """
+
+    def __init__(self, *, sigma_data: float = 0.5, **unet: Any) -> None:
+        super().__init__(**unet)
+        self.sigma_data = float(sigma_data)
+        self.config = {**self.config, "sigma_data": self.sigma_data}
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        norm = s * s + self.sigma_data**2
+        c_skip, c_out, c_in = self.sigma_data**2 / norm, s * self.sigma_data * norm.rsqrt(), norm.rsqrt()
+        return c_skip * x + c_out * super().forward(c_in * x, sigma.log() / 4)
+
+
 class DigitsClassifier(nn.Module):
     """A CNN for (B, 1, 8, 8) digits: two conv-conv-maxpool stages (8x8 -> 4x4 -> 2x2), a hidden
     linear layer of ``features`` units (the feature space of :meth:`features`) and ``num_classes`` logits.
@@ -182,7 +206,7 @@ class DigitsClassifier(nn.Module):
         return self.head(self.drop(self.body(x)))
 
 
-NETWORKS: dict[str, type[nn.Module]] = {"DigitsUNet": DigitsUNet, "DigitsClassifier": DigitsClassifier}
+NETWORKS: dict[str, type[nn.Module]] = {"DigitsUNet": DigitsUNet, "EDMDigitsUNet": EDMDigitsUNet, "DigitsClassifier": DigitsClassifier}
 
 
 def build(kind: str, config: dict[str, Any]) -> nn.Module:
