@@ -1,7 +1,7 @@
 """Run every benchmark and write its report into benchmarks/reports/ (what `make bench` calls).
 
     python benchmarks/run_all.py            # full: overhead (~1 min), quality on the oracles (~15 min on
-                                            # 2 CPU cores), quality on the digits networks (~35 min)
+                                            # 2 CPU cores), quality on the digits networks (~60 min)
     python benchmarks/run_all.py --quick    # quick modes of all three (~2-3 min)
 
 The overhead benchmark runs first so that its timings are taken on an otherwise idle machine.

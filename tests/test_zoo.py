@@ -11,7 +11,7 @@ import fewstep
 from fewstep import zoo
 from fewstep.cli import main
 
-DIFFUSION = ["digits-vp-eps", "digits-flow"]
+DIFFUSION = ["digits-vp-eps", "digits-flow", "digits-edm"]
 
 
 def test_list_names_every_bundled_model():
