@@ -157,7 +157,7 @@ def compare(
     t0 = time.perf_counter()
     _log(f"reference: converged probability-flow solve of {x_T.shape[0]} samples ({target.label}) ...")
     ref = target.reference(model, x_T)
-    _log(f"reference ({ref.method}) ready in {time.perf_counter() - t0:.1f}s; its own change from a 2x-100x coarser solve: max {ref.max_abs_change:.2e}, rms {ref.rms_change:.2e}")
+    _log(f"reference ({ref.method}) ready in {time.perf_counter() - t0:.1f}s; its change from a coarser solve (100x the tolerance, or half the NFE): max {ref.max_abs_change:.2e}, rms {ref.rms_change:.2e}")
     rows, series, grids = [], {}, {}
     # presets run at every NFE; a schedule file runs at its own NFE
     jobs = [((s, o), n) for s, o in solvers for n in (nfes if isinstance(s, str) else [s.nfe])]

@@ -35,8 +35,9 @@ __all__ = ["DigitsEvaluator", "model_quality", "main"]
 
 @dataclass
 class _Cached:
-    features: torch.Tensor
+    features: torch.Tensor  # float64, for Fréchet distances
     pixels: torch.Tensor
+    probabilities: torch.Tensor  # class probabilities (n, 10)
 
 
 class DigitsEvaluator:
@@ -51,30 +52,26 @@ class DigitsEvaluator:
         self.split = load_digits_split(seed=int(data.get("seed", 0)), heldout_fraction=float(data.get("heldout_fraction", 0.25)))
         self._heldout = self._embed(self.split.heldout_x)
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Clamp to the pixel range as a user's image would be, back in model space, (n, 1, 8, 8) float32."""
-        return to_model_space(to_images(x.detach().to(torch.float32).cpu())).reshape(-1, 1, 8, 8)
-
     def _embed(self, x: torch.Tensor) -> _Cached:
-        x = self._prepare(x)
+        """One classifier pass: features and class probabilities of the samples read as a user's
+        image would be (clamped to the pixel range, back in model space)."""
+        x = to_model_space(to_images(x.detach().to(torch.float32).cpu())).reshape(-1, 1, 8, 8)
         with torch.no_grad():
             feats = torch.cat([self.net.features(chunk.to(self.device)).cpu() for chunk in x.split(512)])
-        return _Cached(feats.to(torch.float64), x.reshape(x.shape[0], -1).to(torch.float64))
+            probs = torch.softmax(self.net.classify(feats.to(self.device)).float(), -1).cpu()
+        return _Cached(feats.to(torch.float64), x.reshape(x.shape[0], -1).to(torch.float64), probs)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (n, 10) of samples."""
-        x = self._prepare(x)
-        with torch.no_grad():
-            return torch.cat([torch.softmax(self.net(chunk.to(self.device)).float(), -1).cpu() for chunk in x.split(512)])
+        return self._embed(x).probabilities
 
     def evaluate(self, x: torch.Tensor) -> dict[str, float]:
         """``fd_features``, ``fd_pixels`` (to the held-out digits), ``confidence``, ``confident_share``, ``class_entropy_bits``."""
         if x.shape[0] < 2:
             raise ValueError(f"digit metrics need at least 2 samples, got {x.shape[0]}")
         emb = self._embed(x)
-        probs = self.probabilities(x)
-        top = probs.max(-1).values
-        hist = torch.bincount(probs.argmax(-1), minlength=10).to(torch.float64) / probs.shape[0]
+        top = emb.probabilities.max(-1).values
+        hist = torch.bincount(emb.probabilities.argmax(-1), minlength=10).to(torch.float64) / emb.probabilities.shape[0]
         entropy = float(-(hist[hist > 0] * hist[hist > 0].log2()).sum())
         return {
             "fd_features": frechet_distance(emb.features, self._heldout.features),
@@ -88,7 +85,7 @@ class DigitsEvaluator:
         """The same metrics for the real train split against the held-out split (the bar generated
         samples are measured against), and the classifier's held-out accuracy."""
         out: dict[str, Any] = self.evaluate(self.split.train_x)
-        probs = self.probabilities(self.split.heldout_x)
+        probs = self._heldout.probabilities
         out["heldout_accuracy"] = float((probs.argmax(-1) == self.split.heldout_y).to(torch.float64).mean())
         out["heldout_confidence"] = float(probs.max(-1).values.mean())
         out["n_train"], out["n_heldout"] = int(self.split.train_x.shape[0]), int(self.split.heldout_x.shape[0])

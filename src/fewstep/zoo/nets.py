@@ -201,9 +201,13 @@ class DigitsClassifier(nn.Module):
         """Penultimate activations (B, features): the space for Fréchet distances."""
         return self.body(x)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes) from :meth:`features`."""
+        return self.head(self.drop(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes)."""
-        return self.head(self.drop(self.body(x)))
+        return self.classify(self.body(x))
 
 
 NETWORKS: dict[str, type[nn.Module]] = {"DigitsUNet": DigitsUNet, "EDMDigitsUNet": EDMDigitsUNet, "DigitsClassifier": DigitsClassifier}
