@@ -3,7 +3,7 @@
 Every test drives a diffusers scheduler with the exact GMM oracle (``model.fn`` = the raw model
 output) and runs the fewstep solver schedule that is mathematically the same sampler on the same
 noise schedule (``DiscreteVP`` built from diffusers' own ``alphas_cumprod``), the same noise and the
-same time steps, then compares the final samples in float64 (relative error in norm <= 1e-5).
+same time steps, then compares the final samples in float64 (relative error in norm, bounds below).
 Where no preset has diffusers' exact configuration the test pins it as explicit ``Step`` records.
 
 diffusers keeps its noise levels in float32; the tests recompute the very same numbers in float64
@@ -11,7 +11,13 @@ diffusers keeps its noise levels in float32; the tests recompute the very same n
 the VE schedulers, whose model times are then mapped to fewstep times through
 ``t(lambda = -log sigma)``), so the comparison measures the solver maths, not rounding. The
 DPM-Solver multistep and Euler steps still cast the sample to float32 internally, which bounds
-their agreement at about 1e-7; everything else agrees to about 1e-14.
+their agreement at a few 1e-7 (``RTOL_F32``); everything else computes in float64 and agrees to
+1e-13 (``RTOL_F64``), except DPM-Solver singlestep with noise prediction, whose large steps into
+sigma_min cancel (fewstep's own float32 run of [dpmsolver-3-midpoint-6] is off by 5e-5 where
+a well-conditioned case is off by 3e-7), so float64 rounding alone reaches ~1e-12 there
+(``RTOL_F64_NOISE_SINGLESTEP``). The errors depend on torch's CPU kernels (measured maxima,
+AVX2/AVX-512 | ATEN_CPU_CAPABILITY=default: float32 class 3.63e-7 | 3.34e-7, noise singlestep
+4.1e-13 | 8.2e-13, all other float64 cases 1.7e-14 | 1.9e-14); run with ``-s`` to see them.
 
 fewstep's time ``t = -1`` is diffusers' final ``sigma = 0`` (``final_sigmas_type="zero"``,
 ``set_alpha_to_one=True``); ``t = 0`` is ``final_sigmas_type="sigma_min"`` / ``alphas_cumprod[0]``.
@@ -36,7 +42,9 @@ diffusers = pytest.importorskip("diffusers")
 # diffusers deprecates algorithm_type="dpmsolver" and numpy 2 warns inside its set_timesteps
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-RTOL = 1e-5
+RTOL_F32 = 5e-7  # diffusers casts the sample to float32 (DPMSolverMultistep, Euler)
+RTOL_F64 = 1e-13  # both compute in float64
+RTOL_F64_NOISE_SINGLESTEP = 2e-12  # float64, ill-conditioned: DPMSolverSinglestep algorithm_type="dpmsolver"
 BETAS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 NFES = [6, 10, 20]
 
@@ -85,12 +93,12 @@ def _drive(ds, model, x, model_times, n_calls=None):
     return x
 
 
-def _check(model, x_fewstep, plan, x_diffusers, n_calls):
+def _check(model, x_fewstep, plan, x_diffusers, n_calls, rtol):
     assert plan.nfe == n_calls  # the same number of model evaluations
     y = fewstep.sample(model, x_fewstep, plan)
     err = _rel(y, x_diffusers)
-    print(f"relative error {err:.3g}")  # shown with -s / -rP
-    assert err <= RTOL, (err, plan.describe())
+    print(f"relative error {err:.3g} (bound {rtol:g})")  # shown with -s / -rP
+    assert err <= rtol, (err, rtol, plan.describe())
     return err
 
 
@@ -126,11 +134,11 @@ def test_dpmpp_multistep(n, order, solver_type, small_gmm):
     times = _exact_vp_sigmas(ds)
     xd = _drive(ds, model, z.clone(), times[:-1])
     if order == 2:
-        plan = fewstep.preset("dpmpp_2m", n, sched, spacing=times, solver_type=solver_type)
+        plan = fewstep.preset("dpmpp_2m", n, sched, spacing=times, solver_type=solver_type, final_order=1)
     else:
-        plan = fewstep.preset("dpmpp_3m", n, sched, spacing=times, solver_type=solver_type, weights="published")
+        plan = fewstep.preset("dpmpp_3m", n, sched, spacing=times, solver_type=solver_type, weights="published", final_order=1)
     assert [s.order for s in plan.steps] == _dpm_multistep_orders(n, order, True, True)
-    _check(model, z, plan, xd, len(ds.timesteps))
+    _check(model, z, plan, xd, len(ds.timesteps), RTOL_F32)
 
 
 @pytest.mark.parametrize("n", NFES)
@@ -147,9 +155,9 @@ def test_dpm_solver_multistep_noise_prediction(n, solver_type, small_gmm):
     xd = _drive(ds, model, z.clone(), times[:-1])
     variant = {"midpoint": "bh2", "heun": "phi"}[solver_type]
     plan = _multistep_plan(times, _dpm_multistep_orders(n, 2, True, False), prediction="noise", variant=variant)
-    _check(model, z, plan, xd, len(ds.timesteps))
+    _check(model, z, plan, xd, len(ds.timesteps), RTOL_F32)
     if solver_type == "heun":  # = DEIS with a polynomial in lambda (exact phi weights)
-        _check(model, z, fewstep.preset("deis", n, sched, order=2, interp="lambda", spacing=times), xd, n)
+        _check(model, z, fewstep.preset("deis", n, sched, order=2, interp="lambda", spacing=times, final_order=1), xd, n, RTOL_F32)
 
 
 # ---- DPMSolverSinglestepScheduler ------------------------------------------------------------
@@ -199,7 +207,7 @@ def test_dpm_solver_singlestep(n, order, solver_type, algorithm_type, small_gmm)
     prediction = "data" if algorithm_type == "dpmsolver++" else "noise"
     plan = _singlestep_plan(sched, grid, list(ds.order_list), prediction, solver_type)
     assert max(s.order for s in plan.steps) == order
-    _check(model, z, plan, xd, len(ds.timesteps))
+    _check(model, z, plan, xd, len(ds.timesteps), RTOL_F64 if prediction == "data" else RTOL_F64_NOISE_SINGLESTEP)
 
 
 # ---- UniPCMultistepScheduler -----------------------------------------------------------------
@@ -221,9 +229,9 @@ def test_unipc(n, variant, order, corrector, small_gmm):
     assert times[-1] == (0.0 if final == "sigma_min" else -1.0)
     xd = _drive(ds, model, z.clone(), times[:-1])
     # diffusers' UniPC lowers the order on the last steps whatever the number of steps
-    plan = fewstep.preset("unipc", n, sched, order=order, variant=variant, corrector=corrector, lower_order_final=True, spacing=times)
+    plan = fewstep.preset("unipc", n, sched, order=order, variant=variant, corrector=corrector, lower_order_final=True, spacing=times, final_order=1)
     assert [s.order for s in plan.steps] == [min(order, i + 1, n - i) for i in range(n)]
-    _check(model, z, plan, xd, len(ds.timesteps))
+    _check(model, z, plan, xd, len(ds.timesteps), RTOL_F64)
 
 
 # ---- DEISMultistepScheduler ------------------------------------------------------------------
@@ -238,9 +246,9 @@ def test_deis(n, order, small_gmm):
     times = _exact_vp_sigmas(ds)
     assert times[-1] == 0.0
     xd = _drive(ds, model, z.clone(), times[:-1])
-    plan = fewstep.preset("deis", n, sched, order=order, interp="lambda", spacing=times)
+    plan = fewstep.preset("deis", n, sched, order=order, interp="lambda", spacing=times, final_order=1)
     assert [s.order for s in plan.steps] == _dpm_multistep_orders(n, order, True, False)
-    _check(model, z, plan, xd, len(ds.timesteps))
+    _check(model, z, plan, xd, len(ds.timesteps), RTOL_F64)
 
 
 # ---- PNDMScheduler (PLMS) --------------------------------------------------------------------
@@ -262,7 +270,7 @@ def test_plms(n, set_alpha_to_one, steps_offset, small_gmm):
     # Adams-Bashforth weights stay finite into sigma = 0, so the last step keeps its order, as in diffusers
     assert list(plan.times) == leading + [t_end] and plan.steps[-1].order == min(4, n)
     assert leading == sorted({float(t) for t in ds.timesteps}, reverse=True)
-    _check(model, z, plan, xd, len(ds.timesteps))
+    _check(model, z, plan, xd, len(ds.timesteps), RTOL_F64)
 
 
 # ---- Euler / Heun / LMS: the VE variable x / alpha -------------------------------------------
@@ -298,7 +306,7 @@ def test_euler(n, spacing, small_gmm):
     ds = _make(diffusers.EulerDiscreteScheduler, timestep_spacing=spacing)
     sched, model, x_ve, x_fs, model_times, grid = _ve_setup(ds, small_gmm, n)
     xd = _drive(ds, model, x_ve, model_times)
-    _check(model, x_fs, fewstep.preset("euler", n, sched, spacing=grid), xd, len(ds.timesteps))
+    _check(model, x_fs, fewstep.preset("euler", n, sched, spacing=grid), xd, len(ds.timesteps), RTOL_F32)
 
 
 @pytest.mark.parametrize("n", NFES)
@@ -309,7 +317,7 @@ def test_heun(n, spacing, small_gmm):
     sched, model, x_ve, x_fs, model_times, grid = _ve_setup(ds, small_gmm, n)
     xd = _drive(ds, model, x_ve, model_times)
     assert len(grid) == n + 1 and len(ds.timesteps) == 2 * n - 1
-    _check(model, x_fs, fewstep.preset("heun", 2 * n - 1, sched, spacing=grid), xd, len(ds.timesteps))
+    _check(model, x_fs, fewstep.preset("heun", 2 * n - 1, sched, spacing=grid), xd, len(ds.timesteps), RTOL_F64)
 
 
 @pytest.mark.parametrize("n", NFES)
@@ -323,7 +331,7 @@ def test_lms(n, spacing, small_gmm):
     xd = _drive(ds, model, x_ve, model_times)
     plan = fewstep.preset("lms", n, sched, spacing=grid)
     assert [s.order for s in plan.steps] == [min(4, i + 1) for i in range(n)]
-    _check(model, x_fs, plan, xd, n)
+    _check(model, x_fs, plan, xd, n, RTOL_F64)
 
 
 # ---- IPNDMScheduler --------------------------------------------------------------------------
@@ -360,4 +368,4 @@ def test_ipndm_multistep_part(n, small_gmm):
     steps += [Step(order=min(4, i + 1), prediction="noise", variant="adams", uniform_nodes=True) for i in range(1, n)]
     plan = fewstep.preset("ipndm", n, sched, spacing=times)
     assert plan.steps == tuple(steps)
-    _check(model, z, plan, xd, n)
+    _check(model, z, plan, xd, n, RTOL_F64)

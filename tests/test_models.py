@@ -93,7 +93,7 @@ def test_nan_output_is_caught():
 
 
 def test_unknown_prediction_type():
-    with pytest.raises(fewstep.ModelOutputError, match="banana"):
+    with pytest.raises(fewstep.ArgumentError, match="banana"):
         fewstep.Model(lambda x, t: x, fewstep.EDM(), "banana")  # type: ignore[arg-type]
 
 

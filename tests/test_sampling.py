@@ -120,11 +120,9 @@ def test_callback_sees_every_grid_state(small_gmm):
 @pytest.mark.parametrize("spacing", ["uniform_t", "quadratic", "uniform_lambda", "karras"])
 def test_grids_are_decreasing_and_end_at_clean(spacing, any_schedule):
     if float(any_schedule.alpha(any_schedule.t_max)) == 0.0 and spacing in ("uniform_lambda", "karras"):
-        with pytest.raises(fewstep.ScheduleError, match="finite log-SNR"):
-            fewstep.time_grid(any_schedule, 8, spacing)
+        # noise-level spacings leave the pure-noise start the way they reach the clean end
         ts = fewstep.time_grid(any_schedule, 8, spacing, t_start=0.99)
         assert ts[0] == 0.99 and ts[-1] == any_schedule.t_clean and np.all(np.diff(ts) < 0)
-        return
     ts = fewstep.time_grid(any_schedule, 8, spacing)
     assert len(ts) == 9 and np.all(np.diff(ts) < 0)
     assert ts[0] == any_schedule.t_max and ts[-1] == any_schedule.t_clean

@@ -1,14 +1,18 @@
 """Solver schedules as JSON: round trips (hypothesis), hand edits, and malformed files."""
 
+import dataclasses
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fewstep
 from fewstep import SolverSchedule, Step
 from fewstep.errors import ScheduleFileError, SolverError
+from fewstep.solvers.plan import FORMAT, FORMAT_VERSION
+from fewstep.solvers.strategy import INTERPS, MAX_ORDER, METHODS, PREDICTIONS
+from fewstep.solvers.strategy import VARIANTS as ALL_VARIANTS
 
 VARIANTS = ["phi", "bh1", "bh2", "dpm3m", "adams"]
 
@@ -52,19 +56,153 @@ def test_json_round_trip(plan):
     assert back == plan and back.meta == plan.meta and back.nfe == plan.nfe
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
-                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=5), max_leaves=20))
-def test_loader_rejects_arbitrary_json_with_a_clear_error(obj):
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _list_of(ok):
+    return lambda v: isinstance(v, list) and all(ok(x) for x in v)
+
+
+def _one_of(options):
+    return lambda v: isinstance(v, str) and v in options
+
+
+def _or_none(ok):
+    return lambda v: v is None or ok(v)
+
+
+# The file format's contract for each field's value taken alone. A file that breaks it anywhere must
+# be rejected; one that meets it may still be rejected for how its fields combine (times not
+# decreasing, a history the step's order cannot use, ...), or load.
+TOP_CONTRACT = {
+    "format": lambda v: v == FORMAT,
+    "version": lambda v: _integer(v) and v == FORMAT_VERSION,
+    "name": lambda v: isinstance(v, str),
+    "schedule": _or_none(lambda v: isinstance(v, str)),
+    "meta": lambda v: isinstance(v, dict),
+    "times": _list_of(_number),
+    "steps": lambda v: _list_of(lambda x: isinstance(x, dict))(v) and len(v) >= 1,
+}
+REQUIRED = ("format", "version", "times", "steps")
+STEP_CONTRACT = {
+    "order": lambda v: _integer(v) and 1 <= v <= MAX_ORDER,
+    "prediction": _one_of(PREDICTIONS),
+    "method": _one_of(METHODS),
+    "variant": _one_of(ALL_VARIANTS),
+    "interp": _one_of(INTERPS),
+    "history": _list_of(_integer),
+    "uniform_nodes": lambda v: isinstance(v, bool),
+    "stages": _list_of(_number),
+    "stage_variant": _or_none(_one_of(ALL_VARIANTS)),
+    "final_nodes": _or_none(_list_of(_integer)),
+    "corrector": lambda v: _integer(v) and v >= 0,
+    "corrector_variant": _or_none(_one_of(ALL_VARIANTS)),
+    "renoise": lambda v: _number(v) and 0.0 <= v <= 1.0,
+}
+
+
+def _violations(obj):
+    """Where ``obj`` breaks the per-field contract (empty: it may load)."""
+    if not isinstance(obj, dict):
+        return ["<not an object>"]
+    bad = [k for k in REQUIRED if k not in obj]
+    bad += [k for k, v in obj.items() if k not in TOP_CONTRACT or not TOP_CONTRACT[k](v)]
+    if not bad:
+        if len(obj["times"]) != len(obj["steps"]) + 1:
+            bad.append("len(times) != len(steps) + 1")
+        for i, step in enumerate(obj["steps"]):
+            bad += [f"steps[{i}].{k}" for k, v in step.items() if k not in STEP_CONTRACT or not STEP_CONTRACT[k](v)]
+    return bad
+
+
+def _check_loader(obj):
+    """The loader's contract for any input: ScheduleFileError, or a SolverSchedule that is the input
+    and round-trips (as a dict and as JSON); an input that breaks a field's contract is rejected.
+    Any other exception propagates and fails the test. Returns the plan or None."""
+    bad = _violations(obj)
     try:
-        SolverSchedule.from_dict(obj)
+        plan = SolverSchedule.from_dict(obj)
     except ScheduleFileError:
-        pass
+        return None
+    assert not bad, f"accepted a file that breaks the contract at {bad}: {obj!r}"
+    assert plan.times == tuple(float(t) for t in obj["times"])
+    assert (plan.name, plan.schedule, plan.meta) == (obj.get("name", "custom"), obj.get("schedule"), obj.get("meta", {}))
+    for step, given_fields in zip(plan.steps, obj["steps"], strict=True):
+        loaded = step.to_dict()
+        derived = {"history": [], "stages": []}  # empty: the order's default nodes
+        assert all(loaded[k] == v for k, v in given_fields.items() if derived.get(k, ...) != v), (loaded, given_fields)
+    back = SolverSchedule.from_dict(plan.to_dict())
+    assert back == plan and back.meta == plan.meta
+    again = SolverSchedule.from_json(plan.to_json())
+    assert again == plan and again.meta == plan.meta
+    return plan
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=5), max_leaves=20)
+
+
+@st.composite
+def near_schedules(draw):
+    """Objects with the right format and version and small, often valid, fields, so that the checks
+    behind the first ones and the load-and-round-trip branch are exercised too."""
+    n = draw(st.integers(1, 3))
+    times = draw(st.lists(st.integers() | st.floats(allow_nan=False), min_size=n + 1, max_size=n + 1, unique=True))
+    if draw(st.integers(0, 3)):
+        times = sorted(times, reverse=True)
+    step_value = JSON_VALUES | st.integers(0, 4) | st.sampled_from(["data", "noise", "singlestep", "bh2", "t"])
+    steps = [draw(st.dictionaries(st.sampled_from(sorted(STEP_CONTRACT) + ["wings"]), step_value, max_size=2)) for _ in range(n)]
+    obj = {"format": FORMAT, "version": FORMAT_VERSION, "times": times, "steps": steps}
+    optional = {"name": st.text(max_size=6), "schedule": st.none() | st.text(max_size=6),
+                "meta": st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=3)}
+    for key, values in optional.items():
+        if draw(st.booleans()):
+            obj[key] = draw(values)
+    if not draw(st.integers(0, 3)):  # one field (or an unknown one) replaced by anything
+        obj[draw(st.sampled_from(sorted(obj) + ["surprise"]))] = draw(JSON_VALUES)
+    return obj
+
+
+def _file(**fields):
+    return {"format": FORMAT, "version": FORMAT_VERSION, "times": [1.0, 0.0], "steps": [{}], **fields}
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES | near_schedules())
+# what a JSON file can hold beyond the random search's reach: integers too large for a float
+# (``1`` followed by 400 zeros is valid JSON and parses to an int), and 1e400, which parses to inf
+@example(_file(times=[10**400, 0]))
+@example(_file(steps=[{"stages": [10**400]}]))
+@example(_file(steps=[{"renoise": 10**400}]))
+@example(_file(meta={"a": float("inf")}))
+def test_loader_rejects_arbitrary_json_with_a_clear_error(obj):
+    _check_loader(obj)
+
+
+def test_loader_rejects_oversized_integer_literals_with_a_clear_error():
+    """Valid JSON that Python's json refuses to parse: integer literals over 4300 digits raise a
+    plain ValueError (not JSONDecodeError) from json.loads."""
+    huge = "1" * 5000
+    for text in (huge, '{"format": "%s", "version": 1, "times": [%s, 0], "steps": [{}]}' % (FORMAT, huge)):
+        with pytest.raises(ScheduleFileError):
+            SolverSchedule.from_json(text)
 
 
 def _valid_dict():
     sched = fewstep.DiscreteVP.linear()
     return fewstep.preset("unipc", 6, sched).to_dict()
+
+
+def test_contract_covers_every_field():
+    d = _valid_dict()
+    assert set(TOP_CONTRACT) == set(d) and set(STEP_CONTRACT) == {f.name for f in dataclasses.fields(Step)}
+    assert not _violations(d) and _check_loader(d) is not None
 
 
 @settings(max_examples=300, deadline=None)
@@ -80,10 +218,39 @@ def test_loader_rejects_corrupted_fields_with_a_clear_error(data):
         step = d["steps"][data.draw(st.integers(0, len(d["steps"]) - 1))]
         key = data.draw(st.sampled_from(sorted(step) + ["surprise"]))
         step[key] = junk
-    try:
-        SolverSchedule.from_dict(json.loads(json.dumps(d, allow_nan=True)))
-    except ScheduleFileError:
-        pass
+    obj = json.loads(json.dumps(d, allow_nan=True))
+    if _violations(obj):
+        with pytest.raises(ScheduleFileError):
+            SolverSchedule.from_dict(obj)
+    else:
+        _check_loader(obj)
+
+
+@pytest.mark.parametrize(
+    "mutate,loads",
+    [
+        (lambda d: d.update(meta={}), True),
+        (lambda d: d.update(name="ab"), True),
+        (lambda d: d.update(schedule=None), True),
+        (lambda d: d["steps"][2].update(variant="bh1"), True),
+        (lambda d: d.update(version=True), False),
+        (lambda d: d.update(version=1.0), False),
+        (lambda d: d.update(times=d["times"][:-1]), False),
+        (lambda d: d.update(times=[1, 0]), False),
+        (lambda d: d["steps"][0].update(uniform_nodes=0), False),
+        (lambda d: d["steps"][0].update(order=True), False),
+        (lambda d: d["steps"][0].update(surprise=None), False),
+    ],
+)
+def test_loader_contract_examples(mutate, loads):
+    d = _valid_dict()
+    mutate(d)
+    assert bool(_violations(d)) is not loads
+    if loads:
+        assert _check_loader(d) is not None
+    else:
+        with pytest.raises(ScheduleFileError):
+            SolverSchedule.from_dict(d)
 
 
 def test_preset_dump_edit_load(tmp_path):

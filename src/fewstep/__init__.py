@@ -12,7 +12,7 @@ if "torch" not in _sys.modules:
     # of microseconds. Passive waiting is the default here unless the user chose otherwise.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .errors import FewstepError, ModelOutputError, ScheduleError, ScheduleFileError, ShapeError, SolverError
+from .errors import ArgumentError, FewstepError, ModelOutputError, ScheduleError, ScheduleFileError, ShapeError, SolverError
 from .metrics import frechet_distance, likelihood_gap, rmse
 from .models import Model, Prediction, Threshold, batched_classifier_free_guidance, classifier_free_guidance
 from .noise import initial_noise, keyed_noise
@@ -21,18 +21,19 @@ from .reference import check_fine_reference, check_reference, reference_solution
 from .sample import SampleInfo, sample
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule, VPSchedule
 from .solvers.plan import SolverSchedule
-from .solvers.presets import preset, preset_names
+from .solvers.presets import preset, preset_names, preset_options
 from .solvers.strategy import Step
 from .timesteps import time_grid
+from .defaults import default_solver, default_spacing
 from . import zoo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
+    "ArgumentError", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
     "ModelOutputError", "NoiseSchedule", "Prediction", "SampleInfo", "ScheduleError", "ScheduleFileError",
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "__version__",
-    "batched_classifier_free_guidance", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",
-    "frechet_distance", "initial_noise", "keyed_noise", "likelihood_gap", "preset", "preset_names",
+    "batched_classifier_free_guidance", "default_solver", "default_spacing", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",
+    "frechet_distance", "initial_noise", "keyed_noise", "likelihood_gap", "preset", "preset_names", "preset_options",
     "reference_solution", "rmse", "sample", "time_grid", "zoo",
 ]

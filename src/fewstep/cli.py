@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import __version__
+from .errors import ArgumentError, FewstepError
 from .metrics import frechet_distance, likelihood_gap, rmse
 from .noise import initial_noise
 from .oracle import ORACLES, bundled_oracle
@@ -53,23 +54,28 @@ def _parse_value(text: str) -> object:
         return text
 
 
-def parse_solver_arg(value: str) -> tuple[str | SolverSchedule, dict[str, object]]:
-    """``name``, ``name:key=value,key=value`` (preset options) or a schedule ``.json`` file."""
+def parse_solver_arg(value: str) -> tuple[str | SolverSchedule | None, dict[str, object]]:
+    """``name``, ``name:key=value,key=value`` (preset options), ``default`` (the measured default
+    solver and grid for the model's schedule) or a schedule ``.json`` file."""
     if value.endswith(".json") or Path(value).is_file():
         return SolverSchedule.load(value), {}
+    if value == "default":
+        return None, {}
     name, _, opts = value.partition(":")
     options: dict[str, object] = {}
     for item in filter(None, opts.split(",")):
         key, eq, val = item.partition("=")
         if not eq:
-            raise ValueError(f"preset option {item!r} must look like key=value")
+            raise ArgumentError(f"preset option {item!r} must look like key=value")
         options[key] = _parse_value(val)
     return name, options
 
 
-def _label(solver: str | SolverSchedule, options: dict[str, object]) -> str:
+def _label(solver: str | SolverSchedule | None, options: dict[str, object]) -> str:
     if isinstance(solver, SolverSchedule):
         return solver.name
+    if solver is None:
+        return "default"
     return solver + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
 
 
@@ -160,17 +166,21 @@ def compare(
     _log(f"reference ({ref.method}) ready in {time.perf_counter() - t0:.1f}s; its change from a coarser solve (100x the tolerance, or half the NFE): max {ref.max_abs_change:.2e}, rms {ref.rms_change:.2e}")
     rows, series, grids = [], {}, {}
     # presets run at every NFE; a schedule file runs at its own NFE
-    jobs = [((s, o), n) for s, o in solvers for n in (nfes if isinstance(s, str) else [s.nfe])]
+    jobs = [((s, o), n) for s, o in solvers for n in (nfes if not isinstance(s, SolverSchedule) else [s.nfe])]
     for (solver, options), n in tqdm(jobs, desc="solvers", unit="run"):
         label = _label(solver, options)
         opts = dict(options)
-        if spacing and isinstance(solver, str):
+        if spacing and not isinstance(solver, SolverSchedule):
             opts.setdefault("spacing", spacing)
         try:
-            x, info = sample(model, x_T, solver, nfe=n if isinstance(solver, str) else None, return_info=True, seed=seed, **opts)
-        except Exception as exc:  # a preset that cannot run at this NFE is reported, not fatal
-            rows.append([label, n, "n/a", *["n/a"] * len(target.headers), str(exc)[:60]])
+            x, info = sample(model, x_T, solver, nfe=None if isinstance(solver, SolverSchedule) else n, return_info=True, seed=seed, **opts)
+        except FewstepError as exc:  # a solver that cannot run as asked is reported with the reason; bugs propagate
+            why = f"{type(exc).__name__}: {exc}"
+            _log(f"{label} at NFE {n} did not run: {why}")
+            rows.append([label, n, "n/a", *["n/a"] * len(target.headers), why])
             continue
+        if solver is None:
+            label = f"default ({info.plan.name}, {info.plan.meta.get('spacing', '?')})"
         err = rmse(x, ref.solution)
         rows.append([label, info.nfe, err, *target.metrics(x), ""])
         series.setdefault(label, ([], []))
@@ -201,7 +211,7 @@ def compare(
 
 def _use_zoo(args: argparse.Namespace) -> bool:
     if args.model and args.oracle:
-        raise ValueError("give --model (a bundled network) or --oracle (an exact oracle), not both")
+        raise ArgumentError("give --model (a bundled network) or --oracle (an exact oracle), not both")
     if not args.model and not args.oracle:
         args.model, args.oracle = (DEMO_MODEL, None) if args.command == "demo" else (None, "gmm-d64")
     return bool(args.model)
@@ -246,9 +256,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         model = oracle.as_model(SCHEDULES[args.schedule]())
         x_T = initial_noise(model.schedule, (args.batch, oracle.dim), args.seed)
     solver, opts = parse_solver_arg(args.solver)
-    if args.spacing and isinstance(solver, str):
+    if args.spacing and not isinstance(solver, SolverSchedule):
         opts.setdefault("spacing", args.spacing)
-    x, info = sample(model, x_T, solver, nfe=args.nfe if isinstance(solver, str) else None, progress=True, return_info=True, seed=args.seed, **opts)
+    x, info = sample(model, x_T, solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe, progress=True, return_info=True, seed=args.seed, **opts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
@@ -289,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples with a preset or a schedule file; save them (in the data's own scale) as .npy")
     common(s, 16)
-    s.add_argument("--solver", default="ddim", help="preset name (name:key=value,... for options) or schedule .json file")
+    s.add_argument("--solver", default="default", help="'default' (the measured default for the model's schedule), a preset name (name:key=value,... for options) or a schedule .json file")
     s.add_argument("--nfe", type=int, default=10)
     s.add_argument("--out", default="reports/samples.npy")
     s.add_argument("--save-schedule", default=None, help="also write the solver schedule used as JSON")
@@ -301,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (FewstepError, OSError) as exc:
         print(f"fewstep: error: {exc}", file=sys.stderr)
         return 2
 

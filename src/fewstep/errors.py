@@ -8,6 +8,10 @@ class FewstepError(ValueError):
     """Base class of fewstep's input errors."""
 
 
+class ArgumentError(FewstepError):
+    """An argument has a wrong type or value, or an option is unknown (the message lists the valid ones)."""
+
+
 class ScheduleError(FewstepError):
     """A noise schedule or time grid is malformed (unknown name, out of range, not monotone)."""
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import ShapeError
+
 __all__ = ["rmse", "likelihood_gap", "frechet_distance", "gaussian_fit"]
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Per-sample RMS over dimensions, averaged over the batch: ``mean_b sqrt(mean_d (x - ref)^2)``."""
     if x.shape != ref.shape:
-        raise ValueError(f"rmse: shapes differ {tuple(x.shape)} vs {tuple(ref.shape)}")
+        raise ShapeError(f"rmse: shapes differ {tuple(x.shape)} vs {tuple(ref.shape)}")
     d = (x.to(torch.float64) - ref.to(torch.float64)).reshape(x.shape[0], -1)
     return float(d.pow(2).mean(1).sqrt().mean())
 

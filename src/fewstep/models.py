@@ -22,7 +22,8 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from .errors import ModelOutputError, ShapeError
+from .errors import ArgumentError, ModelOutputError, ShapeError, SolverError
+from .finite import FiniteGuard, all_finite
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -47,13 +48,6 @@ class Prediction(NamedTuple):
 
     x0: torch.Tensor
     eps: torch.Tensor
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN/Inf in ``x``: one reduction, confirmed element-wise only if the sum is not finite
-    (which a float overflow of finite values can also cause)."""
-    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return math.isfinite(float(total)) or bool(torch.isfinite(x).all())
 
 
 def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -131,9 +125,9 @@ class Threshold:
 
     def __post_init__(self) -> None:
         if self.kind not in ("static", "dynamic"):
-            raise ValueError(f"threshold kind must be 'static' or 'dynamic', got {self.kind!r}")
+            raise ArgumentError(f"Threshold kind must be 'static' or 'dynamic', got {self.kind!r}")
         if not (self.max_value > 0) or not (0 < self.ratio <= 1):
-            raise ValueError("threshold needs max_value > 0 and 0 < ratio <= 1")
+            raise ArgumentError(f"Threshold needs max_value > 0 and 0 < ratio <= 1, got max_value={self.max_value!r}, ratio={self.ratio!r}")
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         if self.kind == "static":
@@ -175,6 +169,11 @@ class Model:
 
     ``calls`` counts invocations of ``fn`` and ``evaluations`` counts sample rows evaluated (exact NFE
     accounting: NFE per sample = ``evaluations / batch``).
+
+    ``check_finite``: NaN/Inf in an output raise :class:`~fewstep.ModelOutputError`. On the CPU each
+    output is checked at once; on an accelerator the check stays on the device and the host looks
+    once, at the end of each :func:`~fewstep.sample` call (no synchronisation per model call), or
+    every ``k`` calls with ``check_finite=k``; ``False`` turns it off (see :mod:`fewstep.finite`).
     """
 
     def __init__(
@@ -190,14 +189,16 @@ class Model:
         to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if prediction not in PREDICTION_TYPES:
-            raise ModelOutputError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
+            raise ArgumentError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
         if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a fewstep NoiseSchedule, got {type(schedule).__name__}")
+            raise ArgumentError(f"schedule must be a fewstep NoiseSchedule, got {type(schedule).__name__}")
+        if not callable(fn):
+            raise ArgumentError(f"the model function must be callable fn(x, t), got {type(fn).__name__}")
         self.fn = fn
         self.schedule = schedule
         self.prediction = prediction
         self.threshold = threshold
-        self.check_finite = check_finite
+        self.guard = FiniteGuard(check_finite)
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.sample_shape = sample_shape
         self._to_images = to_images
@@ -213,8 +214,17 @@ class Model:
         self.calls = 0
         self.evaluations = 0
 
-    def _call(self, x: torch.Tensor, xin: torch.Tensor, tin: torch.Tensor, t_lo: float, t_hi: float) -> torch.Tensor:
-        """Call ``fn`` once and validate its output (type, shape, finiteness); count the call."""
+    @property
+    def check_finite(self) -> bool | int:
+        return self.guard.interval or self.guard.enabled
+
+    @check_finite.setter
+    def check_finite(self, mode: bool | int) -> None:
+        self.guard = FiniteGuard(mode)
+
+    def _call(self, x: torch.Tensor, xin: torch.Tensor, tin: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Call ``fn`` once and validate its output (type, shape, finiteness); count the call.
+        ``t`` (a number or a per-sample tensor) is only read if the output is not finite."""
         out = self.fn(xin, tin)
         self.calls += 1
         self.evaluations += x.shape[0]
@@ -224,11 +234,16 @@ class Model:
             raise ModelOutputError(
                 f"model {self.name!r} returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}"
             )
-        if self.check_finite and not all_finite(out):
-            n_bad = int((~torch.isfinite(out)).sum())
-            raise ModelOutputError(
-                f"model {self.name!r} returned {n_bad} NaN/Inf values at t in [{t_lo:.6g}, {t_hi:.6g}] (call {self.calls})"
+        call = self.calls
+
+        def error(bad: torch.Tensor | None) -> ModelOutputError:
+            tt = torch.as_tensor(t, dtype=torch.float64)
+            what = f"{int((~torch.isfinite(bad)).sum())} NaN/Inf values" if bad is not None else "NaN/Inf values"
+            return ModelOutputError(
+                f"model {self.name!r} returned {what} at t in [{float(tt.min()):.6g}, {float(tt.max()):.6g}] (call {call})"
             )
+
+        self.guard.check(out, error)
         return out.to(x.dtype)
 
     def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -239,7 +254,7 @@ class Model:
         alpha, sigma = self.schedule._alpha(t), self.schedule._sigma(t)
         xin = x / _bcast(alpha, x) if self.prediction == "edm" else x
         tin = (sigma / alpha if self.prediction == "edm" else t).to(device=x.device, dtype=self._input_dtype(x))
-        return self._call(x, xin, tin, float(t.min()), float(t.max()))
+        return self._call(x, xin, tin, t)
 
     def output(self, x: torch.Tensor, t: float, alpha: float, sigma: float) -> torch.Tensor:
         """The raw output at one time ``t`` for the whole batch, given that time's ``alpha`` and
@@ -247,7 +262,7 @@ class Model:
         xin = x * (1.0 / alpha) if self.prediction == "edm" else x
         tval = sigma / alpha if self.prediction == "edm" else t
         tin = torch.full((x.shape[0],), tval, dtype=self._input_dtype(x), device=x.device)
-        return self._call(x, xin, tin, t, t)
+        return self._call(x, xin, tin, t)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor | float) -> Prediction:
         """``(x0, eps)`` at samples ``x`` (B, ...) and times ``t`` (scalar or (B,))."""

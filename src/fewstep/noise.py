@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from .errors import ShapeError
+
 __all__ = ["noise_seed", "keyed_noise", "initial_noise"]
 
 
@@ -35,7 +37,7 @@ def keyed_noise(
     shape = tuple(int(s) for s in shape)
     idx = list(range(shape[0])) if indices is None else [int(i) for i in torch.as_tensor(indices).tolist()]
     if len(idx) != shape[0]:
-        raise ValueError(f"{len(idx)} sample indices for a batch of {shape[0]}")
+        raise ShapeError(f"{len(idx)} sample indices for a batch of {shape[0]}")
     rows = []
     for i in idx:
         g = torch.Generator().manual_seed(noise_seed(seed, i, step))

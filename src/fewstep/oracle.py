@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ShapeError
+from .errors import ArgumentError, ShapeError
 from .models import Model, Prediction, from_prediction
 from .schedules import NoiseSchedule
 
@@ -77,7 +77,7 @@ class GaussianMixture:
         if w.shape != (k,) or dg.shape != (k, d):
             raise ShapeError(f"weights must be ({k},) and diag ({k}, {d}); got {tuple(w.shape)}, {tuple(dg.shape)}")
         if bool((w <= 0).any()) or bool((dg <= 0).any()):
-            raise ValueError("mixture weights and diagonal variances must be positive")
+            raise ArgumentError("mixture weights and diagonal variances must be positive")
         u = torch.zeros(k, d, 0, dtype=torch.float64) if factors is None else torch.as_tensor(factors, dtype=torch.float64)
         if u.ndim != 3 or u.shape[:2] != (k, d):
             raise ShapeError(f"factors must be ({k}, {d}, r), got {tuple(u.shape)}")
@@ -120,7 +120,7 @@ class GaussianMixture:
         covs = torch.as_tensor(covs, dtype=torch.float64)
         evals, evecs = torch.linalg.eigh(0.5 * (covs + covs.transpose(-1, -2)))
         if bool((evals <= 0).any()):
-            raise ValueError("covariances must be positive definite")
+            raise ArgumentError("covariances must be positive definite")
         delta = 0.5 * evals.min(dim=-1).values  # (K,)
         factors = evecs * torch.sqrt(evals - delta[:, None]).unsqueeze(-2)
         diag = delta[:, None].expand(-1, covs.shape[-1]).clone()
@@ -289,5 +289,5 @@ ORACLES = {
 def bundled_oracle(name: str = "gmm-d64") -> GaussianMixture:
     """One of the bundled oracle mixtures: ``gmm-d2``, ``gmm-d64``, ``gmm-d3072``, ``digits-gmm``."""
     if name not in ORACLES:
-        raise ValueError(f"unknown oracle {name!r}; known: {sorted(ORACLES)}")
+        raise ArgumentError(f"unknown oracle {name!r}; known: {sorted(ORACLES)}")
     return ORACLES[name]()

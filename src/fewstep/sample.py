@@ -8,11 +8,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import ShapeError, SolverError
-from .models import Model, all_finite, prediction_coefficients
+from .errors import ArgumentError, ShapeError, SolverError
+from .models import Model, prediction_coefficients
 from .noise import keyed_noise
 from .solvers.compile import Combine, CompiledPlan, Evaluate, compile_plan
-from .solvers.plan import SolverSchedule, schedule_fingerprint
+from .solvers.plan import SolverSchedule, schedule_identity
+from .defaults import default_solver
 from .solvers.presets import preset
 
 __all__ = ["sample", "run_plan", "SampleInfo", "resolve_plan", "clear_plan_cache"]
@@ -136,11 +137,17 @@ def run_plan(
 
 def resolve_plan(
     model: Model,
-    solver: str | SolverSchedule,
+    solver: str | SolverSchedule | None,
     nfe: int | None,
     options: dict[str, Any],
 ) -> SolverSchedule:
-    """A preset name (with ``nfe`` and grid options) or a ready :class:`SolverSchedule`."""
+    """A preset name (with ``nfe`` and grid options), a ready :class:`SolverSchedule`, or ``None``:
+    the measured default for the model's noise schedule (:func:`fewstep.default_solver`)."""
+    if solver is None:
+        if nfe is None:
+            raise ArgumentError("give nfe= (model evaluations per sample), or a solver schedule")
+        name, defaults = default_solver(model.schedule)
+        return preset(name, nfe, model.schedule, **{**defaults, **options})
     if isinstance(solver, SolverSchedule):
         if nfe is not None and nfe != solver.nfe:
             raise SolverError(f"nfe={nfe} was given but the solver schedule {solver.name!r} uses {solver.nfe}")
@@ -148,7 +155,7 @@ def resolve_plan(
             raise SolverError(f"grid options {sorted(options)} apply to presets, not to a ready solver schedule")
         return solver
     if not isinstance(solver, str):
-        raise TypeError(f"solver must be a preset name or a SolverSchedule, got {type(solver).__name__}")
+        raise ArgumentError(f"solver must be a preset name or a SolverSchedule, got {type(solver).__name__}")
     if nfe is None:
         raise SolverError(f"preset {solver!r} needs nfe=")
     return preset(solver, nfe, model.schedule, **options)
@@ -158,12 +165,12 @@ _COMPILED: OrderedDict[tuple[Any, ...], tuple[SolverSchedule, CompiledPlan]] = O
 _COMPILED_MAX = 64
 
 
-def _prepare(model: Model, solver: str | SolverSchedule, nfe: int | None, options: dict[str, Any]) -> tuple[SolverSchedule, CompiledPlan]:
+def _prepare(model: Model, solver: str | SolverSchedule | None, nfe: int | None, options: dict[str, Any]) -> tuple[SolverSchedule, CompiledPlan]:
     """Build and compile the plan; a preset with hashable options is compiled once per noise
     schedule and reused (a pipeline calls ``sample`` with the same solver batch after batch)."""
     key: tuple[Any, ...] | None = None
-    if isinstance(solver, str):
-        key = (solver, nfe, tuple(sorted(options.items())), schedule_fingerprint(model.schedule))
+    if solver is None or isinstance(solver, str):
+        key = (solver, nfe, tuple(sorted(options.items())), schedule_identity(model.schedule))
         try:
             hash(key)
         except TypeError:  # e.g. an explicit list of times
@@ -194,14 +201,29 @@ def _check_input(model: Model, x_T: torch.Tensor) -> None:
         raise ShapeError(f"x_T must be shaped (batch, ...) with batch >= 1, got {tuple(x_T.shape)}")
     if model.sample_shape is not None and tuple(x_T.shape[1:]) != tuple(model.sample_shape):
         raise ShapeError(f"model {model.name!r} takes samples of shape (batch, {', '.join(map(str, model.sample_shape))}), got {tuple(x_T.shape)}")
-    if not all_finite(x_T):
-        raise ShapeError("x_T contains NaN or Inf")
+    model.guard.check(x_T, lambda _: ShapeError("x_T contains NaN or Inf"))
+
+
+def _check_evaluable(model: Model, plan: CompiledPlan) -> None:
+    """Refuse, before any model call, a plan that evaluates the model where its parameterisation
+    cannot be converted: ``eps`` / ``score`` / ``edm`` models at alpha = 0 (the pure-noise end of a
+    flow schedule), where ``x0 = (x - sigma eps) / alpha`` is undefined."""
+    if model.prediction not in ("eps", "score", "edm"):
+        return
+    for op in plan.ops:
+        if isinstance(op, Evaluate) and not op.alpha > 0.0:
+            raise SolverError(
+                f"a {model.prediction!r}-prediction model cannot be evaluated at t = {op.t:g}, where alpha = 0 "
+                f"(pure noise of {model.schedule!r}): its x0 = (x - sigma eps) / alpha is undefined there. "
+                "Start below the pure-noise end (t_start < t_max, or a grid whose first time has alpha > 0), "
+                "or wrap a model that predicts x0, v or the flow velocity"
+            )
 
 
 def sample(
     model: Model,
     x_T: torch.Tensor,
-    solver: str | SolverSchedule = "ddim",
+    solver: str | SolverSchedule | None = None,
     *,
     nfe: int | None = None,
     callback: Callback | None = None,
@@ -209,26 +231,46 @@ def sample(
     return_info: bool = False,
     seed: int | None = None,
     sample_indices: Sequence[int] | torch.Tensor | None = None,
+    grad: bool = False,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Sample from ``model`` starting at noise ``x_T`` (already scaled to the start time's marginal,
     e.g. ``sigma_max * randn`` for EDM) with a preset name and ``nfe``, or a :class:`SolverSchedule`.
+    Without ``solver`` the measured default for the model's noise schedule runs
+    (:func:`fewstep.default_solver`); without ``spacing`` each preset uses its default grid for
+    that schedule (:func:`fewstep.default_spacing`).
 
     Grid options for presets: ``spacing``, ``t_start``, ``t_end`` (default: the schedule's largest
-    time to sigma = 0), ``t_noisy_end``, ``rho``. ``callback(i, t_i, x_i)`` sees every grid state.
+    time to sigma = 0), ``t_noisy_start``, ``t_noisy_end``, ``rho``; other keyword options go to the
+    preset (an unknown one is an :class:`~fewstep.ArgumentError` listing the valid ones).
+    ``callback(i, t_i, x_i)`` sees every grid state once, in its final form.
+
+    The model runs under ``torch.no_grad()``: no autograd graph is recorded, whatever the model's
+    parameters. ``grad=True`` records it (to differentiate through the sampler).
 
     Stochastic schedules draw noise keyed by ``(seed, sample index, step)``, so sample k is the same
     whatever the batch it is in; ``sample_indices`` gives the rows' global indices when a batch is
     split (default ``0..B-1``). Without ``seed`` a random one is drawn and reported in the info.
     """
+    if not isinstance(model, Model):
+        raise ArgumentError(f"model must be a fewstep.Model (wrap your network: fewstep.Model(fn, schedule, prediction=...)), got {type(model).__name__}")
+    if not isinstance(grad, bool):
+        raise ArgumentError(f"grad must be True or False, got {grad!r}")
+    model.guard.discard()
     _check_input(model, x_T)
     plan, compiled = _prepare(model, solver, nfe, options)
+    _check_evaluable(model, compiled)
     if compiled.stochastic and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     if sample_indices is not None and len(sample_indices) != x_T.shape[0]:
         raise ShapeError(f"{len(sample_indices)} sample_indices for a batch of {x_T.shape[0]}")
     calls0 = model.calls
-    out = run_plan(model, x_T, compiled, callback=callback, progress=progress, seed=seed, sample_indices=sample_indices)
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            out = run_plan(model, x_T, compiled, callback=callback, progress=progress, seed=seed, sample_indices=sample_indices)
+        model.guard.flush()  # the one host synchronisation of the NaN/Inf checks on an accelerator
+    finally:
+        model.guard.discard()
     if return_info:
         return out, SampleInfo(plan, compiled.nfe, model.calls - calls0, {"seed": seed} if compiled.stochastic else {})
     return out

@@ -118,6 +118,13 @@ class NoiseSchedule(ABC):
         """A JSON-serialisable description from which :func:`schedule_from_config` rebuilds it."""
         raise NotImplementedError
 
+    def definition(self) -> dict[str, Any]:
+        """What defines ``alpha(t)`` and ``sigma(t)`` and nothing else (not a name, the time domain,
+        a flow shift that only moves default grids, or EDM's sigma_data): two schedules with the same
+        definition give the same noise levels at the same times, so a solver schedule made for one
+        runs on the other (:func:`fewstep.solvers.plan.schedule_fingerprint`)."""
+        return {"kind": self.config()["kind"]}
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, NoiseSchedule) and self.config() == other.config()
 
@@ -237,6 +244,9 @@ class DiscreteVP(VPSchedule):
     def config(self) -> dict[str, Any]:
         return {"kind": "discrete_vp", "name": self.name, "alphas_cumprod": self.alphas_cumprod.tolist()}
 
+    def definition(self) -> dict[str, Any]:
+        return {"kind": "discrete_vp", "alphas_cumprod": self.alphas_cumprod.tolist()}
+
 
 class LinearVP(VPSchedule):
     """Continuous VP-SDE with linear beta(t): ``log alpha_t = -beta_min t/2 - (beta_max - beta_min) t^2/4``."""
@@ -257,6 +267,9 @@ class LinearVP(VPSchedule):
 
     def config(self) -> dict[str, Any]:
         return {"kind": "linear_vp", "beta_min": self.beta_min, "beta_max": self.beta_max, "t_min": self.t_min}
+
+    def definition(self) -> dict[str, Any]:
+        return {"kind": "linear_vp", "beta_min": self.beta_min, "beta_max": self.beta_max}
 
 
 class CosineVP(VPSchedule):
@@ -283,6 +296,9 @@ class CosineVP(VPSchedule):
 
     def config(self) -> dict[str, Any]:
         return {"kind": "cosine_vp", "s": self.s, "t_max": self.t_max, "t_min": self.t_min}
+
+    def definition(self) -> dict[str, Any]:
+        return {"kind": "cosine_vp", "s": self.s}
 
 
 class EDM(NoiseSchedule):
@@ -339,6 +355,10 @@ class FlowMatching(NoiseSchedule):
     def shift_times(self, t: torch.Tensor) -> torch.Tensor:
         """SD3 time shift ``s t / (1 + (s - 1) t)`` (identity for shift = 1)."""
         return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+    def unshift_times(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`shift_times`: ``u = t / (s - (s - 1) t)``."""
+        return t / (self.shift - (self.shift - 1.0) * t)
 
     def config(self) -> dict[str, Any]:
         return {"kind": "flow", "shift": self.shift, "t_max": self.t_max, "t_min": self.t_min}

@@ -29,10 +29,15 @@ def _check_n(n: int) -> None:
 
 
 def _uniform_t(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) -> np.ndarray:
-    ts = np.linspace(t0, t1, n + 1)
+    """Uniform in t; for a shifted flow schedule uniform in the unshifted time ``u`` with
+    ``t = shift u / (1 + (shift - 1) u)`` (SD3), between the unshifted images of ``t0`` and ``t1``
+    (so the grid starts at ``t0`` and ends at ``t1`` whatever the shift)."""
     if isinstance(sched, FlowMatching) and sched.shift != 1.0:
-        ts = sched.shift_times(torch.from_numpy(ts)).numpy()
-    return ts
+        u0, u1 = (float(sched.unshift_times(torch.tensor(v, dtype=torch.float64))) for v in (t0, t1))
+        ts = sched.shift_times(torch.from_numpy(np.linspace(u0, u1, n + 1))).numpy()
+        ts[0], ts[-1] = t0, t1
+        return ts
+    return np.linspace(t0, t1, n + 1)
 
 
 def _quadratic(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) -> np.ndarray:
@@ -75,6 +80,18 @@ def _discrete(sched: NoiseSchedule, what: str) -> DiscreteVP:
     return sched
 
 
+def _leading_multistep(sched: NoiseSchedule, n: int, t0: float, t1: float, steps_offset: int = 0, **_: float) -> np.ndarray:
+    """diffusers' multistep schedulers' ``leading`` (DPMSolverMultistep, UniPC, DEIS, ...):
+    ``arange(n + 1) * (N // (n + 1))`` reversed, the last (0) dropped, then the clean time; e.g.
+    830, 664, 498, 332, 166 for n = 5 (DDIM's ``leading`` is 800, 600, ..., 0)."""
+    s = _discrete(sched, "leading_multistep")
+    ratio = s.num_train_timesteps // (n + 1)
+    if ratio < 1:
+        raise ScheduleError(f"leading_multistep spacing needs n < {s.num_train_timesteps}, got {n}")
+    ts = (np.arange(n + 1)[::-1][:-1] * ratio + steps_offset).astype(np.float64)
+    return np.append(ts, s.t_clean)
+
+
 def _leading(sched: NoiseSchedule, n: int, t0: float, t1: float, steps_offset: int = 0, **_: float) -> np.ndarray:
     """diffusers ``leading``: ``arange(n) * (N // n) + offset``, reversed, then the clean time."""
     s = _discrete(sched, "leading")
@@ -108,16 +125,17 @@ SPACINGS: dict[str, tuple[Spacing, str]] = {
     "logsnr": (_uniform_lambda, "noise"),
     "karras": (_karras, "noise"),
     "leading": (_leading, "discrete"),
+    "leading_multistep": (_leading_multistep, "discrete"),
     "trailing": (_trailing, "discrete"),
     "linspace": (_linspace, "discrete"),
 }
 
 
-def default_spacing(sched: NoiseSchedule) -> str:
-    """The grid a schedule's models are usually sampled on: Karras for EDM, uniform time otherwise."""
-    from .schedules import EDM
+def default_spacing(sched: NoiseSchedule, preset: str | None = None) -> str:
+    """The grid used when none is named (:func:`fewstep.defaults.default_spacing`)."""
+    from .defaults import default_spacing as chosen
 
-    return "karras" if isinstance(sched, EDM) else "uniform_t"
+    return chosen(sched, preset)
 
 
 def _discrete_grid(sched: NoiseSchedule, n: int, fn: Spacing, name: str, t_start: float | None, t_end: float | None, steps_offset: int) -> np.ndarray:
@@ -146,6 +164,43 @@ def validate_grid(sched: NoiseSchedule, times: Sequence[float] | np.ndarray | to
     return ts
 
 
+def _noise_level_grid(sched: NoiseSchedule, n: int, fn: Spacing, t0: float, t1: float, t_noisy_start: float | None,
+                      t_noisy_end: float | None, rho: float) -> np.ndarray:
+    """A spacing defined by noise levels between ends where the log-SNR may be infinite: ``n`` points on
+    ``[t_start, t_noisy_end]`` and then the clean time (as k-diffusion appends sigma = 0), and
+    symmetrically the pure-noise time (alpha = 0, e.g. flow matching at t = 1) and then points on
+    ``[t_noisy_start, ...]``. ``t_noisy_start`` defaults to the time whose log-SNR is minus that of
+    the schedule's smallest noisy time (``1 - t_min`` for flow matching)."""
+    clean = t1 == sched.t_clean or float(sched.sigma(t1)) == 0.0
+    pure = float(sched.alpha(t0)) == 0.0
+    tp, tn = t0, t1
+    if pure:
+        tp = float(sched.t_of_lambda(-float(sched.lambda_(sched.t_min)))) if t_noisy_start is None else float(t_noisy_start)
+        if not t1 < tp < t0:
+            raise ScheduleError(f"t_noisy_start={tp} must lie strictly between t_end={t1} and the pure-noise start {t0}")
+    if clean:
+        tn = sched.t_min if t_noisy_end is None else float(t_noisy_end)
+        if not t1 < tn < tp:
+            raise ScheduleError(f"t_noisy_end={tn} must lie strictly between the clean end {t1} and {tp}")
+    inner = n - int(pure) - int(clean)
+    if n == 1:
+        return np.array([t0, t1])
+    if inner <= 0:  # n = 2 from pure noise to the data: one point, the spacing's midpoint
+        return np.array([t0, fn(sched, 2, tp, tn, rho=rho)[1], t1])
+    pts = fn(sched, inner, tp, tn, rho=rho)
+    return np.concatenate([[t0]] * pure + [pts] + [[t1]] * clean)
+
+
+def _number(name: str, value: object, *, positive: bool = False) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) or not math.isfinite(float(value)):
+        raise ScheduleError(f"{name} must be a finite number, got {value!r}")
+    if positive and not float(value) > 0:
+        raise ScheduleError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
 def time_grid(
     sched: NoiseSchedule,
     n: int,
@@ -153,12 +208,18 @@ def time_grid(
     *,
     t_start: float | None = None,
     t_end: float | None = None,
+    t_noisy_start: float | None = None,
     t_noisy_end: float | None = None,
     rho: float = 7.0,
     steps_offset: int = 0,
 ) -> np.ndarray:
     """``n + 1`` times for ``n`` steps. ``spacing`` is a name from :data:`SPACINGS` or an explicit list."""
     _check_n(n)
+    t_start, t_end = _number("t_start", t_start), _number("t_end", t_end)
+    t_noisy_start, t_noisy_end = _number("t_noisy_start", t_noisy_start), _number("t_noisy_end", t_noisy_end)
+    rho = float(_number("rho", rho, positive=True))  # type: ignore[arg-type]
+    if not isinstance(steps_offset, (int, np.integer)) or isinstance(steps_offset, bool):
+        raise ScheduleError(f"steps_offset must be an integer, got {steps_offset!r}")
     if spacing is not None and not isinstance(spacing, str):
         ts = validate_grid(sched, spacing)
         if ts.size != n + 1:
@@ -170,17 +231,13 @@ def time_grid(
     fn, kind = SPACINGS[name]
     if kind == "discrete":
         return _discrete_grid(sched, n, fn, name, t_start, t_end, steps_offset)
-    t0 = sched.t_max if t_start is None else float(t_start)
-    t1 = sched.t_clean if t_end is None else float(t_end)
+    t0 = sched.t_max if t_start is None else t_start
+    t1 = sched.t_clean if t_end is None else t_end
     if not t0 > t1:
         raise ScheduleError(f"t_start ({t0}) must be larger than t_end ({t1})")
     sched.check_times(torch.tensor([t0, t1], dtype=torch.float64), what="t_start/t_end")
-    if kind == "noise" and t1 == sched.t_clean:
-        tn = sched.t_min if t_noisy_end is None else float(t_noisy_end)
-        if n == 1:
-            ts = np.array([t0, t1])
-        else:
-            ts = np.append(fn(sched, n - 1, t0, tn, rho=rho), t1)
+    if kind == "noise":
+        ts = _noise_level_grid(sched, n, fn, t0, t1, t_noisy_start, t_noisy_end, rho)
     else:
         ts = fn(sched, n, t0, t1, rho=rho, steps_offset=steps_offset)
     return validate_grid(sched, ts)

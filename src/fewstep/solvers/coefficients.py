@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from ..errors import SolverError
 from ..schedules import NoiseSchedule
 from .phi import phis
 
-__all__ = ["Point", "point", "update_weights", "node_positions", "renoise_weights"]
+__all__ = ["Point", "point", "points", "coordinate", "update_weights", "node_positions", "renoise_weights"]
 
 _GAUSS_NODES = 48
 
@@ -61,29 +62,54 @@ def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
     return 0.5 * (x + 1.0), 0.5 * w  # on [0, 1]
 
 
-def _interp_coordinate(interp: str, prediction: str, schedule: NoiseSchedule, p: Point) -> float:
+def coordinate(interp: str, prediction: str, p: Point) -> float:
+    """The interpolation variable at a point (``inf`` where it is unbounded).
+
+    ``lambda``: the half log-SNR; ``t``: the model's time; ``flat``: the variable in which the
+    kernel is flat (``e^lambda = alpha/sigma`` for data, ``e^-lambda = sigma/alpha`` for noise);
+    ``sigma``: the variance-exploding noise level ``sigma/alpha = e^-lambda``, finite at sigma = 0;
+    ``rho``: ``sigma / (alpha + sigma)``, in [0, 1] and finite at both ends (pure noise and data).
+    """
     if interp == "lambda":
         return p.lam
     if interp == "t":
         return p.t
-    # flat kernel variable: alpha/sigma = e^lambda for data, sigma/alpha = e^-lambda for noise
-    return math.exp(p.lam) if prediction == "data" else math.exp(-p.lam)
+    if interp == "rho":
+        return p.sigma / (p.alpha + p.sigma)
+    if interp == "sigma" or (interp == "flat" and prediction == "noise"):
+        return p.sigma / p.alpha if p.alpha > 0.0 else math.inf
+    return p.alpha / p.sigma if p.sigma > 0.0 else math.inf  # flat, data
+
+
+def _coordinate_of_lambda(interp: str, prediction: str, schedule: NoiseSchedule, lams: np.ndarray) -> np.ndarray:
+    """:func:`coordinate` at many log-SNRs (finite inputs)."""
+    if interp == "lambda":
+        return lams
+    if interp == "t":
+        return schedule.t_of_lambda(torch.from_numpy(lams)).numpy()
+    if interp == "rho":
+        return 0.5 * (1.0 - np.tanh(0.5 * lams))  # sigmoid(-lambda), stable at both ends
+    if interp == "sigma" or (interp == "flat" and prediction == "noise"):
+        return np.exp(-lams)
+    return np.exp(lams)
 
 
 def node_positions(interp: str, prediction: str, schedule: NoiseSchedule, s: Point, t: Point, nodes: list[Point]) -> list[float]:
     """``tau_j = (u(node_j) - u(s)) / (u(t) - u(s))`` in the interpolation variable u."""
-    us = _interp_coordinate(interp, prediction, schedule, s)
-    ut = _interp_coordinate(interp, prediction, schedule, t)
+    us = coordinate(interp, prediction, s)
+    ut = coordinate(interp, prediction, t)
     span = ut - us
-    if not math.isfinite(span) or span == 0.0:
-        # an infinite step (out of alpha = 0 or into sigma = 0) can only use its own end points
+    coords = [coordinate(interp, prediction, n) for n in nodes]
+    if not (math.isfinite(span) and span != 0.0 and all(math.isfinite(c) for c in coords)):
+        # an infinite step (out of alpha = 0 or into sigma = 0 in a variable unbounded there) can only use its own end points
         if all(n is s or n is t or n.t in (s.t, t.t) for n in nodes):
             return [0.0 if n.t == s.t else 1.0 for n in nodes]
         raise SolverError(
-            f"cannot place interpolation nodes on the step {s} -> {t} (infinite or empty in {interp}): only order 1 "
-            "can step out of alpha = 0 or into sigma = 0 (use a lower order on the first / last step)"
+            f"cannot place interpolation nodes on the step {s} -> {t} with nodes at {[n.t for n in nodes]}: "
+            f"the interpolation variable {interp!r} is infinite at a node or an end (alpha = 0 or sigma = 0). "
+            "Interpolate in 'sigma' (finite at sigma = 0), 'rho' or 't' (finite at both ends), or use order 1 there"
         )
-    return [(_interp_coordinate(interp, prediction, schedule, n) - us) / span for n in nodes]
+    return [(c - us) / span for c in coords]
 
 
 def _base_terms(prediction: str, s: Point, t: Point) -> tuple[float, float]:
@@ -97,34 +123,58 @@ def _base_terms(prediction: str, s: Point, t: Point) -> tuple[float, float]:
     return t.alpha / s.alpha, t.sigma - t.alpha * s.sigma / s.alpha
 
 
+def _quadrature_weights(prediction: str, interp: str, schedule: NoiseSchedule, s: Point, t: Point, w0: float, n: int) -> list[float]:
+    """``W_k = int K(lambda) tau(lambda)^k dlambda`` by Gauss-Legendre quadrature, for interpolation
+    variables without a closed form. The kernel is ``K = alpha_t e^(lambda - lambda_t)`` (data) or
+    ``-sigma_t e^(lambda_t - lambda)`` (noise). Infinite ends change variable so that the interval is
+    finite: into sigma = 0 the data kernel tends to a point mass at the end (``W_k = alpha_t tau(end)^k
+    = alpha_t``: extrapolation of x0 to sigma = 0) and the noise kernel integrates in ``e^-lambda``;
+    out of alpha = 0 the data kernel integrates in ``e^lambda``."""
+    q, wq = _gauss_legendre(_GAUSS_NODES)
+    us, ut = coordinate(interp, prediction, s), coordinate(interp, prediction, t)
+    if not (math.isfinite(us) and math.isfinite(ut)) or us == ut:
+        return [w0] + [math.inf] * (n - 1)
+    span = ut - us
+    if math.isfinite(s.lam) and math.isfinite(t.lam):
+        h = t.lam - s.lam
+        lams = s.lam + q * h
+        kern = t.alpha * np.exp(lams - t.lam) if prediction == "data" else -t.sigma * np.exp(t.lam - lams)
+        scale = h
+    elif math.isfinite(s.lam) and prediction == "data":  # into sigma = 0: a point mass at the end
+        return [w0] * n
+    elif math.isfinite(s.lam):  # into sigma = 0, noise: -alpha_t int_0^{e^-lambda_s} tau^k d(e^-lambda)
+        u_s = math.exp(-s.lam)
+        with np.errstate(divide="ignore"):
+            lams = -np.log(q * u_s)
+        kern = np.full_like(q, -t.alpha)
+        scale = u_s
+    elif math.isfinite(t.lam) and prediction == "data":  # out of alpha = 0: alpha_t e^-lambda_t int_0^{e^lambda_t} tau^k d(e^lambda)
+        w_t = math.exp(t.lam)
+        lams = np.log(q * w_t)
+        kern = np.full_like(q, t.alpha / w_t)
+        scale = w_t
+    else:
+        return [w0] + [math.inf] * (n - 1)
+    taus = (_coordinate_of_lambda(interp, prediction, schedule, lams) - us) / span
+    return [w0] + [float(scale * np.sum(wq * kern * taus**k)) for k in range(1, n)]
+
+
 def _exact_weights(prediction: str, interp: str, schedule: NoiseSchedule, s: Point, t: Point, w0: float, n: int) -> list[float]:
     """Exact kernel integrals ``W_k`` of ``tau^k``, k = 0..n-1."""
     if n == 1:
         return [w0]
     if interp == "flat":  # exact in the kernel-flat variable, finite even into sigma = 0 (noise form)
         return [w0 / (k + 1) for k in range(n)]
-    h = t.lam - s.lam
-    if not math.isfinite(h):
-        return [w0] + [math.inf] * (n - 1)  # only a variant with finite weights (bh2, adams) can use it
     if interp == "lambda":
+        h = t.lam - s.lam
+        if not math.isfinite(h):
+            return [w0] + [math.inf] * (n - 1)  # only a variant with finite weights (bh2, adams) can use it
         if prediction == "data":
             ph = phis(-h, n)
             return [w0] + [t.alpha * h * math.factorial(k) * ph[k] for k in range(1, n)]
         ph = phis(h, n)
         return [w0] + [-t.sigma * h * math.factorial(k) * ph[k] for k in range(1, n)]
-    # interp == "t": Gauss-Legendre in lambda of kernel(lambda) * tau(t(lambda))^k
-    q, wq = _gauss_legendre(_GAUSS_NODES)
-    lams = s.lam + q * h
-    ts = schedule.t_of_lambda(torch.from_numpy(lams)).numpy()
-    taus = (ts - s.t) / (t.t - s.t)
-    if prediction == "data":
-        kern = t.alpha * np.exp(lams - t.lam)
-    else:
-        kern = -t.sigma * np.exp(t.lam - lams)
-    out = [w0]
-    for k in range(1, n):
-        out.append(float(h * np.sum(wq * kern * taus**k)))
-    return out
+    return _quadrature_weights(prediction, interp, schedule, s, t, w0, n)
 
 
 def _apply_variant(variant: str, prediction: str, s: Point, t: Point, weights: list[float]) -> list[float]:

@@ -78,12 +78,6 @@ class _Builder:
         return target
 
 
-def _finite_history(nodes: list[tuple[Point, int]], keep: int = 1) -> list[tuple[Point, int]]:
-    """Drop history nodes at infinite log-SNR (alpha = 0): the Lagrange interpolant's limit as a
-    node recedes to infinity is the interpolant through the remaining nodes (as diffusers' 1/r -> 0)."""
-    return nodes[:keep] + [n for n in nodes[keep:] if math.isfinite(n[0].lam)]
-
-
 def _weights(step: Step, variant: str, sched: NoiseSchedule, s: Point, t: Point, nodes: list[Point], taus: list[float] | None) -> tuple[float, list[float]]:
     if taus is None:
         taus = node_positions(step.interp, step.prediction, sched, s, t, nodes) if len(nodes) > 1 else [0.0]
@@ -112,8 +106,6 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
             if cstep.uniform_nodes:
                 taus = [0.0] + [-float(h) for h in cstep.history[: len(cnodes) - 1]] + [1.0]
             nodes = cnodes + [(ct, e0)]
-            if taus is None:
-                nodes = _finite_history(nodes)
             a, w = _weights(cstep, cstep.corrector_variant or cstep.variant, sched, cs, ct, [p for p, _ in nodes], taus)
             cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i)
             pending = None
@@ -123,10 +115,9 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
         elif step.method == "multistep":
             nodes = [(s, e0)] + [(pts[i - h], start_slots[i - h]) for h in step.history]
             taus = [0.0] + [-float(h) for h in step.history] if step.uniform_nodes else None
-            if taus is None:
-                nodes = _finite_history(nodes)
             a, w = _weights(step, step.variant, sched, s, t, [p for p, _ in nodes], taus)
-            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], grid_index=i + 1)
+            # a corrected state is reported (grid_index) by its corrector, once, in its final form
+            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], grid_index=None if step.corrector else i + 1)
             if step.corrector:
                 pending = (step, cur, s, t, nodes[: step.corrector - 1], 0.0)
         else:

@@ -18,21 +18,33 @@ from ..errors import ScheduleFileError, SolverError
 from ..schedules import NoiseSchedule
 from .strategy import Step
 
-__all__ = ["SolverSchedule", "schedule_fingerprint", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["SolverSchedule", "schedule_fingerprint", "schedule_identity", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fewstep.solver_schedule"
 FORMAT_VERSION = 1
 _TOP_FIELDS = {"format", "version", "name", "times", "steps", "schedule", "meta"}
 
 
+def _digest(cfg: dict[str, Any]) -> str:
+    return f"{cfg['kind']}:" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def schedule_fingerprint(schedule: NoiseSchedule) -> str:
-    """A short stable id of a noise schedule (its kind and a hash of its config); schedules are
-    immutable, so it is computed once per schedule object."""
+    """A short stable id of what defines a noise schedule's ``alpha(t)`` and ``sigma(t)``
+    (:meth:`~fewstep.NoiseSchedule.definition`: its kind and defining numbers, not its name or
+    time domain). Schedules are immutable, so it is computed once per schedule object."""
     cached = schedule.__dict__.get("_fingerprint")
     if cached is None:
-        cfg = schedule.config()
-        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-        cached = schedule.__dict__["_fingerprint"] = f"{cfg['kind']}:{digest}"
+        cached = schedule.__dict__["_fingerprint"] = _digest(schedule.definition())
+    return cached
+
+
+def schedule_identity(schedule: NoiseSchedule) -> str:
+    """An id of the whole configuration (domain, flow shift and name included): what a preset's
+    default grid depends on. Used to cache compiled presets; files record the fingerprint."""
+    cached = schedule.__dict__.get("_identity")
+    if cached is None:
+        cached = schedule.__dict__["_identity"] = _digest(schedule.config())
     return cached
 
 
@@ -48,7 +60,10 @@ class SolverSchedule:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        times = tuple(float(t) for t in self.times)
+        try:
+            times = tuple(float(t) for t in self.times)
+        except (TypeError, ValueError, OverflowError):
+            raise SolverError(f"times must be finite numbers, got {list(self.times)[:8]!r:.200}") from None
         object.__setattr__(self, "times", times)
         object.__setattr__(self, "steps", tuple(self.steps))
         if len(times) < 2:
@@ -88,7 +103,8 @@ class SolverSchedule:
 
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Raise if this plan was made for another noise schedule, or its times fall outside it."""
-        if self.schedule is not None and self.schedule != schedule_fingerprint(schedule):
+        # fewstep 0.1.0 wrote the hash of the whole config (schedule_identity); still accepted
+        if self.schedule is not None and self.schedule not in (schedule_fingerprint(schedule), schedule_identity(schedule)):
             raise SolverError(
                 f"solver schedule {self.name!r} was made for noise schedule {self.schedule}, "
                 f"but the model uses {schedule_fingerprint(schedule)} ({schedule!r})"
@@ -163,6 +179,10 @@ class SolverSchedule:
         if not isinstance(meta, dict):
             raise ScheduleFileError("'meta' must be an object")
         try:
+            json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ScheduleFileError(f"'meta' must hold plain JSON values (no NaN/Infinity): {exc}") from None
+        try:
             parsed = [Step.from_dict(s) for s in steps]
             return cls(times=tuple(times), steps=tuple(parsed), name=name, schedule=sched, meta=meta)
         except (SolverError, TypeError) as exc:
@@ -172,7 +192,7 @@ class SolverSchedule:
     def from_json(cls, text: str) -> "SolverSchedule":
         try:
             data = json.loads(text, parse_constant=_reject_constant)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or an integer literal beyond Python's digit limit
             raise ScheduleFileError(f"solver schedule is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import inspect
+import math
+
 import numpy as np
 
-from ..errors import SolverError
+from ..errors import ArgumentError, SolverError
 from ..schedules import NoiseSchedule
+from ..defaults import default_spacing
 from ..timesteps import time_grid
 from .plan import SolverSchedule, schedule_fingerprint
 from .strategy import Step
@@ -19,6 +23,8 @@ from .strategy import Step
 __all__ = ["preset", "PRESETS", "register_preset", "preset_names"]
 
 PresetFn = Callable[..., SolverSchedule]
+#: order of the multistep presets' step into sigma = 0 (1 = DDIM's final denoising step); see README
+DEFAULT_FINAL_ORDER = 2
 PRESETS: dict[str, PresetFn] = {}
 
 
@@ -34,8 +40,14 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def _grid(sched: NoiseSchedule, n: int, spacing: str | Sequence[float] | None, default: str | None, **kw: Any) -> np.ndarray:
-    return time_grid(sched, n, spacing if spacing is not None else default, **kw)
+def _grid(sched: NoiseSchedule, n: int, spacing: str | Sequence[float] | None, **kw: Any) -> np.ndarray:
+    return time_grid(sched, n, spacing, **kw)
+
+
+def _check_int(what: str, value: Any, lo: int, hi: int, name: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise SolverError(f"preset {name!r}: {what} must be an integer in {lo}..{hi}, got {value!r}")
+    return int(value)
 
 
 def _check_nfe(nfe: Any, minimum: int, name: str) -> int:
@@ -68,7 +80,7 @@ def ddim(nfe: int, sched: NoiseSchedule, *, spacing: str | Sequence[float] | Non
     model output is read (they differ by rounding, and by thresholding when it is on).
     """
     n = _check_nfe(nfe, 1, "ddim")
-    times = _grid(sched, n, spacing, None, **grid)
+    times = _grid(sched, n, spacing, **grid)
     return _finish("ddim", sched, times, [Step(order=1, prediction=prediction)] * n)  # type: ignore[arg-type]
 
 
@@ -77,68 +89,113 @@ def _ends_clean(sched: NoiseSchedule, times: np.ndarray) -> bool:
     return float(times[-1]) == float(sched.t_clean)
 
 
-def _multistep_orders(n: int, order: int, lower_order_final: bool, ends_clean: bool) -> list[int]:
-    """Warm-up (order i + 1 on step i), optional lower order on the last steps, order 1 into sigma = 0
-    (pass ``ends_clean=False`` for steps whose weights stay finite there: flat kernels, Adams)."""
+def _multistep_orders(n: int, order: int, lower_order_final: bool, ends_clean: bool, final_order: int) -> list[int]:
+    """Warm-up (order i + 1 on step i), optional lower order on the last steps, and ``final_order``
+    on the step into sigma = 0 (capped by the history it can read)."""
     orders = []
     for i in range(n):
         o = min(order, i + 1)
-        if lower_order_final:
-            o = min(o, n - i)
         if ends_clean and i == n - 1:
-            o = 1
+            o = min(o, final_order)
+        elif lower_order_final:
+            o = min(o, n - i)
         orders.append(o)
     return orders
 
 
+def _start_time(sched: NoiseSchedule, spacing: Any, grid: dict[str, Any]) -> float:
+    """The first time of the grid a preset will build (before building it)."""
+    if spacing is not None and not isinstance(spacing, str):
+        return float(np.asarray(spacing, dtype=np.float64).reshape(-1)[0])
+    if isinstance(spacing, str) and spacing in ("leading", "trailing", "linspace", "leading_multistep"):
+        return float(sched.t_max)  # below t_max for some n, but never pure noise (DiscreteVP only)
+    return float(grid.get("t_start", sched.t_max))
+
+
+def _pure_start(sched: NoiseSchedule, spacing: Any, grid: dict[str, Any]) -> bool:
+    """Does the grid start where alpha = 0 (flow matching at t = 1)?"""
+    return float(sched.alpha(_start_time(sched, spacing, grid))) == 0.0
+
+
+def _into_clean(step: Step) -> Step:
+    """The strategy of a multistep step into sigma = 0 (lambda = +inf) of order >= 2. An interpolant
+    in lambda cannot reach that end; this step integrates the noise prediction, interpolated through
+    the same nodes as a polynomial in the VE noise level ``sigma / alpha`` (the variable in which the
+    kernel is flat: ``x_0 / alpha_0 = x_s / alpha_s - int_0^{sigma_s/alpha_s} eps d(sigma/alpha)``),
+    exactly: the last step of LMS. Measured better than extrapolating x0 to sigma = 0 in any
+    variable (benchmarks/reports/defaults.md). Fixed-weight Adams steps (iPNDM, PNDM) are finite
+    there already and keep their form."""
+    if step.order == 1 or step.uniform_nodes:
+        return step
+    return Step(order=step.order, prediction="noise", interp="flat", variant="phi", history=step.history)
+
+
+def _finite_from_pure_noise(step: Step, sched: NoiseSchedule, pure: Any) -> Step:
+    """The strategy of a step that reads the pure-noise start (alpha = 0, lambda = -inf) as a node: an
+    interpolation variable infinite there (lambda, sigma / alpha) is replaced by ``rho = sigma / (alpha
+    + sigma)``, finite at both ends (for flow matching rho = t), with exact weights; the recorded
+    order is the order computed."""
+    from .coefficients import coordinate
+
+    if math.isfinite(coordinate(step.interp, step.prediction, pure)):
+        return step
+    return step.with_(interp="rho", variant="phi", history=step.history, corrector=step.corrector)
+
+
 def _multistep(
     name: str, nfe: int, sched: NoiseSchedule, *, order: int, prediction: str, variant: str, spacing: Any,
-    default_spacing: str | None, lower_order_final: bool | None, interp: str = "lambda", corrector: bool = False,
-    warmup_variant: str | None = None, uniform_nodes: bool = False, warmup: str = "lower_order", **grid: Any,
+    lower_order_final: bool | None, interp: str = "lambda", corrector: bool = False,
+    warmup_variant: str | None = None, uniform_nodes: bool = False, warmup: str = "lower_order",
+    final_order: int | None = None, **grid: Any,
 ) -> SolverSchedule:
     """A multistep preset. ``warmup``: ``lower_order`` (order i + 1 on step i, as diffusers does; the
     first step's O(h^2) local error then caps the global order at 2) or ``singlestep`` (the first
     ``order - 1`` steps are singlestep steps of the full order, costing ``order`` NFE each, so the
-    whole solve has the nominal order)."""
-    if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 4:
-        raise SolverError(f"preset {name!r}: order must be 1..4, got {order!r}")
+    whole solve has the nominal order; not from pure noise, where the first step is DDIM).
+    ``final_order``: the order of the step into sigma = 0 (see :func:`_into_clean`; 1 = DDIM's
+    final denoising step, as diffusers' multistep schedulers take)."""
+    from .coefficients import point
+
+    _check_int("order", order, 1, 4, name)
     if warmup not in ("lower_order", "singlestep"):
-        raise SolverError(f"warmup must be 'lower_order' or 'singlestep', got {warmup!r}")
-    n_warm = order - 1 if warmup == "singlestep" else 0
+        raise SolverError(f"preset {name!r}: warmup must be 'lower_order' or 'singlestep', got {warmup!r}")
+    final_order = DEFAULT_FINAL_ORDER if final_order is None else _check_int("final_order", final_order, 1, 4, name)
+    pure = _pure_start(sched, spacing, grid)
+    n_warm = order - 1 if (warmup == "singlestep" and not pure) else 0
     n = _check_nfe(nfe, 1 + n_warm * order, name) - n_warm * (order - 1)
-    times = _grid(sched, n, spacing, default_spacing, **grid)
+    times = _grid(sched, n, spacing, **grid)
     ends = _ends_clean(sched, times)
     lof = (n < 15) if lower_order_final is None else lower_order_final
-    finite_into_clean = variant == "adams" or (interp == "flat" and prediction == "noise")
-    orders = _multistep_orders(n, order, lof, ends and not finite_into_clean)
-    pure = _pure_noise_start(sched, times)
-    if pure:
-        n_warm = 0  # a singlestep step cannot leave alpha = 0; the first step is DDIM
+    orders = _multistep_orders(n, order, lof, ends, final_order)
+    pure_point = point(sched, float(times[0]))
     steps = []
     for i, o in enumerate(orders):
         c = (o + 1) if (corrector and i < n - 1 and not (pure and i == 0 and variant != "bh2")) else 0
-        if i < n_warm and not (ends and i == n - 1):
+        if i < n_warm:
             steps.append(Step(order=order, prediction=prediction, method="singlestep", variant="phi", interp=interp))  # type: ignore[arg-type]
             continue
-        if i < n_warm:
-            c = 0
         v = warmup_variant if (warmup_variant and o < order) else variant
-        steps.append(Step(order=o, prediction=prediction, variant=v, interp=interp, corrector=c, uniform_nodes=uniform_nodes))  # type: ignore[arg-type]
-    return _finish(name, sched, times, steps, order=order, variant=variant, warmup=warmup)
+        st = Step(order=o, prediction=prediction, variant=v, interp=interp, corrector=c, uniform_nodes=uniform_nodes)  # type: ignore[arg-type]
+        if ends and i == n - 1:
+            st = _into_clean(st)
+        if pure and i > 0 and not uniform_nodes and (st.depth >= i or (st.corrector and st.corrector - 2 >= i)):
+            st = _finite_from_pure_noise(st, sched, pure_point)
+        steps.append(st)
+    return _finish(name, sched, times, steps, order=order, variant=variant, warmup=warmup, final_order=final_order)
 
 
 @register_preset("dpmpp_2m")
-def dpmpp_2m(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, solver_type: str = "midpoint", lower_order_final: bool | None = None, warmup: str = "lower_order", **grid: Any) -> SolverSchedule:
+def dpmpp_2m(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, solver_type: str = "midpoint", lower_order_final: bool | None = None, warmup: str = "lower_order", final_order: int | None = None, **grid: Any) -> SolverSchedule:
     """DPM-Solver++(2M) (Lu et al. 2022b): data prediction, multistep order 2. ``solver_type``
     ``midpoint`` (diffusers' default, UniPC bh2 weights) or ``heun`` (exact phi_2 weights)."""
     variant = {"midpoint": "bh2", "heun": "phi"}.get(solver_type)
     if variant is None:
         raise SolverError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    return _multistep("dpmpp_2m", nfe, sched, order=2, prediction="data", variant=variant, spacing=spacing, default_spacing=None, lower_order_final=lower_order_final, warmup=warmup, **grid)
+    return _multistep("dpmpp_2m", nfe, sched, order=2, prediction="data", variant=variant, spacing=spacing, lower_order_final=lower_order_final, warmup=warmup, final_order=final_order, **grid)
 
 
 @register_preset("dpmpp_3m")
-def dpmpp_3m(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, solver_type: str = "midpoint", lower_order_final: bool | None = None, weights: str = "exact", warmup: str = "lower_order", **grid: Any) -> SolverSchedule:
+def dpmpp_3m(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, solver_type: str = "midpoint", lower_order_final: bool | None = None, weights: str = "exact", warmup: str = "lower_order", final_order: int | None = None, **grid: Any) -> SolverSchedule:
     """DPM-Solver++(3M): data prediction, multistep order 3 (order-2 warm-up with ``solver_type`` weights).
 
     ``weights="exact"`` (default) integrates the quadratic interpolant exactly (third order).
@@ -151,38 +208,38 @@ def dpmpp_3m(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, solver_type
     if weights not in ("exact", "published"):
         raise SolverError(f"weights must be 'exact' or 'published', got {weights!r}")
     variant = "phi" if weights == "exact" else "dpm3m"
-    return _multistep("dpmpp_3m", nfe, sched, order=3, prediction="data", variant=variant, warmup_variant=warm, spacing=spacing, default_spacing=None, lower_order_final=lower_order_final, warmup=warmup, **grid)
+    return _multistep("dpmpp_3m", nfe, sched, order=3, prediction="data", variant=variant, warmup_variant=warm, spacing=spacing, lower_order_final=lower_order_final, warmup=warmup, final_order=final_order, **grid)
 
 
 @register_preset("unipc")
-def unipc(nfe: int, sched: NoiseSchedule, *, order: int = 3, variant: str = "bh2", corrector: bool = True, prediction: str = "data", spacing: Any = None, lower_order_final: bool | None = None, warmup: str = "lower_order", **grid: Any) -> SolverSchedule:
+def unipc(nfe: int, sched: NoiseSchedule, *, order: int = 3, variant: str = "bh2", corrector: bool = True, prediction: str = "data", spacing: Any = None, lower_order_final: bool | None = None, warmup: str = "lower_order", final_order: int | None = None, **grid: Any) -> SolverSchedule:
     """UniPC (Zhao et al. 2023): multistep UniP predictor + UniC corrector re-using the next evaluation.
     ``variant`` bh1 (B(h) = h) or bh2 (B(h) = e^h - 1); ``corrector=False`` gives UniP alone."""
     if variant not in ("bh1", "bh2"):
         raise SolverError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
-    return _multistep("unipc", nfe, sched, order=order, prediction=prediction, variant=variant, corrector=corrector, spacing=spacing, default_spacing=None, lower_order_final=lower_order_final, warmup=warmup, **grid)
+    return _multistep("unipc", nfe, sched, order=order, prediction=prediction, variant=variant, corrector=corrector, spacing=spacing, lower_order_final=lower_order_final, warmup=warmup, final_order=final_order, **grid)
 
 
 @register_preset("deis")
-def deis(nfe: int, sched: NoiseSchedule, *, order: int = 3, interp: str = "t", spacing: Any = None, lower_order_final: bool | None = None, warmup: str = "lower_order", **grid: Any) -> SolverSchedule:
+def deis(nfe: int, sched: NoiseSchedule, *, order: int = 3, interp: str = "t", spacing: Any = None, lower_order_final: bool | None = None, warmup: str = "lower_order", final_order: int | None = None, **grid: Any) -> SolverSchedule:
     """DEIS tAB (Zhang & Chen 2023): noise prediction, multistep, the eps interpolant a polynomial in
     the model time t integrated exactly against the exponential kernel. ``interp="lambda"`` is
     diffusers' DEISMultistepScheduler (polynomial in log sigma/alpha)."""
-    return _multistep("deis", nfe, sched, order=order, prediction="noise", variant="phi", interp=interp, spacing=spacing, default_spacing=None, lower_order_final=lower_order_final, warmup=warmup, **grid)
+    return _multistep("deis", nfe, sched, order=order, prediction="noise", variant="phi", interp=interp, spacing=spacing, lower_order_final=lower_order_final, warmup=warmup, final_order=final_order, **grid)
 
 
 @register_preset("lms")
-def lms(nfe: int, sched: NoiseSchedule, *, order: int = 4, spacing: Any = None, lower_order_final: bool = False, warmup: str = "lower_order", **grid: Any) -> SolverSchedule:
+def lms(nfe: int, sched: NoiseSchedule, *, order: int = 4, spacing: Any = None, lower_order_final: bool = False, warmup: str = "lower_order", final_order: int | None = None, **grid: Any) -> SolverSchedule:
     """Linear multistep (k-diffusion / diffusers LMS): the eps interpolant a polynomial in sigma/alpha,
     integrated exactly (Adams-Bashforth with real step sizes in the VE variable)."""
-    return _multistep("lms", nfe, sched, order=order, prediction="noise", variant="phi", interp="flat", spacing=spacing, default_spacing=None, lower_order_final=lower_order_final, warmup=warmup, **grid)
+    return _multistep("lms", nfe, sched, order=order, prediction="noise", variant="phi", interp="flat", spacing=spacing, lower_order_final=lower_order_final, warmup=warmup, final_order=order if final_order is None else final_order, **grid)
 
 
 @register_preset("ipndm")
 def ipndm(nfe: int, sched: NoiseSchedule, *, order: int = 4, spacing: Any = None, warmup: str = "lower_order", **grid: Any) -> SolverSchedule:
     """iPNDM (Zhang & Chen 2023; k-diffusion ``sample_ipndm``): Euler in sigma/alpha with fixed
     Adams-Bashforth weights of order up to 4 (uniform-step assumption), lower order on warm-up."""
-    return _multistep("ipndm", nfe, sched, order=order, prediction="noise", variant="adams", uniform_nodes=True, spacing=spacing, default_spacing=None, lower_order_final=False, warmup=warmup, **grid)
+    return _multistep("ipndm", nfe, sched, order=order, prediction="noise", variant="adams", uniform_nodes=True, spacing=spacing, lower_order_final=False, warmup=warmup, final_order=order, **grid)
 
 
 @register_preset("euler")
@@ -190,13 +247,8 @@ def euler(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) -
     """Euler in the VE variable (Karras et al. 2022 / k-diffusion): ``dx/dsigma = eps``; identical to
     noise-prediction DDIM. Default grid: Karras spacing."""
     n = _check_nfe(nfe, 1, "euler")
-    times = _grid(sched, n, spacing, "karras" if _finite_start(sched, grid) else None, **grid)
+    times = _grid(sched, n, spacing, **grid)
     return _finish("euler", sched, times, [Step(order=1, prediction="noise")] * n)
-
-
-def _finite_start(sched: NoiseSchedule, grid: dict[str, Any]) -> bool:
-    t0 = grid.get("t_start", sched.t_max)
-    return float(sched.alpha(float(t0))) > 0.0
 
 
 @register_preset("heun")
@@ -204,10 +256,10 @@ def heun(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) ->
     """Heun's second-order method in the VE variable (Karras et al. 2022, EDM Algorithm 1): 2 NFE per
     step, Euler on the last step into sigma = 0. An even NFE ends with two Euler steps."""
     n_eval = _check_nfe(nfe, 1, "heun")
-    lead = 0 if _finite_start(sched, grid) else 1  # leave alpha = 0 with one Euler (DDIM) step
+    lead = 1 if _pure_start(sched, spacing, grid) else 0  # leave alpha = 0 with one Euler (DDIM) step
     n_heun = max(0, (n_eval - lead - 1) // 2)
     n_euler = n_eval - lead - 2 * n_heun
-    times = _grid(sched, lead + n_heun + n_euler, spacing, "karras" if not lead else None, **grid)
+    times = _grid(sched, lead + n_heun + n_euler, spacing, **grid)
     h = Step(order=2, prediction="noise", method="singlestep", stages=(1.0,), variant="bh2")
     euler1 = Step(order=1, prediction="noise")
     return _finish("heun", sched, times, [euler1] * lead + [h] * n_heun + [euler1] * n_euler)
@@ -218,9 +270,9 @@ def pndm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) ->
     """PLMS (Liu et al. 2022; diffusers PNDM with ``skip_prk_steps``): a trapezoidal first step
     (2 NFE), then Adams-Bashforth 2, 3, 4 on eps with fixed weights, each plugged into the DDIM update."""
     n_eval = _check_nfe(nfe, 3, "pndm")
-    pure = not _finite_start(sched, grid)
+    pure = _pure_start(sched, spacing, grid)
     n = n_eval if pure else n_eval - 1  # leaving alpha = 0 the first step is DDIM (1 NFE), else trapezoidal (2 NFE)
-    times = _grid(sched, n, spacing, None, **grid)
+    times = _grid(sched, n, spacing, **grid)
     first = Step(order=1, prediction="noise") if pure else Step(order=2, prediction="noise", method="singlestep", stages=(1.0,), variant="adams")
     steps = [first]
     for i in range(1, n):  # Adams weights stay finite into sigma = 0, so the last step keeps its order
@@ -252,9 +304,9 @@ def _singlestep(name: str, nfe: int, sched: NoiseSchedule, *, order: int, predic
     n_eval = _check_nfe(nfe, 1, name)
     t_end = grid.get("t_end")
     ends = t_end is None or float(t_end) == float(sched.t_clean)
-    pure = not _finite_start(sched, grid)
+    pure = _pure_start(sched, spacing, grid)
     orders = ([1] if pure else []) + _singlestep_orders(n_eval - (1 if pure else 0), order, ends)
-    times = _grid(sched, len(orders), spacing, None if pure else "uniform_lambda", **grid)
+    times = _grid(sched, len(orders), spacing, **grid)
     steps = []
     for o in orders:
         if o == 1:
@@ -295,19 +347,42 @@ def lcm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, renoise: float =
     consistency-distilled models; stochastic (needs a seed). Default grid: diffusers' trailing
     spacing for DiscreteVP."""
     n = _check_nfe(nfe, 1, "lcm")
-    from ..schedules import DiscreteVP
-
-    times = _grid(sched, n, spacing, "trailing" if isinstance(sched, DiscreteVP) else None, **grid)
+    times = _grid(sched, n, spacing, **grid)
     steps = [Step(order=1, prediction="data", renoise=renoise)] * (n - 1) + [Step(order=1, prediction="data")]
     return _finish("lcm", sched, times, steps)
+
+
+#: options every preset accepts (forwarded to :func:`fewstep.time_grid`)
+GRID_OPTIONS = ("spacing", "t_start", "t_end", "t_noisy_start", "t_noisy_end", "rho", "steps_offset")
+
+
+def preset_options(name: str) -> list[str]:
+    """The keyword options of a preset: its own and the grid options."""
+    if name not in PRESETS:
+        raise SolverError(f"unknown solver preset {name!r}; known: {preset_names()}")
+    own = [p.name for p in inspect.signature(PRESETS[name]).parameters.values()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return sorted(set(own) | set(GRID_OPTIONS))
 
 
 def preset(name: str, nfe: int, sched: NoiseSchedule, **options: Any) -> SolverSchedule:
     """Build the named preset for ``nfe`` model evaluations on the noise schedule ``sched``.
 
-    Options: ``spacing`` (a name from :data:`fewstep.timesteps.SPACINGS` or explicit times),
-    ``t_start``, ``t_end``, ``t_noisy_end``, ``rho``, and preset-specific ones.
+    Options: ``spacing`` (a name from :data:`fewstep.timesteps.SPACINGS` or explicit times; default
+    :func:`fewstep.default_spacing` of the preset and schedule), ``t_start``, ``t_end``,
+    ``t_noisy_start``, ``t_noisy_end``, ``rho``, and preset-specific ones (:func:`preset_options`).
     """
-    if name not in PRESETS:
-        raise SolverError(f"unknown solver preset {name!r}; known: {preset_names()}")
-    return PRESETS[name](nfe, sched, **options)
+    if not isinstance(name, str):
+        raise ArgumentError(f"a preset name must be a string, got {type(name).__name__}")
+    if not isinstance(sched, NoiseSchedule):
+        raise ArgumentError(f"sched must be a fewstep NoiseSchedule, got {type(sched).__name__}")
+    valid = preset_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ArgumentError(f"unknown option(s) {unknown} for preset {name!r}; valid options: {valid}")
+    if options.get("spacing") is None:
+        options["spacing"] = default_spacing(sched, name)
+    plan = PRESETS[name](nfe, sched, **options)
+    sp = options["spacing"]
+    plan.meta["spacing"] = sp if isinstance(sp, str) else "explicit"
+    return plan

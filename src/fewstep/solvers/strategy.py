@@ -16,6 +16,7 @@ LMS are all such records (see :mod:`fewstep.solvers.presets`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -30,8 +31,10 @@ METHODS = ("multistep", "singlestep")
 #: divided by k!); adams: flat kernel weights 1/(k+1) scaled by the first-order weight (PNDM).
 VARIANTS = ("phi", "bh1", "bh2", "dpm3m", "adams")
 #: lambda: polynomial in the half log-SNR; t: in the model's time (DEIS tAB); flat: in the variable
-#: whose kernel is flat (sigma/alpha for noise prediction, alpha/sigma for data prediction: LMS).
-INTERPS = ("lambda", "t", "flat")
+#: whose kernel is flat (sigma/alpha for noise prediction, alpha/sigma for data prediction: LMS);
+#: sigma: in the VE noise level sigma/alpha (finite at sigma = 0: steps into the data of order >= 2);
+#: rho: in sigma / (alpha + sigma) (finite at both ends: steps out of pure noise and into the data).
+INTERPS = ("lambda", "t", "flat", "sigma", "rho")
 MAX_ORDER = 4
 
 _DEFAULT_STAGES = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0), 4: (0.25, 0.5, 0.75)}
@@ -40,6 +43,19 @@ _DEFAULT_STAGES = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0), 4: (0.25, 0.5, 0
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
     if value not in options:
         raise SolverError(f"Step.{name} must be one of {options}, got {value!r}")
+
+
+def _unit_number(name: str, value: Any, open_low: bool = False) -> float:
+    """A number in [0, 1] (or (0, 1]) as a float; huge integers and non-numbers are errors, not crashes."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        v = float(value) if ok else math.nan
+    except OverflowError:
+        v = math.nan
+    if not ((0.0 < v <= 1.0) if open_low else (0.0 <= v <= 1.0)):
+        rng = "(0, 1]" if open_low else "[0, 1]"
+        raise SolverError(f"Step.{name} must hold numbers in {rng}, got {value!r:.60}")
+    return v
 
 
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
@@ -56,7 +72,7 @@ class Step:
     prediction: Literal["data", "noise"] = "data"
     method: Literal["multistep", "singlestep"] = "multistep"
     variant: Literal["phi", "bh1", "bh2", "dpm3m", "adams"] = "phi"
-    interp: Literal["lambda", "t", "flat"] = "lambda"
+    interp: Literal["lambda", "t", "flat", "sigma", "rho"] = "lambda"
     #: multistep: previous step starts used as nodes (1 = the previous step's start, ...)
     history: tuple[int, ...] = field(default=())
     #: multistep: place history nodes at -1, -2, ... (fixed Adams-Bashforth weights) not at their real spacing
@@ -92,14 +108,12 @@ class Step:
         object.__setattr__(self, "history", hist)
         if not isinstance(self.stages, (tuple, list)) or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in self.stages):
             raise SolverError(f"Step.stages must be a list of numbers, got {self.stages!r}")
-        object.__setattr__(self, "stages", tuple(float(r) for r in self.stages))
+        object.__setattr__(self, "stages", tuple(_unit_number("stages", r, open_low=True) for r in self.stages))
         if self.final_nodes is not None:
             object.__setattr__(self, "final_nodes", _int_tuple("final_nodes", self.final_nodes))
         if not isinstance(self.corrector, int) or isinstance(self.corrector, bool) or self.corrector < 0:
             raise SolverError(f"Step.corrector must be an integer >= 0, got {self.corrector!r}")
-        if not isinstance(self.renoise, (int, float)) or isinstance(self.renoise, bool) or not 0.0 <= float(self.renoise) <= 1.0:
-            raise SolverError(f"Step.renoise must be a number in [0, 1], got {self.renoise!r}")
-        object.__setattr__(self, "renoise", float(self.renoise))
+        object.__setattr__(self, "renoise", _unit_number("renoise", self.renoise))
         if self.renoise > 0.0 and (self.order != 1 or self.prediction != "data" or self.method != "multistep" or self.corrector):
             raise SolverError("renoise > 0 is defined for first-order data-prediction multistep steps without corrector")
 

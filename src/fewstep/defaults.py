@@ -1,0 +1,59 @@
+"""Defaults chosen from measurements: the solver that ``fewstep.sample(model, x_T, nfe=N)`` runs when
+no solver is named, and the time grid each preset uses when no ``spacing`` is named, per family of
+noise schedule. The evidence is ``benchmarks/reports/defaults.md`` (``python benchmarks/defaults.py``);
+``docs/defaults.md`` summarises it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule
+
+__all__ = ["schedule_family", "default_solver", "default_spacing", "DEFAULT_SOLVERS", "SPACING_RULES"]
+
+FAMILIES = ("discrete_vp", "linear_vp", "cosine_vp", "edm", "flow")
+
+
+def schedule_family(sched: NoiseSchedule) -> str:
+    """``discrete_vp`` | ``linear_vp`` | ``cosine_vp`` | ``edm`` | ``flow`` (``other`` for user subclasses)."""
+    for cls, name in ((DiscreteVP, "discrete_vp"), (LinearVP, "linear_vp"), (CosineVP, "cosine_vp"), (EDM, "edm"), (FlowMatching, "flow")):
+        if isinstance(sched, cls):
+            return name
+    return "other"
+
+
+#: family -> (preset, options) run by ``sample(model, x_T, nfe=N)``
+DEFAULT_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "*": ("unipc", {}),
+}
+
+#: (family, preset) -> spacing, ``"*"`` matching any; the most specific rule wins, in the order
+#: (family, preset), (family, *), (*, preset), (*, *).
+SPACING_RULES: dict[tuple[str, str], str] = {
+    ("*", "*"): "uniform_t",
+    ("edm", "*"): "karras",
+    ("flow", "*"): "uniform_t",
+    ("*", "euler"): "karras",
+    ("*", "heun"): "karras",
+    ("*", "dpm_solver_1"): "uniform_lambda",
+    ("*", "dpm_solver_2"): "uniform_lambda",
+    ("*", "dpm_solver_3"): "uniform_lambda",
+    ("*", "dpmpp_2s"): "uniform_lambda",
+    ("discrete_vp", "lcm"): "trailing",
+}
+
+
+def default_solver(sched: NoiseSchedule) -> tuple[str, dict[str, Any]]:
+    """The preset (and its options) that runs when no solver is named, for this schedule's family."""
+    name, opts = DEFAULT_SOLVERS.get(schedule_family(sched), DEFAULT_SOLVERS["*"])
+    return name, dict(opts)
+
+
+def default_spacing(sched: NoiseSchedule, preset: str | None = None) -> str:
+    """The time grid ``preset`` uses on ``sched`` when no ``spacing`` is given."""
+    fam = schedule_family(sched)
+    for key in ((fam, preset or "*"), (fam, "*"), ("*", preset or "*"), ("*", "*")):
+        if key in SPACING_RULES:
+            return SPACING_RULES[key]
+    return "uniform_t"
