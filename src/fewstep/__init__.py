@@ -12,7 +12,7 @@ if "torch" not in _sys.modules:
     # of microseconds. Passive waiting is the default here unless the user chose otherwise.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .errors import ArgumentError, FewstepError, ModelOutputError, ScheduleError, ScheduleFileError, ShapeError, SolverError
+from .errors import ArgumentError, FewstepError, ModelOutputError, ScheduleError, ScheduleFileError, ShapeError, SolverError, ZooError
 from .metrics import frechet_distance, likelihood_gap, rmse
 from .models import Model, Prediction, Threshold, batched_classifier_free_guidance, classifier_free_guidance
 from .noise import initial_noise, keyed_noise
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
     "ModelOutputError", "NoiseSchedule", "Prediction", "SampleInfo", "ScheduleError", "ScheduleFileError",
-    "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "__version__",
+    "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "ZooError", "__version__",
     "batched_classifier_free_guidance", "default_solver", "default_spacing", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",
     "frechet_distance", "initial_noise", "keyed_noise", "likelihood_gap", "preset", "preset_names", "preset_options",
     "reference_solution", "rmse", "sample", "time_grid", "zoo",

@@ -74,7 +74,7 @@ def prediction_coefficients(kind: str, alpha: float | torch.Tensor, sigma: float
         return 1.0 / n, -s / n, 1.0 / n, a / n
     if kind == "score":
         return 1.0 / a, s * s / a, 0.0, -s
-    raise ModelOutputError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")
+    raise ArgumentError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")
 
 
 def _affine(p: float | torch.Tensor, q: float | torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def from_prediction(
         return eps - x0
     if kind == "score":
         return -eps / s
-    raise ModelOutputError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")
+    raise ArgumentError(f"unknown prediction type {kind!r}; expected one of {PREDICTION_TYPES}")
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class Model:
         prediction: PredictionType = "eps",
         *,
         threshold: Threshold | None = None,
-        check_finite: bool = True,
+        check_finite: bool | int = True,
         name: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
         to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -204,6 +204,7 @@ class Model:
         self._to_images = to_images
         self.calls = 0
         self.evaluations = 0
+        self._sampling = False  # set by fewstep.sample while it runs (deferred NaN/Inf checks)
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """Samples mapped back to the data's own scale and shape (identity unless the model says how;
@@ -275,6 +276,8 @@ class Model:
             raise ShapeError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t64.shape)}")
         alpha, sigma = self.schedule._alpha(t64), self.schedule._sigma(t64)
         pred = to_prediction(self.prediction, self.raw(x, t64), x, alpha, sigma)
+        if not self._sampling:
+            self.guard.flush()  # a direct call answers for its own output (inside sample: once at the end)
         if self.threshold is not None:
             x0 = self.threshold(pred.x0)
             pred = Prediction(x0, (x - _bcast(alpha, x) * x0) / _bcast(sigma, x))

@@ -157,7 +157,7 @@ def resolve_plan(
     if not isinstance(solver, str):
         raise ArgumentError(f"solver must be a preset name or a SolverSchedule, got {type(solver).__name__}")
     if nfe is None:
-        raise SolverError(f"preset {solver!r} needs nfe=")
+        raise ArgumentError(f"preset {solver!r} needs nfe= (model evaluations per sample)")
     return preset(solver, nfe, model.schedule, **options)
 
 
@@ -265,11 +265,13 @@ def sample(
     if sample_indices is not None and len(sample_indices) != x_T.shape[0]:
         raise ShapeError(f"{len(sample_indices)} sample_indices for a batch of {x_T.shape[0]}")
     calls0 = model.calls
+    model._sampling = True
     try:
         with torch.enable_grad() if grad else torch.no_grad():
             out = run_plan(model, x_T, compiled, callback=callback, progress=progress, seed=seed, sample_indices=sample_indices)
         model.guard.flush()  # the one host synchronisation of the NaN/Inf checks on an accelerator
     finally:
+        model._sampling = False
         model.guard.discard()
     if return_info:
         return out, SampleInfo(plan, compiled.nfe, model.calls - calls0, {"seed": seed} if compiled.stochastic else {})

@@ -328,8 +328,8 @@ class EDM(NoiseSchedule):
 
 class FlowMatching(NoiseSchedule):
     """Rectified flow / flow matching: ``alpha = 1 - t``, ``sigma = t``; the velocity target is
-    ``u = eps - x0``. ``shift`` is the SD3-style time-shift applied by the default time grids
-    (``t -> shift t / (1 + (shift - 1) t)``); it does not change alpha or sigma.
+    ``u = eps - x0``. ``shift`` is the SD3-style time shift (``t -> shift t / (1 + (shift - 1) t)``)
+    that the ``uniform_t`` spacing applies; it does not change alpha or sigma.
     """
 
     def __init__(self, shift: float = 1.0, t_max: float = 1.0, t_min: float = 1e-3) -> None:

@@ -74,6 +74,36 @@ def _karras(sched: NoiseSchedule, n: int, t0: float, t1: float, rho: float = 7.0
     return ts
 
 
+def _logistic(sched: NoiseSchedule, n: int, t0: float, t1: float, t_noisy_end: float | None = None,
+              logistic_center: float = 0.0, logistic_scale: float = 1.4, **_: float) -> np.ndarray:
+    """Log-SNR points whose density is logistic, ``lambda = c + s logit(u)`` with ``u`` uniform:
+    dense where the noise level ``sigma / alpha`` is near ``e^-c`` (1 by default: the data scale of
+    models trained on unit-variance data), sparse towards pure noise and towards the data. With
+    ``c = 0, s = 1`` it is the uniform flow-time grid (``u = 1 - sigma / (alpha + sigma)``), so it is
+    one grid for every schedule family: the points depend on noise levels, not on how a schedule
+    parameterises time. ``u`` runs uniformly from the start's quantile to the end's; towards the
+    clean end (lambda = +inf) the ``n - 1`` noisy points stop at ``t_noisy_end`` at the latest
+    (default: the schedule's smallest noisy time) and the clean time follows."""
+    c, s = logistic_center, logistic_scale
+
+    def quantile(lam: float) -> float:
+        return 0.0 if lam == -math.inf else 1.0 if lam == math.inf else 1.0 / (1.0 + math.exp(-(lam - c) / s))
+
+    u0 = quantile(float(sched.lambda_(t0)))
+    l1 = float(sched.lambda_(t1))
+    if math.isfinite(l1):
+        u = np.linspace(u0, quantile(l1), n + 1)[1:-1]
+    else:
+        tn = sched.t_min if t_noisy_end is None else float(t_noisy_end)
+        if not t1 < tn < t0:
+            raise ScheduleError(f"t_noisy_end={tn} must lie strictly between the clean end {t1} and the start {t0}")
+        step = min((1.0 - u0) / n, (quantile(float(sched.lambda_(tn))) - u0) / max(n - 1, 1))
+        u = u0 + step * np.arange(1, n)
+    lam = c + s * np.log(u / (1.0 - u))
+    inner = sched.t_of_lambda(torch.from_numpy(lam)).numpy() if len(lam) else np.zeros(0)
+    return np.concatenate([[t0], inner, [t1]])
+
+
 def _discrete(sched: NoiseSchedule, what: str) -> DiscreteVP:
     if not isinstance(sched, DiscreteVP):
         raise ScheduleError(f"the {what!r} spacing is defined for DiscreteVP schedules only, not {sched!r}")
@@ -117,13 +147,15 @@ def _linspace(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) ->
 
 
 Spacing = Callable[..., np.ndarray]
-#: name -> (function, kind): "time" spacings reach the clean time, "noise" ones append it, "discrete" are diffusers integer grids
+#: name -> (function, kind): "time" spacings reach the clean time, "noise" ones append it, "logistic" is
+#: defined on noise levels with both ends handled in :func:`_logistic`, "discrete" are diffusers integer grids
 SPACINGS: dict[str, tuple[Spacing, str]] = {
     "uniform_t": (_uniform_t, "time"),
     "quadratic": (_quadratic, "time"),
     "uniform_lambda": (_uniform_lambda, "noise"),
     "logsnr": (_uniform_lambda, "noise"),
     "karras": (_karras, "noise"),
+    "logistic": (_logistic, "logistic"),
     "leading": (_leading, "discrete"),
     "leading_multistep": (_leading_multistep, "discrete"),
     "trailing": (_trailing, "discrete"),
@@ -212,9 +244,13 @@ def time_grid(
     t_noisy_end: float | None = None,
     rho: float = 7.0,
     steps_offset: int = 0,
+    logistic_center: float = 0.0,
+    logistic_scale: float = 1.4,
 ) -> np.ndarray:
     """``n + 1`` times for ``n`` steps. ``spacing`` is a name from :data:`SPACINGS` or an explicit list."""
     _check_n(n)
+    logistic_center = float(_number("logistic_center", logistic_center))  # type: ignore[arg-type]
+    logistic_scale = float(_number("logistic_scale", logistic_scale, positive=True))  # type: ignore[arg-type]
     t_start, t_end = _number("t_start", t_start), _number("t_end", t_end)
     t_noisy_start, t_noisy_end = _number("t_noisy_start", t_noisy_start), _number("t_noisy_end", t_noisy_end)
     rho = float(_number("rho", rho, positive=True))  # type: ignore[arg-type]
@@ -238,6 +274,8 @@ def time_grid(
     sched.check_times(torch.tensor([t0, t1], dtype=torch.float64), what="t_start/t_end")
     if kind == "noise":
         ts = _noise_level_grid(sched, n, fn, t0, t1, t_noisy_start, t_noisy_end, rho)
+    elif kind == "logistic":
+        ts = fn(sched, n, t0, t1, t_noisy_end=t_noisy_end, logistic_center=logistic_center, logistic_scale=logistic_scale)
     else:
         ts = fn(sched, n, t0, t1, rho=rho, steps_offset=steps_offset)
     return validate_grid(sched, ts)

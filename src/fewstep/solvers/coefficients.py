@@ -107,7 +107,7 @@ def node_positions(interp: str, prediction: str, schedule: NoiseSchedule, s: Poi
         raise SolverError(
             f"cannot place interpolation nodes on the step {s} -> {t} with nodes at {[n.t for n in nodes]}: "
             f"the interpolation variable {interp!r} is infinite at a node or an end (alpha = 0 or sigma = 0). "
-            "Interpolate in 'sigma' (finite at sigma = 0), 'rho' or 't' (finite at both ends), or use order 1 there"
+            "Interpolate in 'sigma' or 'flat' (finite at sigma = 0), 'rho' or 't' (finite at both ends), or use order 1 there"
         )
     return [(c - us) / span for c in coords]
 

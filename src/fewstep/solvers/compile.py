@@ -6,7 +6,7 @@ Every step is affine once the model outputs are known, so a whole solver becomes
 * ``Combine(target, base, a, terms)``: ``X[target] = a X[base] + sum c D[slot].kind``.
 
 All coefficients are float64 numbers computed here, once per plan: the sampling loop does no
-schedule maths, the parallel driver reads the same program, and search edits the plan only.
+schedule maths, and anything that changes a solver changes the plan, never the loop.
 """
 
 from __future__ import annotations

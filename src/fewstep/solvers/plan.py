@@ -126,8 +126,13 @@ class SolverSchedule:
         lines = [f"{self.name}: {self.n_steps} steps, NFE {self.nfe}"]
         for i, st in enumerate(self.steps):
             extra = f" stages={list(st.stages)}" if st.stages else ""
+            extra += f" stage_variant={st.stage_variant}" if st.stage_variant else ""
+            extra += f" final_nodes={list(st.final_nodes)}" if st.final_nodes is not None else ""
             extra += f" history={list(st.history)}" if st.history else ""
+            extra += " uniform_nodes" if st.uniform_nodes else ""
             extra += f" corrector={st.corrector}" if st.corrector else ""
+            extra += f" corrector_variant={st.corrector_variant}" if st.corrector_variant else ""
+            extra += f" renoise={st.renoise:g}" if st.renoise else ""
             lines.append(
                 f"  {i:3d}: t {self.times[i]:.6g} -> {self.times[i + 1]:.6g}  {st.method} order {st.order} "
                 f"{st.prediction} {st.variant}/{st.interp}{extra}"
@@ -182,8 +187,13 @@ class SolverSchedule:
             json.dumps(meta, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ScheduleFileError(f"'meta' must hold plain JSON values (no NaN/Infinity): {exc}") from None
+        parsed = []
+        for i, s in enumerate(steps):
+            try:
+                parsed.append(Step.from_dict(s))
+            except (SolverError, TypeError) as exc:
+                raise ScheduleFileError(f"invalid solver schedule: steps[{i}]: {exc}") from None
         try:
-            parsed = [Step.from_dict(s) for s in steps]
             return cls(times=tuple(times), steps=tuple(parsed), name=name, schedule=sched, meta=meta)
         except (SolverError, TypeError) as exc:
             raise ScheduleFileError(f"invalid solver schedule: {exc}") from None
@@ -192,6 +202,8 @@ class SolverSchedule:
     def from_json(cls, text: str) -> "SolverSchedule":
         try:
             data = json.loads(text, parse_constant=_reject_constant)
+        except ScheduleFileError:
+            raise
         except ValueError as exc:  # JSONDecodeError, or an integer literal beyond Python's digit limit
             raise ScheduleFileError(f"solver schedule is not valid JSON: {exc}") from None
         return cls.from_dict(data)

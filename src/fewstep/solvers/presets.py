@@ -66,7 +66,9 @@ def _pure_noise_start(sched: NoiseSchedule, times: np.ndarray) -> bool:
 
 def _finish(name: str, sched: NoiseSchedule, times: np.ndarray, steps: list[Step], **meta: Any) -> SolverSchedule:
     if _pure_noise_start(sched, times) and steps[0].order == 1 and steps[0].prediction == "noise":
-        steps = [Step(order=1, prediction="data")] + list(steps[1:])  # the same DDIM update, defined at alpha = 0
+        # the same DDIM update, defined at alpha = 0 (a corrector, with its variant, is kept)
+        first = steps[0].with_(prediction="data") if steps[0].corrector else Step(order=1, prediction="data")
+        steps = [first] + list(steps[1:])
     return SolverSchedule(
         times=tuple(float(t) for t in times), steps=tuple(steps), name=name, schedule=schedule_fingerprint(sched), meta={"preset": name, **meta}
     )
@@ -245,7 +247,8 @@ def ipndm(nfe: int, sched: NoiseSchedule, *, order: int = 4, spacing: Any = None
 @register_preset("euler")
 def euler(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) -> SolverSchedule:
     """Euler in the VE variable (Karras et al. 2022 / k-diffusion): ``dx/dsigma = eps``; identical to
-    noise-prediction DDIM. Default grid: Karras spacing."""
+    noise-prediction DDIM. Default grid: :func:`fewstep.default_spacing` (Karras for VP and EDM
+    schedules, uniform t for flow matching)."""
     n = _check_nfe(nfe, 1, "euler")
     times = _grid(sched, n, spacing, **grid)
     return _finish("euler", sched, times, [Step(order=1, prediction="noise")] * n)
@@ -326,7 +329,8 @@ def _dpm_solver(order: int) -> PresetFn:
         # DPM-Solver-2: r1 = 1/2; DPM-Solver-3: r1 = 1/3, r2 = 2/3 and a final step through {0, r2} only
         return _singlestep(f"dpm_solver_{order}", nfe, sched, order=order, prediction="noise", variant="phi", spacing=spacing, final_nodes={3: (0, 2)}, **grid)
 
-    build.__doc__ = f"DPM-Solver-{order} (Lu et al. 2022): noise prediction, singlestep order {order}, uniform log-SNR steps."
+    build.__doc__ = (f"DPM-Solver-{order} (Lu et al. 2022): noise prediction, singlestep order {order}; default grid "
+                     "uniform log-SNR on VP schedules (:func:`fewstep.default_spacing`).")
     return build
 
 
@@ -344,7 +348,7 @@ def dpmpp_2s(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any
 def lcm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, renoise: float = 1.0, **grid: Any) -> SolverSchedule:
     """Consistency-model multistep sampling (Song et al. 2023; Luo et al. 2023, LCM): predict x0,
     re-noise it to the next level with fresh noise, repeat; the last step returns x0. Meant for
-    consistency-distilled models; stochastic (needs a seed). Default grid: diffusers' trailing
+    consistency-distilled models; stochastic (needs a seed). Default grid (DiscreteVP): diffusers' trailing
     spacing for DiscreteVP."""
     n = _check_nfe(nfe, 1, "lcm")
     times = _grid(sched, n, spacing, **grid)
@@ -353,7 +357,7 @@ def lcm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, renoise: float =
 
 
 #: options every preset accepts (forwarded to :func:`fewstep.time_grid`)
-GRID_OPTIONS = ("spacing", "t_start", "t_end", "t_noisy_start", "t_noisy_end", "rho", "steps_offset")
+GRID_OPTIONS = ("spacing", "t_start", "t_end", "t_noisy_start", "t_noisy_end", "rho", "steps_offset", "logistic_center", "logistic_scale")
 
 
 def preset_options(name: str) -> list[str]:

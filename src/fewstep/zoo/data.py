@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ArgumentError, ShapeError
+
 __all__ = ["DigitsSplit", "load_digits_split", "to_model_space", "to_images", "PIXEL_MAX"]
 
 PIXEL_MAX = 16.0
@@ -25,7 +27,7 @@ def to_images(x: torch.Tensor) -> torch.Tensor:
     """Model-space samples (n, 1, 8, 8) or (n, 64) to (n, 8, 8) float pixel values clamped to 0..16."""
     x = torch.as_tensor(x)
     if x.ndim < 2 or math.prod(x.shape[1:]) != 64:
-        raise ValueError(f"expected samples with 64 values each, (n, 1, 8, 8) or (n, 64); got shape {tuple(x.shape)}")
+        raise ShapeError(f"expected samples with 64 values each, (n, 1, 8, 8) or (n, 64); got shape {tuple(x.shape)}")
     return ((x.detach().float().reshape(x.shape[0], 8, 8) + 1.0) * 8.0).clamp(0.0, PIXEL_MAX)
 
 
@@ -62,7 +64,7 @@ def load_digits_split(seed: int = 0, heldout_fraction: float = 0.25) -> DigitsSp
     """The digits split: per label (in increasing order), a permutation from one
     ``numpy.random.default_rng(seed)`` and the first ``round(fraction * count)`` go to held-out."""
     if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
+        raise ArgumentError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
     from sklearn.datasets import load_digits  # optional dependency (fewstep[digits])
 
     digits = load_digits()

@@ -12,7 +12,7 @@ Samples are read as a user would see them: mapped to pixels 0..16 (clamped) and 
 :func:`model_quality` measures a zoo model as its card records it (converged high-NFE samples,
 as many as the train split, against the train-vs-held-out bar):
 
-    python -m fewstep.zoo.evaluate NAME [--n 1347] [--solver unipc] [--nfe 100] [--seed 0] [--write]
+    python -m fewstep.zoo.evaluate NAME [--n 1347] [--nfe 100] [--seed 0] [--write]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import ShapeError
 
 from ..metrics import frechet_distance
 from .data import load_digits_split, to_images, to_model_space
@@ -68,7 +70,7 @@ class DigitsEvaluator:
     def evaluate(self, x: torch.Tensor) -> dict[str, float]:
         """``fd_features``, ``fd_pixels`` (to the held-out digits), ``confidence``, ``confident_share``, ``class_entropy_bits``."""
         if x.shape[0] < 2:
-            raise ValueError(f"digit metrics need at least 2 samples, got {x.shape[0]}")
+            raise ShapeError(f"digit metrics need at least 2 samples, got {x.shape[0]}")
         emb = self._embed(x)
         top = emb.probabilities.max(-1).values
         hist = torch.bincount(emb.probabilities.argmax(-1), minlength=10).to(torch.float64) / emb.probabilities.shape[0]
