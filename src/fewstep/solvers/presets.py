@@ -23,7 +23,8 @@ from .strategy import Step
 __all__ = ["preset", "PRESETS", "register_preset", "preset_names"]
 
 PresetFn = Callable[..., SolverSchedule]
-#: order of the multistep presets' step into sigma = 0 (1 = DDIM's final denoising step); see README
+#: order of the multistep presets' step into sigma = 0 (1 = DDIM's final denoising step); measured in
+#: benchmarks/reports/defaults.md, documented in docs/mathematics.md
 DEFAULT_FINAL_ORDER = 2
 PRESETS: dict[str, PresetFn] = {}
 
@@ -247,8 +248,7 @@ def ipndm(nfe: int, sched: NoiseSchedule, *, order: int = 4, spacing: Any = None
 @register_preset("euler")
 def euler(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) -> SolverSchedule:
     """Euler in the VE variable (Karras et al. 2022 / k-diffusion): ``dx/dsigma = eps``; identical to
-    noise-prediction DDIM. Default grid: :func:`fewstep.default_spacing` (Karras for VP and EDM
-    schedules, uniform t for flow matching)."""
+    noise-prediction DDIM. Default grid: :func:`fewstep.default_spacing`."""
     n = _check_nfe(nfe, 1, "euler")
     times = _grid(sched, n, spacing, **grid)
     return _finish("euler", sched, times, [Step(order=1, prediction="noise")] * n)
@@ -329,8 +329,7 @@ def _dpm_solver(order: int) -> PresetFn:
         # DPM-Solver-2: r1 = 1/2; DPM-Solver-3: r1 = 1/3, r2 = 2/3 and a final step through {0, r2} only
         return _singlestep(f"dpm_solver_{order}", nfe, sched, order=order, prediction="noise", variant="phi", spacing=spacing, final_nodes={3: (0, 2)}, **grid)
 
-    build.__doc__ = (f"DPM-Solver-{order} (Lu et al. 2022): noise prediction, singlestep order {order}; default grid "
-                     "uniform log-SNR on VP schedules (:func:`fewstep.default_spacing`).")
+    build.__doc__ = f"DPM-Solver-{order} (Lu et al. 2022): noise prediction, singlestep order {order}."
     return build
 
 
@@ -348,8 +347,8 @@ def dpmpp_2s(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any
 def lcm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, renoise: float = 1.0, **grid: Any) -> SolverSchedule:
     """Consistency-model multistep sampling (Song et al. 2023; Luo et al. 2023, LCM): predict x0,
     re-noise it to the next level with fresh noise, repeat; the last step returns x0. Meant for
-    consistency-distilled models; stochastic (needs a seed). Default grid (DiscreteVP): diffusers' trailing
-    spacing for DiscreteVP."""
+    consistency-distilled models; stochastic (needs a seed). Default grid on DiscreteVP: diffusers'
+    trailing spacing."""
     n = _check_nfe(nfe, 1, "lcm")
     times = _grid(sched, n, spacing, **grid)
     steps = [Step(order=1, prediction="data", renoise=renoise)] * (n - 1) + [Step(order=1, prediction="data")]
