@@ -76,3 +76,40 @@ def quiet_diffusers() -> None:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def package_version(dist: str) -> str:
+    """The installed version of a distribution (``"not installed"`` when absent), without importing it."""
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return "not installed"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so an interrupted run never
+    leaves a truncated cache file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def set_threads(n: int | None = None) -> int:
+    """``torch.set_num_threads``: ``n``, else ``$FEWSTEP_BENCH_THREADS``, else every CPU this process
+    may run on (the project's 2-vCPU machine: 2). Returns the count set."""
+    import torch
+
+    if n is None:
+        env = os.environ.get("FEWSTEP_BENCH_THREADS")
+        if env:
+            n = int(env)
+        else:
+            try:
+                n = len(os.sched_getaffinity(0))
+            except AttributeError:  # not on Linux
+                n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, int(n)))
+    return torch.get_num_threads()

@@ -3,7 +3,12 @@
 * diffusers schedulers, driven by a plain ``scale_model_input`` / ``step`` loop with the oracle's
   eps prediction;
 * k-diffusion's deterministic samplers, with the oracle's exact denoiser ``D(x_ve, sigma)`` in the
-  variance-exploding view ``x_ve = x / alpha``, ``sigma_ve = sigma_t / alpha_t``.
+  variance-exploding view ``x_ve = x / alpha``, ``sigma_ve = sigma_t / alpha_t``;
+* for flow-matching models (``fewstep.FlowMatching``): diffusers' FlowMatchEuler / FlowMatchHeun and
+  DPMSolverMultistep / UniPC in their flow mode (``use_flow_sigmas``, ``flow_prediction``), fed the
+  velocity ``eps - x0`` at their sigma (= the flow time t);
+* for EDM models (``fewstep.EDM``): diffusers' EDMEuler and EDMDPMSolverMultistep, fed the raw
+  output of an EDM-preconditioned network that reproduces the model's x0 exactly (``edm_peers``).
 
 ``import k_diffusion`` pulls in torchvision (and PIL, safetensors, ...) through its ``__init__`` and
 ``utils``; only ``k_diffusion/sampling.py`` is needed, so it is loaded standalone with a minimal
@@ -43,7 +48,7 @@ import torch
 
 import fewstep
 
-__all__ = ["Peer", "PeerContext", "diffusers_peers", "kdiffusion_peers", "load_k_sampling", "all_peers"]
+__all__ = ["Peer", "PeerContext", "diffusers_peers", "flow_peers", "edm_peers", "kdiffusion_peers", "load_k_sampling", "all_peers"]
 
 SPACINGS = ("leading", "linspace", "trailing")
 
@@ -98,6 +103,17 @@ class PeerContext:
         t = float(self.sched.t_of_lambda(torch.tensor(math.log(alpha / sigma), dtype=torch.float64)))
         a_t = float(self.sched.alpha(t))
         return self.model.predict(x * (a_t / alpha), t)
+
+    def predict_at(self, x: torch.Tensor, t: float) -> fewstep.Prediction:
+        """(x0, eps) of the state ``x`` at the time ``t`` of the context's own schedule (flow matching and
+        EDM: ``t = sigma``); one model evaluation. Needs no finite log-SNR, so it also answers at a
+        pure-noise time (flow matching t = 1), where :meth:`_posterior`'s ``t(lambda)`` does not exist."""
+        self.calls += 1
+        if self.oracle is not None:
+            tt = torch.tensor(float(t), dtype=torch.float64)
+            one = torch.ones(x.shape[0], dtype=torch.float64)
+            return self.oracle.posterior(x, float(self.sched.alpha(tt)) * one, float(self.sched.sigma(tt)) * one)
+        return self.model.predict(x, float(t))
 
     def eps_at_sigma_ve(self, x: torch.Tensor, sigma_ve: float) -> torch.Tensor:
         """eps of the VP state ``x`` whose noise level is ``sigma_ve = sigma_t / alpha_t``."""
@@ -399,40 +415,176 @@ def kdiffusion_peers() -> list[Peer]:
 
 
 # ---- flow matching ------------------------------------------------------------------------------
-def _flow_euler(ctx: PeerContext, option: dict[str, Any], x_T: torch.Tensor, nfe: int) -> tuple[torch.Tensor, int] | None:
-    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (shift 1) on a flow-matching model: Euler in
-    ``sigma = t`` from 1 with the velocity ``u = eps - x0`` the model gives at that time."""
-    import diffusers
+#: diffusers' flow-matching mode of its multistep schedulers: ``sigma`` is the flow time t (alpha = 1 - t),
+#: the model output is the velocity ``u = eps - x0`` (x0 = x - sigma u). ``flow_shift`` only warps the
+#: grid (``shift t / (1 + (shift - 1) t)``); 1.0 leaves diffusers' own grid as it is.
+_FLOW_MULTISTEP = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 1.0}
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sch = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, **option)
-        sch.set_timesteps(nfe)
-    x = x_T.clone()
-    calls0 = ctx.calls
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i, t in enumerate(sch.timesteps):
-            ctx.calls += 1
-            pred = ctx.model.predict(x, float(sch.sigmas[i]))  # FlowMatching: t = sigma
-            x = sch.step((pred.eps - pred.x0).to(x.dtype), t, x).prev_sample
-    return x.to(x_T.dtype), ctx.calls - calls0
+
+def _public(option: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in option.items() if not k.startswith("_")}
+
+
+def _check_flow(ctx: PeerContext) -> None:
+    sched = ctx.sched
+    if not isinstance(sched, fewstep.FlowMatching) or float(sched.t_max) != 1.0:
+        raise ValueError("diffusers' flow schedulers start from pure noise (t ~ 1): they need a FlowMatching schedule with t_max = 1")
+
+
+def _flow_call_time(ctx: PeerContext, sch: Any, i: int, timestep: Any) -> float:
+    """The flow time at which call ``i`` is answered: the scheduler's own ``sigmas[i]`` (= t; the
+    sigma its step converts this output with), or with ``model_mode="timestep"`` ``timestep / 1000``,
+    what a network conditioned on diffusers' timestep sees (DPMSolverMultistep and UniPC store
+    ``int64(sigma * 1000)``, truncated)."""
+    if ctx.model_mode == "timestep":
+        return float(timestep) / float(sch.config.num_train_timesteps)
+    return float(sch.sigmas[i])
+
+
+def _flow_runner(cls_name: str, config: dict[str, Any], steps_for_nfe: Callable[[int], int] = lambda n: n):
+    """A diffusers flow-matching scheduler driven by its ``step`` loop from ``x_T`` (pure noise, t = 1),
+    each call answered with the velocity ``eps - x0`` at the time the scheduler assigns to it."""
+
+    def run(ctx: PeerContext, option: dict[str, Any], x_T: torch.Tensor, nfe: int) -> tuple[torch.Tensor, int]:
+        import diffusers
+
+        _check_flow(ctx)
+        n = steps_for_nfe(nfe)
+        if n < 1:
+            raise ValueError(f"{cls_name} cannot run with NFE {nfe}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sch = getattr(diffusers, cls_name)(num_train_timesteps=1000, **{**config, **_public(option)})  # an option overrides the config
+            sch.set_timesteps(n)
+        x = x_T.clone()  # diffusers' first sigma is ~1 (0.999 for DPMSolverMultistep): the same pure noise
+        calls0 = ctx.calls
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, t in enumerate(sch.timesteps):
+                pred = ctx.predict_at(x, _flow_call_time(ctx, sch, i, t))
+                x = sch.step((pred.eps - pred.x0).to(x.dtype), t, x).prev_sample
+        return x.to(x_T.dtype), ctx.calls - calls0
+
+    return run
+
+
+#: the grid knob users tune on flow schedulers: ``shift t / (1 + (shift - 1) t)`` (1.0 = diffusers' own grid,
+#: the ``default`` option; the others are options of their own)
+FLOW_SHIFTS = (0.5, 2.0, 3.0)
+
+
+def _shifts(key: str) -> list[dict[str, Any]]:
+    return [{key: s} for s in FLOW_SHIFTS]
 
 
 def flow_peers() -> list[Peer]:
-    """Peers for flow-matching models: diffusers' flow Euler scheduler on its own grid and with Karras / exponential sigmas."""
-    opts = [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}]
-    return [Peer("diffusers FlowMatchEuler", "diffusers", opts, _flow_euler, "euler")]
+    """Peers for flow-matching models (FlowMatching, t_max = 1): diffusers' flow schedulers, shift 1 (and shifted).
+
+    * ``FlowMatchEulerDiscreteScheduler``: its own grid (uniform t from 1 to 1/1000, then 0), Karras,
+      exponential or beta sigmas (all in t itself).
+    * ``FlowMatchHeunDiscreteScheduler``: uniform t from 1 to 1/1000, then an Euler step into 0
+      (n steps, 2n - 1 calls); no grid options.
+    * ``DPMSolverMultistepScheduler`` (dpmsolver++, orders 2 / 3) and ``UniPCMultistepScheduler`` (bh2,
+      orders 2 / 3) with ``use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1``.
+      With flow sigmas ``timestep_spacing`` has no effect (the grid is built from sigmas), DPMSolver's
+      grid is uniform in t from 0.999 (it starts from the pure noise at t = 0.999), UniPC's is
+      ``linspace(1, 1/1000, n + 1)[:-1]`` (first entry 1 - 1e-6), then 0. UniPC's ``use_karras_sigmas``
+      maps the Karras VE sigmas of its (default) DDPM betas to ``t = s / (1 + s)``: t from 0.9937 to
+      0.0099. Karras / exponential / beta / Lu sigmas are otherwise not converted to flow times (the VE
+      sigmas, up to 157, are used as t: alpha < 0, NaN), so they are not offered.
+    * Each also runs its uniform grid shifted, ``shift`` (FlowMatchEuler / FlowMatchHeun) or ``flow_shift``
+      (DPMSolverMultistep / UniPC) in ``FLOW_SHIFTS``, the grid knob users tune (t -> shift t / (1 + (shift - 1) t);
+      > 1 spends more steps near the noise end).
+    """
+    same = lambda n: n  # noqa: E731
+    return [
+        Peer("diffusers FlowMatchEuler", "diffusers",
+             [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True}, *_shifts("shift")],
+             _flow_runner("FlowMatchEulerDiscreteScheduler", {"shift": 1.0}), "euler"),
+        # n steps cost 2n - 1 calls (Euler into t = 0); an even budget leaves one call unused
+        Peer("diffusers FlowMatchHeun", "diffusers", [{}, *_shifts("shift")],
+             _flow_runner("FlowMatchHeunDiscreteScheduler", {"shift": 1.0}, lambda n: (n + 1) // 2), "heun"),
+        Peer("diffusers DPMSolverMultistep 2M (flow)", "diffusers", [{}, *_shifts("flow_shift")],
+             _flow_runner("DPMSolverMultistepScheduler", {**_FLOW_MULTISTEP, "solver_order": 2, "algorithm_type": "dpmsolver++"}, same), "dpmpp_2m"),
+        Peer("diffusers DPMSolverMultistep 3M (flow)", "diffusers", [{}, *_shifts("flow_shift")],
+             _flow_runner("DPMSolverMultistepScheduler", {**_FLOW_MULTISTEP, "solver_order": 3, "algorithm_type": "dpmsolver++"}, same), "dpmpp_3m"),
+        Peer("diffusers UniPC 2 (bh2, flow)", "diffusers", [{}, {"use_karras_sigmas": True}, *_shifts("flow_shift")],
+             _flow_runner("UniPCMultistepScheduler", {**_FLOW_MULTISTEP, "solver_order": 2, "solver_type": "bh2"}, same), "unipc"),
+        Peer("diffusers UniPC 3 (bh2, flow)", "diffusers", [{}, {"use_karras_sigmas": True}, *_shifts("flow_shift")],
+             _flow_runner("UniPCMultistepScheduler", {**_FLOW_MULTISTEP, "solver_order": 3, "solver_type": "bh2"}, same), "unipc"),
+    ]
+
+
+# ---- EDM ----------------------------------------------------------------------------------------
+def _edm_runner(cls_name: str, config: dict[str, Any]):
+    """A diffusers EDM scheduler (sigma_min / sigma_max / sigma_data of the fewstep ``EDM`` schedule)
+    driven by its ``scale_model_input`` / ``step`` loop from ``x_T = sigma_max z``.
+
+    diffusers' EDM schedulers take the raw output ``F`` of an EDM-preconditioned network and form the
+    denoiser themselves, ``D = c_skip(sigma) x + c_out(sigma) F`` (``precondition_outputs``,
+    ``prediction_type="epsilon"``: c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)). The model's
+    x0 at the call's sigma is turned into that F with the scheduler's own c_skip / c_out (the same
+    float32 sigma), so each step sees the model's x0 exactly."""
+
+    def run(ctx: PeerContext, option: dict[str, Any], x_T: torch.Tensor, nfe: int) -> tuple[torch.Tensor, int]:
+        import diffusers
+
+        sched = ctx.sched
+        if not isinstance(sched, fewstep.EDM):
+            raise ValueError(f"{cls_name} needs an EDM schedule")
+        if nfe < 1:
+            raise ValueError(f"{cls_name} cannot run with NFE {nfe}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sch = getattr(diffusers, cls_name)(sigma_min=sched.sigma_min, sigma_max=sched.sigma_max, sigma_data=sched.sigma_data,
+                                               prediction_type="epsilon", **config, **_public(option))
+            sch.set_timesteps(nfe)
+        # x_T = sigma_max z, as fewstep and the reference start (diffusers' pipelines scale z by its
+        # init_noise_sigma = sqrt(sigma_max^2 + 1), a VP habit; 1.00008 sigma_max at sigma_max = 80)
+        x = x_T.clone()
+        one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        calls0 = ctx.calls
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for t in sch.timesteps:
+                sch.scale_model_input(x, t)  # c_in x, what the network would see with c_noise = t; sets the step index
+                sigma = sch.sigmas[sch.step_index]
+                # model_mode "timestep": the noise level a network reads from c_noise = log(sigma) / 4
+                s_call = math.exp(4.0 * float(t)) if ctx.model_mode == "timestep" else float(sigma)
+                x0 = ctx.predict_at(x, s_call).x0.to(x.dtype)
+                c_skip = sch.precondition_outputs(one, zero, sigma)
+                c_out = sch.precondition_outputs(zero, one, sigma)
+                x = sch.step((x0 - c_skip * x) / c_out, t, x).prev_sample
+        return x.to(x_T.dtype), ctx.calls - calls0
+
+    return run
+
+
+def edm_peers() -> list[Peer]:
+    """Peers for EDM models: diffusers' ``EDMEulerScheduler`` and ``EDMDPMSolverMultistepScheduler``
+    (dpmsolver++, midpoint, orders 2 / 3) on their ``sigma_schedule`` karras (rho 7) or exponential:
+    n noise levels from sigma_max to sigma_min, then 0 (one call each)."""
+    opts = [{"sigma_schedule": "karras"}, {"sigma_schedule": "exponential"}]
+    return [
+        Peer("diffusers EDMEuler", "diffusers", opts, _edm_runner("EDMEulerScheduler", {}), "euler"),
+        Peer("diffusers EDMDPMSolverMultistep 2M", "diffusers", opts,
+             _edm_runner("EDMDPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}), "dpmpp_2m"),
+        Peer("diffusers EDMDPMSolverMultistep 3M", "diffusers", opts,
+             _edm_runner("EDMDPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "dpmsolver++"}), "dpmpp_3m"),
+    ]
 
 
 def all_peers(*, kdiffusion: bool = True, schedule: fewstep.NoiseSchedule | None = None) -> list[Peer]:
     """The peers that apply to models on ``schedule`` (default: the DDPM schedule of the oracles):
-    diffusers' DDPM-family schedulers for a ``DiscreteVP``, its flow Euler for ``FlowMatching``,
-    k-diffusion's samplers wherever the start has a finite VE noise level (alpha(t_max) > 0)."""
+    diffusers' DDPM-family schedulers for a ``DiscreteVP``, its flow schedulers for ``FlowMatching``,
+    its EDM schedulers for ``EDM``, k-diffusion's samplers wherever the start has a finite VE noise
+    level (alpha(t_max) > 0)."""
     if schedule is None or isinstance(schedule, fewstep.DiscreteVP):
         peers = diffusers_peers()
     elif isinstance(schedule, fewstep.FlowMatching):
         peers = flow_peers()
+    elif isinstance(schedule, fewstep.EDM):
+        peers = edm_peers()
     else:
         peers = []
     if schedule is not None and float(schedule.alpha(float(schedule.t_max))) <= 0.0:

@@ -1,8 +1,9 @@
 """Run every benchmark and write its report into benchmarks/reports/ (what `make bench` calls).
 
-    python benchmarks/run_all.py            # full: overhead (~1 min), quality on the oracles (~15 min on
+    python benchmarks/run_all.py            # full: overhead (~1 min), the default call vs the peers (~36 min,
+                                            # ~3 min with its peer cache), quality on the oracles (~15 min on
                                             # 2 CPU cores), quality on the digits networks (~60 min)
-    python benchmarks/run_all.py --quick    # quick modes of all three (~2-3 min)
+    python benchmarks/run_all.py --quick    # quick modes of all four (~2-3 min)
 
 The overhead benchmark runs first so that its timings are taken on an otherwise idle machine.
 Nothing here asserts on timings; the exit status is non-zero only if a benchmark crashes.
@@ -15,6 +16,7 @@ import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import argparse
 import time
 
+import defaults
 import overhead
 import quality
 from _common import log
@@ -23,7 +25,7 @@ from _common import log
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the quick mode of every benchmark")
-    ap.add_argument("--only", choices=["overhead", "quality", "digits"], default=None, help="run one benchmark")
+    ap.add_argument("--only", choices=["overhead", "defaults", "quality", "digits"], default=None, help="run one benchmark")
     args = ap.parse_args(argv)
     flags = ["--quick"] if args.quick else []
     t0 = time.perf_counter()
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "overhead"):
         log("== overhead ==")
         status |= overhead.main(flags)
+    if args.only in (None, "defaults"):
+        log("== defaults ==")
+        status |= defaults.main(flags)
     if args.only in (None, "quality"):
         log("== quality ==")
         status |= quality.main(flags)

@@ -23,7 +23,7 @@ def test_default_call_runs_the_documented_default(family):
     assert info.plan.name == name and info.plan.meta["spacing"] == spacing and info.nfe == 8
     explicit = fewstep.sample(model, x, name, nfe=8, spacing=spacing, **opts)
     assert torch.equal(out, explicit)
-    assert spacing == ("uniform_t" if isinstance(sched, fewstep.FlowMatching) else "logistic")
+    assert spacing == "logistic"
 
 
 def test_default_call_needs_an_nfe():
@@ -36,7 +36,7 @@ def test_every_preset_without_spacing_uses_the_rule_table():
     vp, flow = fewstep.DiscreteVP.linear(), fewstep.FlowMatching()
     for name in fewstep.preset_names():
         assert fewstep.preset(name, 8, vp).meta["spacing"] == ("trailing" if name == "lcm" else "logistic")
-        assert fewstep.preset(name, 8, flow).meta["spacing"] == "uniform_t"
+        assert fewstep.preset(name, 8, flow).meta["spacing"] == "logistic"
 
 
 @pytest.mark.parametrize("family", sorted(ALL_SCHEDULES))
@@ -61,9 +61,22 @@ def test_logistic_points_are_uniform_quantiles_of_a_logistic_in_log_snr(scale, c
     assert np.diff(u)[0] == pytest.approx((1.0 - u[0]) / n, rel=1e-8)
 
 
-def test_logistic_scale_one_on_flow_is_uniform_flow_time():
-    flow = fewstep.FlowMatching()
-    assert np.allclose(fewstep.time_grid(flow, 7, "logistic", logistic_scale=1.0), fewstep.time_grid(flow, 7, "uniform_t"), atol=1e-12)
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.4])
+def test_logistic_with_centre_zero_scale_one_on_flow_is_uniform_flow_time(shift):
+    """c = 0, s = 1 is uniform flow time, and the schedule's shift moves both grids alike."""
+    flow = fewstep.FlowMatching(shift=shift)
+    grid = fewstep.time_grid(flow, 7, "logistic", logistic_center=0.0, logistic_scale=1.0)
+    assert np.allclose(grid, fewstep.time_grid(flow, 7, "uniform_t"), atol=1e-12)
+
+
+def test_family_grid_options_apply_unless_given():
+    flow, vp = fewstep.FlowMatching(), fewstep.DiscreteVP.linear()
+    plan = fewstep.preset("unipc", 6, flow)
+    assert plan.times == tuple(fewstep.time_grid(flow, 6, "logistic", logistic_center=0.6, logistic_scale=1.1))
+    assert plan.times == tuple(fewstep.time_grid(flow, 6))  # time_grid takes the family's defaults too
+    mine = fewstep.preset("unipc", 6, flow, logistic_scale=2.0)
+    assert mine.times == tuple(fewstep.time_grid(flow, 6, "logistic", logistic_center=0.6, logistic_scale=2.0))
+    assert fewstep.preset("unipc", 6, vp).times == tuple(fewstep.time_grid(vp, 6, "logistic", logistic_center=0.0, logistic_scale=1.4))
 
 
 def test_logistic_grid_ends_at_an_intermediate_time():

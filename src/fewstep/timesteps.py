@@ -83,8 +83,11 @@ def _logistic(sched: NoiseSchedule, n: int, t0: float, t1: float, t_noisy_end: f
     one grid for every schedule family: the points depend on noise levels, not on how a schedule
     parameterises time. ``u`` runs uniformly from the start's quantile to the end's; towards the
     clean end (lambda = +inf) the ``n - 1`` noisy points stop at ``t_noisy_end`` at the latest
-    (default: the schedule's smallest noisy time) and the clean time follows."""
+    (default: the schedule's smallest noisy time) and the clean time follows. A flow schedule's
+    ``shift`` moves the centre to ``c - log(shift)``, as it moves the uniform-t grid."""
     c, s = logistic_center, logistic_scale
+    if isinstance(sched, FlowMatching):  # the SD3 shift moves the grid's centre: lambda -> lambda - log(shift)
+        c -= math.log(sched.shift)
 
     def quantile(lam: float) -> float:
         return 0.0 if lam == -math.inf else 1.0 if lam == math.inf else 1.0 / (1.0 + math.exp(-(lam - c) / s))
@@ -164,7 +167,8 @@ SPACINGS: dict[str, tuple[Spacing, str]] = {
 
 
 def default_spacing(sched: NoiseSchedule, preset: str | None = None) -> str:
-    """The grid used when none is named (:func:`fewstep.defaults.default_spacing`)."""
+    """The grid used when none is named (:func:`fewstep.defaults.default_spacing`); ``time_grid``
+    uses it with its own option defaults, presets also take the rule's grid options."""
     from .defaults import default_spacing as chosen
 
     return chosen(sched, preset)
@@ -244,13 +248,18 @@ def time_grid(
     t_noisy_end: float | None = None,
     rho: float = 7.0,
     steps_offset: int = 0,
-    logistic_center: float = 0.0,
-    logistic_scale: float = 1.4,
+    logistic_center: float | None = None,
+    logistic_scale: float | None = None,
 ) -> np.ndarray:
-    """``n + 1`` times for ``n`` steps. ``spacing`` is a name from :data:`SPACINGS` or an explicit list."""
+    """``n + 1`` times for ``n`` steps. ``spacing`` is a name from :data:`SPACINGS` or an explicit list.
+    ``logistic_center`` / ``logistic_scale`` default to the schedule family's measured values
+    (:func:`fewstep.defaults.default_grid`: 0 and 1.4, on flow matching 0.6 and 1.1)."""
     _check_n(n)
-    logistic_center = float(_number("logistic_center", logistic_center))  # type: ignore[arg-type]
-    logistic_scale = float(_number("logistic_scale", logistic_scale, positive=True))  # type: ignore[arg-type]
+    from .defaults import default_grid
+
+    family_grid = default_grid(sched)[1]
+    logistic_center = float(_number("logistic_center", family_grid.get("logistic_center", 0.0) if logistic_center is None else logistic_center))  # type: ignore[arg-type]
+    logistic_scale = float(_number("logistic_scale", family_grid.get("logistic_scale", 1.4) if logistic_scale is None else logistic_scale, positive=True))  # type: ignore[arg-type]
     t_start, t_end = _number("t_start", t_start), _number("t_end", t_end)
     t_noisy_start, t_noisy_end = _number("t_noisy_start", t_noisy_start), _number("t_noisy_end", t_noisy_end)
     rho = float(_number("rho", rho, positive=True))  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ArgumentError, SolverError
 from ..schedules import NoiseSchedule
-from ..defaults import default_spacing
+from ..defaults import default_grid
 from ..timesteps import time_grid
 from .plan import SolverSchedule, schedule_fingerprint
 from .strategy import Step
@@ -384,8 +384,13 @@ def preset(name: str, nfe: int, sched: NoiseSchedule, **options: Any) -> SolverS
     if unknown:
         raise ArgumentError(f"unknown option(s) {unknown} for preset {name!r}; valid options: {valid}")
     if options.get("spacing") is None:
-        options["spacing"] = default_spacing(sched, name)
+        options["spacing"], grid_defaults = default_grid(sched, name)
+        for key, value in grid_defaults.items():
+            options.setdefault(key, value)
     plan = PRESETS[name](nfe, sched, **options)
     sp = options["spacing"]
     plan.meta["spacing"] = sp if isinstance(sp, str) else "explicit"
+    grid = {k: options[k] for k in GRID_OPTIONS if k != "spacing" and k in options}
+    if grid:
+        plan.meta["grid"] = grid
     return plan

@@ -1,0 +1,767 @@
+"""Defaults are the product: ``fewstep.sample(model, x_T, nfe=N)`` -- no solver and no spacing named,
+whatever the library's defaults are at run time -- against the best diffusers scheduler / k-diffusion
+sampler at ITS best grid option, per NFE, on the exact oracles on every schedule family and on the
+bundled digits networks.
+
+Per target and NFE: the default call's RMSE against the reference and its second metric (oracles: the
+exact likelihood gap; networks: the digits feature Fréchet distance), the best peer (name, option, NFE
+used, RMSE) and the ratio default / peer (< 1: fewstep ahead), the same restricted to diffusers, what
+the default call ran (``info.plan.name``, ``info.plan.meta``, ``fewstep.defaults.default_solver`` /
+``default_spacing``), and the previous default call ``sample(model, x_T, "ddim", nfe=N,
+spacing="uniform_t")`` for context. A second table per target: the order of the step into sigma = 0
+(``final_order=1`` vs the preset's default) for unipc, dpmpp_3m and dpmpp_2m at NFE 5-10. A headline
+across targets (ratio default / best peer) states whether the bar (ratio <= 1 everywhere) is met.
+
+Peers do not change when fewstep changes, so every peer run is cached in
+``benchmarks/.cache/peers-<target>.json``, keyed by (peer, option, NFE, batch, seed, reference file,
+diffusers / k-diffusion versions, model mode); a rerun after a fewstep change runs only fewstep's side.
+
+    python benchmarks/defaults.py                      # all targets -> reports/defaults.md (+ .json)
+    python benchmarks/defaults.py --quick              # gmm-d64@vp + gmm-d64@flow, batch 64, NFE 5 10 -> reports/defaults_quick.md
+    python benchmarks/defaults.py --targets oracles    # the oracle targets only (or: networks, or ids below)
+    python benchmarks/defaults.py --targets gmm-d64@edm digits-flow:64 --nfe 5 10
+
+Targets: ``<oracle>@<schedule>[:batch]`` with schedule one of vp (DiscreteVP.linear), vp-scaled-linear,
+vp-cosine, linear-vp, cosine-vp, edm, flow; or a zoo network ``digits-vp-eps``, ``digits-flow``,
+``digits-edm`` [:batch]. No number is asserted; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import fewstep
+from fewstep.report import markdown_table
+
+from _common import CACHE, REPORTS, log, machine_lines, package_version, quiet_diffusers, set_threads, write_text_atomic
+import peers as peers_mod
+import quality as Q
+
+NFES = (5, 6, 8, 10, 15, 20)
+QUICK_NFES = (5, 10)
+FINAL_ORDER_NFES = (5, 6, 8, 10)
+FINAL_ORDER_PRESETS = ("unipc", "dpmpp_3m", "dpmpp_2m")
+PREVIOUS_DEFAULT = ("ddim", {"spacing": "uniform_t"})
+MODEL_MODE = "sigma"
+PEER_CACHE_FORMAT = 1
+
+#: schedule key -> (how the report names it, constructor, reference-file tag)
+SCHEDULES: dict[str, tuple[str, Callable[[], fewstep.NoiseSchedule], str]] = {
+    "vp": ("DiscreteVP.linear()", lambda: fewstep.DiscreteVP.linear(), "vp_linear"),
+    "vp-scaled-linear": ("DiscreteVP.scaled_linear()", lambda: fewstep.DiscreteVP.scaled_linear(), "vp_scaled_linear"),
+    "vp-cosine": ("DiscreteVP.cosine()", lambda: fewstep.DiscreteVP.cosine(), "vp_cosine"),
+    "linear-vp": ("LinearVP()", lambda: fewstep.LinearVP(), "linear_vp"),
+    "cosine-vp": ("CosineVP()", lambda: fewstep.CosineVP(), "cosine_vp"),
+    "edm": ("EDM()", lambda: fewstep.EDM(), "edm"),
+    "flow": ("FlowMatching()", lambda: fewstep.FlowMatching(), "flow"),
+}
+ORACLE_TARGETS = (
+    ("gmm-d64@vp", 256), ("digits-gmm@vp", 256), ("gmm-d3072@vp", 64),
+    ("gmm-d64@vp-scaled-linear", 256), ("gmm-d64@vp-cosine", 256), ("gmm-d64@linear-vp", 256),
+    ("gmm-d64@cosine-vp", 256), ("gmm-d64@edm", 256), ("gmm-d64@flow", 256),
+)
+NETWORK_TARGETS = (("digits-vp-eps", 128), ("digits-flow", 128), ("digits-edm", 128))
+QUICK_TARGETS = (("gmm-d64@vp", 64), ("gmm-d64@flow", 64))
+#: schedules no diffusers scheduler takes: fewstep's own best preset at its best grid is measured beside
+#: whatever peers exist (k-diffusion's samplers, which need only the VE noise levels)
+FEWSTEP_BEST_SCHEDULES = ("linear-vp", "cosine-vp")
+
+
+# ---------------------------------------------------------------------------------------------
+# targets
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DTarget:
+    id: str  # e.g. gmm-d64@vp, digits-flow
+    target: Q.Target
+    ref_file: str  # the cached reference this target's numbers are measured against (with the slice taken)
+    sched_label: str
+    sched_key: str | None  # None for a network
+    build_s: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_target(spec: str, quick: bool) -> tuple[str, int]:
+    name, _, b = spec.partition(":")
+    if b:
+        return name, int(b)
+    for tid, batch in ORACLE_TARGETS + NETWORK_TARGETS:
+        if tid == name:
+            return name, (64 if quick else batch)
+    if "@" in name:
+        return name, 64 if (quick or name.startswith("gmm-d3072")) else 256
+    return name, 64 if quick else 128
+
+
+def _ref_batch(path_for: Callable[[int], Path], batch: int) -> int:
+    """The batch of the cached reference to use: ``batch`` itself when cached, else the smallest larger
+    cached one (references are per sample and the keyed noise of sample i does not depend on the batch,
+    so its first ``batch`` rows are this target's), else ``batch`` (computed and cached)."""
+    exact = path_for(batch)
+    if exact.is_file() and exact.with_suffix(".json").is_file():
+        return batch
+    pat = re.compile(re.escape(path_for(999_999_999).name).replace("999999999", r"(\d+)"))
+    found = []
+    for p in CACHE.glob("ref-*.npy"):
+        m = pat.fullmatch(p.name)
+        if m and int(m.group(1)) > batch and p.with_suffix(".json").is_file():
+            found.append(int(m.group(1)))
+    return min(found) if found else batch
+
+
+def oracle_target_on(name: str, sched_key: str, batch: int, seed: int) -> DTarget:
+    """quality.oracle_target on any schedule: the exact oracle as a model of ``SCHEDULES[sched_key]``,
+    DOP853 reference (cached under the same name as quality.py's for DiscreteVP.linear), the exact
+    likelihood gap as the second metric."""
+    t0 = time.perf_counter()
+    label, make, tag = SCHEDULES[sched_key]
+    sched = make()
+    if tag != "vp_linear":  # quality.py's file name for DiscreteVP.linear(); the others carry the schedule's parameters
+        tag = f"{tag}-{hashlib.sha1(repr(sched).encode()).hexdigest()[:8]}"
+    oracle = fewstep.bundled_oracle(name)
+    model = oracle.as_model(sched)
+
+    def path_for(b: int) -> Path:
+        return CACHE / f"ref-{name}-{tag}-b{b}-s{seed}-rtol{Q.REF_RTOL:g}.npy"
+
+    big = _ref_batch(path_for, batch)
+    x_big = fewstep.initial_noise(sched, (big, oracle.dim), seed, dtype=torch.float64)
+    log(f"[{name}@{sched_key}] d={oracle.dim}, batch {batch}: reference ...")
+    ref, info, cached = Q._cached(path_for(big), tuple(x_big.shape),
+                                  lambda: (fewstep.reference_solution(model, x_big, rtol=Q.REF_RTOL, atol=Q.REF_RTOL), {}))
+    x_T, ref = x_big[:batch], ref[:batch]
+    ref_file = path_for(big).name + (f"[:{batch}]" if big != batch else "")
+    lik = Q.LikGap(oracle, seed)
+    floor = lik(oracle.sample(batch, seed=seed + 2))
+    ref_note = "cached" if cached else f"computed in {info['compute_s']:.1f} s"
+    describe = (f"Oracle {oracle!r}, d = {oracle.dim}, on `fewstep.{label}` = `{sched!r}`; model `oracle.as_model(sched)` "
+                f"(exact posterior); batch {batch}, seed {seed}. Reference: DOP853 at rtol = atol = {Q.REF_RTOL:g} "
+                f"(`{ref_file}`, {ref_note}). Likelihood gap = mean log p(true) - mean log p(samples) in nats with "
+                f"{Q.N_TRUE} true samples; {batch} exact samples score {floor:+.3g} (the column's noise floor).")
+    target = Q.Target(f"{name}@{sched_key}", "oracle", model, oracle, sched, x_T, ref, lik, "lik gap (nats)", describe,
+                      {"oracle": repr(oracle), "dim": oracle.dim, "exact_gap_floor": floor})
+    meta = {"schedule": repr(sched), "batch": batch, "seed": seed, "reference_file": ref_file, "reference_cached": cached,
+            "reference_s": info.get("compute_s"), "metric_floor": floor}
+    return DTarget(f"{name}@{sched_key}", target, ref_file, label, sched_key, time.perf_counter() - t0, meta)
+
+
+def network_target(name: str, batch: int, seed: int) -> DTarget:
+    """quality.zoo_target (its reference cache: UniPC at NFE 400), on the first ``batch`` samples of the
+    smallest cached reference batch >= ``batch`` (computed at ``batch`` when none is cached)."""
+    from fewstep.zoo import card
+    from fewstep.zoo.evaluate import DigitsEvaluator
+
+    t0 = time.perf_counter()
+    sha = str(card(name)["sha256"])[:12]
+
+    def path_for(b: int) -> Path:
+        return CACHE / f"ref-zoo-{name}-{sha}-b{b}-s{seed}-unipc{Q.ZOO_REF_NFE}.npy"
+
+    big = _ref_batch(path_for, batch)
+    t = Q.zoo_target(name, big, seed)
+    ref_file = path_for(big).name + (f"[:{batch}]" if big != batch else "")
+    info = json.loads(path_for(big).with_suffix(".json").read_text())
+    x_T, ref = t.x_T[:batch], t.ref[:batch]
+    if big != batch:
+        evaluator = DigitsEvaluator()
+        floor = evaluator.evaluate(evaluator.split.train_x[:batch])["fd_features"]
+        fd_ref = evaluator.evaluate(ref)["fd_features"]
+        metric: Callable[[torch.Tensor], float] = lambda x: evaluator.evaluate(x)["fd_features"]  # noqa: E731
+    else:
+        floor, fd_ref, metric = t.meta["fd_features_real"], t.meta["fd_features_reference"], t.metric
+    describe = (f"Bundled network `{name}` (float32 weights, solver arithmetic in float64) on `{t.sched!r}`, batch {batch} "
+                f"(the first {batch} of the keyed noises), seed {seed}. Reference: {info.get('method') or f'unipc at NFE {Q.ZOO_REF_NFE}'} "
+                f"with `lower_order_final=false` (`{ref_file}`, quality.py's cache); it moves by "
+                f"{info.get('rms_change', float('nan')):.2g} RMS from half as many NFE, the resolution of the RMSE column. "
+                f"Feature FD = Fréchet distance to the held-out digits in the bundled classifier's feature space; with {batch} "
+                f"samples real train digits score {floor:.3g} and the reference samples {fd_ref:.3g} (compare within the column).")
+    target = Q.Target(name, "zoo", t.model, t.peer_model, t.sched, x_T, ref, metric, "feature FD", describe, dict(t.meta))
+    meta = {"schedule": repr(t.sched), "batch": batch, "seed": seed, "reference_file": ref_file,
+            "reference_cached": bool(t.meta.get("reference_cached")), "reference_s": info.get("compute_s"),
+            "metric_floor": floor, "fd_features_reference": fd_ref, "reference_rms_change": info.get("rms_change")}
+    return DTarget(name, target, ref_file, repr(t.sched), None, time.perf_counter() - t0, meta)
+
+
+def make_target(tid: str, batch: int, seed: int) -> DTarget:
+    if "@" in tid:
+        name, key = tid.split("@", 1)
+        if key not in SCHEDULES:
+            raise SystemExit(f"unknown schedule {key!r} in target {tid!r}; one of {', '.join(SCHEDULES)}")
+        return oracle_target_on(name, key, batch, seed)
+    return network_target(tid, batch, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# fewstep's side (run every time)
+# ---------------------------------------------------------------------------------------------
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _metric(target: Q.Target, x: torch.Tensor) -> tuple[float | None, str]:
+    try:
+        return float(target.metric(x)), ""
+    except Exception as exc:  # noqa: BLE001  a metric that cannot be computed is recorded, not fatal
+        return None, _err(exc)
+
+
+def _call_with(fn: Callable[..., Any], *args: Any, **maybe: Any) -> Any:
+    """``fn(*args, **maybe)`` passing only the keyword arguments ``fn`` accepts."""
+    try:
+        params = inspect.signature(fn).parameters
+        ok = {k: v for k, v in maybe.items() if k in params or any(p.kind is p.VAR_KEYWORD for p in params.values())}
+    except (TypeError, ValueError):
+        ok = {}
+    return fn(*args, **ok)
+
+
+def defaults_api(sched: fewstep.NoiseSchedule, nfe: int) -> dict[str, Any]:
+    """What ``fewstep.defaults`` says the default call runs (if that module exists yet)."""
+    try:
+        import fewstep.defaults as D
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"fewstep.defaults not importable: {_err(exc)}"}
+    out: dict[str, Any] = {}
+    fn = getattr(D, "default_solver", None)
+    name = None
+    if fn is None:
+        out["solver_error"] = "fewstep.defaults.default_solver does not exist"
+    else:
+        try:
+            sol = _call_with(fn, sched, nfe=nfe)
+            name, opts = (sol if isinstance(sol, tuple) else (sol, {}))
+            out["solver"], out["solver_options"] = name, dict(opts or {})
+        except Exception as exc:  # noqa: BLE001
+            out["solver_error"] = _err(exc)
+    fn = getattr(D, "default_spacing", None)
+    if fn is None:
+        out["spacing_error"] = "fewstep.defaults.default_spacing does not exist"
+    else:
+        try:
+            out["spacing"] = _call_with(fn, sched, name, nfe=nfe)
+        except Exception as exc:  # noqa: BLE001
+            out["spacing_error"] = _err(exc)
+    return out
+
+
+def run_call(target: Q.Target, solver: str | None, n: int, *, metric: bool, **opts: Any) -> dict[str, Any]:
+    """One fewstep call: RMSE vs the reference, the metric, what it ran; errors recorded."""
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"solver": solver, "options": opts, "nfe": n}
+    try:
+        args = (target.model, target.x_T) if solver is None else (target.model, target.x_T, solver)
+        x, info = fewstep.sample(*args, nfe=n, return_info=True, **opts)
+    except Exception as exc:  # noqa: BLE001
+        rec.update(error=_err(exc), traceback=traceback.format_exc(limit=6), rmse=None, wall_s=time.perf_counter() - t0)
+        return rec
+    rec["wall_s"] = time.perf_counter() - t0
+    plan = info.plan
+    rec.update(nfe_used=int(info.nfe), plan=plan.name, meta={k: v for k, v in dict(plan.meta).items()},
+               times=[float(t) for t in plan.times], rmse=float(fewstep.rmse(x, target.ref)))
+    problems = []
+    if not _finite(rec["rmse"]):
+        problems.append("non-finite samples")
+    if rec["nfe_used"] > n:
+        problems.append(f"used {rec['nfe_used']} NFE for a budget of {n}")
+    if problems:
+        rec["error"] = "; ".join(problems)
+    if metric and not problems:
+        rec["metric"], merr = _metric(target, x)
+        if merr:
+            rec["metric_error"] = merr
+    return rec
+
+
+def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool) -> dict[str, Any]:
+    t = dt.target
+    t_start = time.perf_counter()
+    out: dict[str, Any] = {"default": {}, "previous": {}, "final_order": [], "fewstep_best": {}, "timings": {}}
+    t0 = time.perf_counter()
+    for n in nfes:
+        rec = run_call(t, None, n, metric=True)
+        rec["defaults_api"] = defaults_api(t.sched, n)
+        out["default"][n] = rec
+        if rec.get("error"):
+            log(f"[{dt.id}] DEFAULT CALL FAILED at NFE {n}: {rec['error']}")
+    out["timings"]["default call"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    name, opts = PREVIOUS_DEFAULT
+    for n in nfes:
+        out["previous"][n] = run_call(t, name, n, metric=True, **opts)
+    out["timings"]["previous default"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for p in FINAL_ORDER_PRESETS:
+        for n in nfes:
+            if n not in FINAL_ORDER_NFES:
+                continue
+            base = run_call(t, p, n, metric=False)
+            fo1 = run_call(t, p, n, metric=False, final_order=1)
+            for r in (base, fo1):
+                r.pop("times", None)
+                r.pop("traceback", None)
+            out["final_order"].append({"preset": p, "nfe": n, "default": base, "final_order_1": fo1})
+    out["timings"]["final_order table"] = time.perf_counter() - t0
+    if fewstep_best:
+        t0 = time.perf_counter()
+        out["fewstep_best"] = best_fewstep(t, nfes)
+        out["timings"]["best fewstep preset"] = time.perf_counter() - t0
+    out["timings"]["total"] = time.perf_counter() - t_start
+    log(f"[{dt.id}] fewstep side: {out['timings']['total']:.1f}s")
+    return out
+
+
+def best_fewstep(t: Q.Target, nfes: tuple[int, ...]) -> dict[int, dict[str, Any]]:
+    """Every deterministic fewstep preset (and quality.py's variants) at every spacing: the best per NFE."""
+    from fewstep.cli import parse_solver_arg
+
+    try:
+        presets, _, _ = Q.distinct_presets()
+    except Exception as exc:  # noqa: BLE001
+        log(f"[{t.name}] cannot list presets: {_err(exc)}")
+        return {}
+    spacings = tuple(Q.ZOO_SPACINGS if t.kind == "zoo" else Q.SPACINGS) + ("logistic", "leading_multistep")
+    best: dict[int, dict[str, Any]] = {}
+    samples: dict[int, torch.Tensor] = {}
+    for p in presets + list(Q.VARIANTS):
+        base, popts = parse_solver_arg(p)
+        for n in nfes:
+            for sp in spacings:
+                try:
+                    x, info = fewstep.sample(t.model, t.x_T, base, nfe=n, spacing=sp, return_info=True, **popts)
+                except Exception:  # noqa: BLE001  (a spacing a schedule does not have, ...)
+                    continue
+                e = float(fewstep.rmse(x, t.ref))
+                if int(info.nfe) <= n and math.isfinite(e) and (n not in best or e < best[n]["rmse"]):
+                    best[n] = {"solver": p, "spacing": sp, "nfe_used": int(info.nfe), "rmse": e}
+                    samples[n] = x
+    for n, x in samples.items():
+        best[n]["metric"], _ = _metric(t, x)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# the peers' side (cached)
+# ---------------------------------------------------------------------------------------------
+class PeerCache:
+    """``benchmarks/.cache/peers-<target>.json``: one record per peer run."""
+
+    def __init__(self, target_id: str, read: bool) -> None:
+        self.path = CACHE / f"peers-{target_id}.json"
+        self.entries: dict[str, dict[str, Any]] = {}
+        if read and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("format") == PEER_CACHE_FORMAT:
+                    self.entries = data.get("entries", {})
+            except (OSError, ValueError) as exc:
+                log(f"ignoring unreadable peer cache {self.path}: {exc}")
+        elif not read and self.path.is_file():
+            try:  # keep the other entries (other batches, versions); those run now are replaced
+                self.entries = json.loads(self.path.read_text()).get("entries", {})
+            except (OSError, ValueError):
+                self.entries = {}
+        self.read = read
+
+    @staticmethod
+    def key(peer: str, option: str, nfe: int, batch: int, seed: int, ref_file: str) -> str:
+        return json.dumps([peer, option, nfe, batch, seed, ref_file, package_version("diffusers"), package_version("k-diffusion"), MODEL_MODE])
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key) if self.read else None
+
+    def put(self, key: str, rec: dict[str, Any]) -> None:
+        self.entries[key] = rec
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps({"format": PEER_CACHE_FORMAT, "entries": self.entries}, indent=0))
+
+
+def peers_side(dt: DTarget, nfes: tuple[int, ...], *, kdiffusion: bool, read_cache: bool) -> dict[str, Any]:
+    t = dt.target
+    t_start = time.perf_counter()
+    cache = PeerCache(dt.id, read_cache)
+    batch, seed = int(t.x_T.shape[0]), int(dt.meta["seed"])
+    ctx = peers_mod.PeerContext(t.peer_model, t.sched, MODEL_MODE)
+    records: list[dict[str, Any]] = []
+    fresh = cached = 0
+    fresh_s = 0.0
+    timings: dict[str, float] = {}
+    try:
+        peers = peers_mod.all_peers(kdiffusion=kdiffusion, schedule=t.sched)
+    except Exception as exc:  # noqa: BLE001
+        log(f"[{dt.id}] cannot list peers: {_err(exc)}")
+        peers = []
+    for peer in peers:
+        t0 = time.perf_counter()
+        n_fresh = 0
+        for n in nfes:
+            if n < peer.min_nfe:
+                continue
+            for opt in peer.options:
+                label = peer.option_label(opt)
+                key = PeerCache.key(peer.name, label, n, batch, seed, dt.ref_file)
+                rec = cache.get(key)
+                if rec is not None:
+                    cached += 1
+                    records.append({**rec, "cached": True})
+                    continue
+                r0 = time.perf_counter()
+                rec = {"peer": peer.name, "source": peer.source, "option": label, "nfe": n}
+                try:
+                    res = peer.run(ctx, opt, t.x_T, n)
+                except Exception as exc:  # noqa: BLE001  an option that fails is recorded and skipped
+                    rec.update(rmse=None, error=_err(exc))
+                    res = None
+                else:
+                    if res is None:
+                        rec.update(rmse=None, duplicate=True)
+                if res is not None:
+                    x, used = res
+                    rec.update(nfe_used=int(used), rmse=float(fewstep.rmse(x, t.ref)))
+                    if used > n:
+                        rec["error"] = f"used {used} model calls for an NFE budget of {n}"
+                    elif not math.isfinite(rec["rmse"]):
+                        rec["error"] = "non-finite samples"
+                    else:
+                        rec["metric"], merr = _metric(t, x)
+                        if merr:
+                            rec["metric_error"] = merr
+                rec["wall_s"] = time.perf_counter() - r0
+                fresh_s += rec["wall_s"]
+                cache.put(key, rec)
+                records.append({**rec, "cached": False})
+                fresh += 1
+                n_fresh += 1
+        timings[peer.name] = time.perf_counter() - t0
+        if n_fresh:
+            cache.save()
+            log(f"[{dt.id}] {peer.name}: {n_fresh} runs, {timings[peer.name]:.1f}s")
+    wall = time.perf_counter() - t_start
+    log(f"[{dt.id}] peers: {fresh} run, {cached} from cache, {wall:.1f}s")
+    return {"records": records, "fresh": fresh, "cached": cached, "fresh_s": fresh_s, "wall_s": wall, "timings": timings,
+            "cache_file": str(cache.path.relative_to(CACHE.parent.parent)) if cache.path.is_relative_to(CACHE.parent.parent) else str(cache.path),
+            "families": [p.name for p in peers]}
+
+
+def best_peer(records: list[dict[str, Any]], n: int, source: str | None = None) -> dict[str, Any] | None:
+    ok = [r for r in records if r["nfe"] == n and not r.get("error") and _finite(r.get("rmse"))
+          and (source is None or r["source"] == source)]
+    return min(ok, key=lambda r: r["rmse"]) if ok else None
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if _finite(v) else "n/a"
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if _finite(a) and _finite(b) and b > 0 else None
+
+
+def _rcell(r: float | None, bold_above: float = 1.0) -> str:
+    if r is None:
+        return "n/a"
+    txt = f"{r:.3g}"
+    if txt == "1" and r != 1.0:  # 0.9996 / 1.004: show on which side of 1 it is
+        txt = f"{r:.4f}"
+    return f"**{txt}**" if r > bold_above else txt
+
+
+def _meta_str(meta: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in meta.items() if k != "preset") or "-"
+
+
+def _ran(rec: dict[str, Any]) -> str:
+    if rec.get("plan") is None:
+        return "n/a"
+    api = rec.get("defaults_api", {})
+    sp = rec.get("meta", {}).get("spacing") or api.get("spacing") or "?"
+    s = f"`{rec['plan']}` ({_meta_str(rec.get('meta', {}))}) on `{sp}`"
+    if api.get("solver") is not None and api["solver"] != rec["plan"]:
+        s += f" [default_solver() says `{api['solver']}`!]"
+    return s
+
+
+def _peer_str(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "n/a"
+    return f"{p['peer']} ({p['option']}; {p.get('nfe_used', '?')} NFE)"
+
+
+def comparator(res: dict[str, Any], n: int) -> tuple[str, dict[str, Any] | None]:
+    """What the default is held against at NFE n: the best peer, else (no peer at all) fewstep's best preset."""
+    bp = best_peer(res["peers"]["records"], n)
+    if bp is not None:
+        return "peer", bp
+    fb = res["fewstep"]["fewstep_best"].get(n)
+    if fb is not None:
+        return "fewstep-best", {"peer": f"fewstep {fb['solver']}", "option": fb["spacing"], "nfe_used": fb["nfe_used"], "rmse": fb["rmse"]}
+    return "none", None
+
+
+def target_section(dt: DTarget, res: dict[str, Any], nfes: tuple[int, ...]) -> list[str]:
+    t, fs, pe = dt.target, res["fewstep"], res["peers"]
+    mh = t.metric_header
+    lines = [f"## {dt.id}", "", t.describe, ""]
+    fams = pe["families"]
+    n_diff = sum(1 for f in fams if f.startswith("diffusers"))
+    if n_diff == 0:
+        lines += [f"No diffusers scheduler takes `{t.sched!r}`: the peers are {'k-diffusion samplers only' if fams else 'none'}"
+                  + (", and the default is also held against fewstep's own best preset at its best grid (all deterministic presets "
+                     "and quality.py's variants over quality.py's spacings; the column 'best fewstep')." if fs["fewstep_best"] else "."), ""]
+    lines += [f"Peers ({len(fams)} families, each at its best option per NFE): " + ", ".join(fams) + ".", ""]
+
+    rows = []
+    for n in nfes:
+        d, prev = fs["default"][n], fs["previous"][n]
+        kind, bp = comparator(res, n)
+        bd = best_peer(pe["records"], n, "diffusers")
+        if d.get("error"):
+            dcell, rcell, rdcell = f"**FAILED: {d['error'][:160]}**", "**FAILED**", "**FAILED**"
+        else:
+            dcell = _fmt(d["rmse"])
+            rcell = _rcell(_ratio(d["rmse"], bp["rmse"] if bp else None)) + (" (vs fewstep best)" if kind == "fewstep-best" else "")
+            rdcell = _rcell(_ratio(d["rmse"], bd["rmse"] if bd else None))
+        row = [n, dcell, _fmt(d.get("metric")), d.get("nfe_used", "n/a"), _peer_str(bp), _fmt(bp["rmse"] if bp else None),
+               _fmt(bp.get("metric") if bp else None), rcell, _peer_str(bd), _fmt(bd["rmse"] if bd else None), rdcell]
+        if fs["fewstep_best"]:
+            fb = fs["fewstep_best"].get(n)
+            row += [f"{fb['solver']} ({fb['spacing']})" if fb else "n/a", _fmt(fb["rmse"] if fb else None),
+                    "**FAILED**" if d.get("error") else _rcell(_ratio(d.get("rmse"), fb["rmse"] if fb else None))]
+        prev_cell = _fmt(prev.get("rmse")) if not prev.get("error") else f"error: {prev['error'][:60]}"
+        row += [prev_cell, _fmt(prev.get("metric")),
+                "**FAILED**" if d.get("error") else _rcell(_ratio(d.get("rmse"), prev.get("rmse")))]
+        rows.append(row)
+    head = ["NFE", "default RMSE", f"default {mh}", "NFE used", "best peer (option; NFE used)", "RMSE", f"peer {mh}",
+            "default / peer", "best diffusers (option; NFE used)", "RMSE", "default / diffusers"]
+    if fs["fewstep_best"]:
+        head += ["best fewstep (spacing)", "RMSE", "default / best fewstep"]
+    head += ["previous default (ddim, uniform_t) RMSE", f"previous {mh}", "default / previous"]
+    lines += ["### The default call vs the best peer", "",
+              "`fewstep.sample(model, x_T, nfe=N)` with nothing else named. Ratios < 1: the default is more accurate; > 1 in bold. "
+              "'previous default' = `fewstep.sample(model, x_T, \"ddim\", nfe=N, spacing=\"uniform_t\")`, the old default call.", "",
+              markdown_table(head, rows), ""]
+
+    ran = []
+    for n in nfes:
+        d = fs["default"][n]
+        api = d.get("defaults_api", {})
+        api_s = (f"`{api['solver']}`" + (f" {api['solver_options']}" if api.get("solver_options") else "")) if "solver" in api else \
+            api.get("solver_error") or api.get("error", "n/a")
+        sp_s = f"`{api['spacing']}`" if "spacing" in api else api.get("spacing_error") or api.get("error", "n/a")
+        grid = d.get("times")
+        grid_s = ("[" + ", ".join(f"{x:.4g}" for x in grid) + "]") if grid and len(grid) <= 12 else \
+            (f"[{grid[0]:.4g}, {grid[1]:.4g}, ..., {grid[-2]:.4g}, {grid[-1]:.4g}] ({len(grid)} times)" if grid else "n/a")
+        ran.append([n, "**FAILED**" if d.get("error") and d.get("plan") is None else f"`{d.get('plan')}`",
+                    _meta_str(d.get("meta", {})) if d.get("meta") else "n/a", api_s, sp_s, grid_s, f"{d.get('wall_s', 0):.2f}"])
+    lines += ["### What the default call ran", "",
+              markdown_table(["NFE", "info.plan.name", "info.plan.meta", "defaults.default_solver(sched)",
+                              "defaults.default_spacing(sched, name)", "time grid", "wall s"], ran), ""]
+    fails = [(n, fs["default"][n]) for n in nfes if fs["default"][n].get("error")]
+    if fails:
+        lines += ["**The default call FAILED** (a bug, not an n/a):", ""]
+        for n, d in fails:
+            tb = d.get("traceback", "").strip().splitlines()
+            lines += [f"- NFE {n}: `{d['error']}`" + (f" (at `{tb[-3].strip()}`)" if len(tb) >= 3 else "")]
+        lines += [""]
+
+    fo_rows = []
+    for e in fs["final_order"]:
+        b, f1 = e["default"], e["final_order_1"]
+        fo_rows.append([e["preset"], e["nfe"], b.get("meta", {}).get("final_order", "?") if not b.get("error") else "n/a",
+                        _fmt(b.get("rmse")) if not b.get("error") else f"error: {b['error'][:80]}",
+                        _fmt(f1.get("rmse")) if not f1.get("error") else f"error: {f1['error'][:80]}",
+                        _rcell(_ratio(f1.get("rmse"), b.get("rmse")) if not (b.get("error") or f1.get("error")) else None)])
+    if fo_rows:
+        lines += ["### Order of the step into sigma = 0", "",
+                  "Each preset at its default grid (no spacing named): RMSE with the preset's default `final_order` "
+                  "(recorded from `info.plan.meta`) and with `final_order=1`; ratio final_order=1 / default (> 1 in bold: "
+                  "order 1 into sigma = 0 is worse here).", "",
+                  markdown_table(["preset", "NFE", "default final_order", "RMSE (default)", "RMSE (final_order=1)",
+                                  "final_order=1 / default"], fo_rows), ""]
+
+    errs: dict[str, list[str]] = {}
+    for r in pe["records"]:
+        if r.get("error"):
+            errs.setdefault(r["peer"], []).append(f"{r['option']} @ {r['nfe']}: {r['error'][:100]}")
+    if errs:
+        lines += ["Peer options that failed (recorded, skipped):", ""]
+        lines += [f"- {k}: {len(v)} runs, e.g. {v[0]}" for k, v in errs.items()] + [""]
+    tm = res["timings"]
+    lines += [f"Time: target (reference, metric) {tm['build_s']:.1f} s; fewstep side {fs['timings']['total']:.1f} s "
+              f"({', '.join(f'{k} {v:.1f} s' for k, v in fs['timings'].items() if k != 'total')}); peers {pe['wall_s']:.1f} s "
+              f"({pe['fresh']} runs now, {pe['fresh_s']:.1f} s; {pe['cached']} from `{pe['cache_file']}`).", ""]
+    return lines
+
+
+def _git_state() -> str:
+    """The checkout the library was imported from (the default call measures whatever it holds)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return f"git {sha or '?'}" + (" + uncommitted changes under src/" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", nargs="+", default=None,
+                    help="target ids [:batch], or the groups 'oracles', 'networks', 'all' (default: all)")
+    ap.add_argument("--nfe", nargs="+", type=int, default=None, help=f"NFE budgets (default {' '.join(map(str, NFES))})")
+    ap.add_argument("--quick", action="store_true", help="gmm-d64@vp and gmm-d64@flow, batch 64, NFE 5 10 -> reports/defaults_quick.md")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-peers-cache", action="store_true", help="rerun every peer (the cache is rewritten with the new results)")
+    ap.add_argument("--no-kdiffusion", action="store_true", help="leave out the k-diffusion peers")
+    ap.add_argument("--fewstep-best", action="store_true",
+                    help="also search fewstep's best preset at its best grid on every target (always on for linear-vp, cosine-vp)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $FEWSTEP_BENCH_THREADS or all CPUs of this process)")
+    ap.add_argument("--out", default=None, help="report path (default reports/defaults.md, or reports/defaults_quick.md with --quick); JSON beside it")
+    args = ap.parse_args(argv)
+    quiet_diffusers()
+    threads = set_threads(args.threads)
+
+    specs: list[tuple[str, int]] = []
+    for spec in (args.targets or (["quick"] if args.quick else ["all"])):
+        if spec == "quick":
+            specs += list(QUICK_TARGETS)
+        elif spec in ("all", "oracles", "networks"):
+            group = (ORACLE_TARGETS if spec != "networks" else ()) + (NETWORK_TARGETS if spec != "oracles" else ())
+            specs += [(tid, 64 if args.quick else b) for tid, b in group]
+        else:
+            specs.append(parse_target(spec, args.quick))
+    specs = list(dict.fromkeys(specs))
+    nfes = tuple(sorted(set(args.nfe or (QUICK_NFES if args.quick else NFES))))
+    out = Path(args.out) if args.out else REPORTS / ("defaults_quick.md" if args.quick else "defaults.md")
+
+    t_all = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    targets: dict[str, DTarget] = {}
+    for tid, batch in specs:
+        log(f"=== {tid} (batch {batch})")
+        dt = make_target(tid, batch, args.seed)
+        fs = fewstep_side(dt, nfes, fewstep_best=args.fewstep_best or dt.sched_key in FEWSTEP_BEST_SCHEDULES)
+        pe = peers_side(dt, nfes, kdiffusion=not args.no_kdiffusion, read_cache=not args.no_peers_cache)
+        results[dt.id] = {"fewstep": fs, "peers": pe, "timings": {"build_s": dt.build_s, "fewstep_s": fs["timings"]["total"],
+                                                                  "peers_s": pe["wall_s"]}}
+        targets[dt.id] = dt
+    wall = time.perf_counter() - t_all
+
+    # ---- headline
+    hl_rows: list[list[str]] = []
+    fb_rows: list[list[str]] = []
+    misses: list[str] = []
+    failures: dict[str, list[str]] = {}  # error -> the cells (target @ NFE) where the default call failed with it
+    n_cells = 0
+    for tid, res in results.items():
+        row = [f"{tid} (b{targets[tid].meta['batch']})"]
+        fb_row = [tid]
+        for n in nfes:
+            d = res["fewstep"]["default"][n]
+            kind, bp = comparator(res, n)
+            if d.get("error"):
+                failures.setdefault(d["error"][:200], []).append(f"{tid} @ {n}")
+                row.append("**FAILED**")
+                n_cells += 1
+            elif bp is None:
+                row.append("n/a")
+            else:
+                r = _ratio(d["rmse"], bp["rmse"])
+                n_cells += 1
+                if r is None or r > 1.0:
+                    misses.append(f"{tid} @ NFE {n}: {_fmt(r)} vs {_peer_str(bp)}")
+                row.append(_rcell(r) + ("†" if kind == "fewstep-best" else ""))
+            fb = res["fewstep"]["fewstep_best"].get(n)
+            fb_row.append("**FAILED**" if d.get("error") else (_rcell(_ratio(d.get("rmse"), fb["rmse"])) + f" ({fb['solver']}, {fb['spacing']})" if fb else "n/a"))
+        ran = [fs_ran for fs_ran in (res["fewstep"]["default"][n] for n in nfes) if fs_ran.get("plan")]
+        combos = list(dict.fromkeys(f"{d['plan']} on {d.get('meta', {}).get('spacing') or d.get('defaults_api', {}).get('spacing', '?')}"
+                                    + (f", final_order={d['meta']['final_order']}" if "final_order" in d.get("meta", {}) else "") for d in ran))
+        row.append("; ".join(combos) or "**FAILED**")
+        hl_rows.append(row)
+        if res["fewstep"]["fewstep_best"]:
+            fb_rows.append(fb_row)
+
+    command = " ".join(["python benchmarks/defaults.py", *(argv if argv is not None else sys.argv[1:])])
+    ran_any = next((r["fewstep"]["default"][n] for r in results.values() for n in nfes if r["fewstep"]["default"][n].get("plan")), None)
+    head = [
+        "# Defaults: `fewstep.sample(model, x_T, nfe=N)` vs the best peer at its best grid", "",
+        f"Generated by `{command}` in {wall:.0f} s wall time ({time.strftime('%Y-%m-%d %H:%M')}).", "",
+        "Machine:", *machine_lines(), f"- fewstep source: {_git_state()}", "",
+        "The default call names no solver and no spacing: it measures whatever the library's defaults are at run time. "
+        "Peers (`benchmarks/peers.py`, chosen by the model's schedule with `all_peers(schedule=...)`): diffusers' schedulers "
+        "and k-diffusion's samplers, each at its best grid option per NFE (diffusers `timestep_spacing` / Karras sigmas, "
+        "flow `shift` / `flow_shift` in 0.5, 1, 2, 3; EDM sigma schedules; k-diffusion Karras / exponential sigmas), "
+        f"querying the model at the noise level they ask for (`--model-mode {MODEL_MODE}`). All start from the same keyed "
+        "noise `fewstep.initial_noise(sched, shape, seed)` in float64 and end at sigma = 0. RMSE against a reference "
+        "solution of the probability-flow ODE from the same noise (oracles: DOP853; networks: UniPC at NFE 400). "
+        f"Peer runs come from the cache `benchmarks/.cache/peers-<target>.json` when present (`--no-peers-cache` reruns them).", "",
+        "## Headline: RMSE ratio default / best peer (< 1: the default is more accurate)", "",
+        markdown_table(["target"] + [f"NFE {n}" for n in nfes] + ["the default ran"], hl_rows), "",
+    ]
+    if any("†" in c for r in hl_rows for c in r[1:-1]):
+        head += ["† no peer ran on this target: the ratio is to fewstep's own best preset at its best grid.", ""]
+    n_failed = sum(len(v) for v in failures.values())
+    if misses or failures:
+        head += [f"**Bar (default / best peer <= 1 in every cell): NOT met** in {len(misses) + n_failed} of {n_cells} cells"
+                 + (f" ({len(misses)} with a ratio > 1, {n_failed} where the default call FAILED)" if failures else "") + ":", ""]
+        head += [f"- {m}" for m in misses] + [""]
+    else:
+        head += [f"**Bar (default / best peer <= 1 in every cell): met** in all {n_cells} cells.", ""]
+    if failures:
+        head += ["**THE DEFAULT CALL FAILED** (a bug in the library, not a missing number):", ""]
+        for err, cells in failures.items():
+            head += [f"- `{err}` in {len(cells)} cells: " + ", ".join(cells)]
+        head += [""]
+    if fb_rows:
+        head += ["Where no diffusers scheduler applies (and on request, `--fewstep-best`): ratio default / fewstep's own best "
+                 "preset at its best grid (preset, spacing):", "",
+                 markdown_table(["target"] + [f"NFE {n}" for n in nfes], fb_rows), ""]
+    if ran_any is not None:
+        head += [f"The default call ran e.g. {_ran(ran_any)}; per target and NFE in the sections below.", ""]
+    tm_rows = [[tid, f"{r['timings']['build_s']:.1f}", f"{r['timings']['fewstep_s']:.1f}", f"{r['timings']['peers_s']:.1f}",
+                r["peers"]["fresh"], r["peers"]["cached"]] for tid, r in results.items()]
+    head += ["Time per target (s): reference and metric set-up, fewstep's side (run every time), peers (run, or read from the cache):", "",
+             markdown_table(["target", "set-up s", "fewstep s", "peers s", "peer runs now", "peer runs cached"], tm_rows), ""]
+
+    sections: list[str] = []
+    for tid, res in results.items():
+        sections += target_section(targets[tid], res, nfes)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(head + sections))
+    js = {"command": command, "wall_s": wall, "fewstep_source": _git_state(), "date": time.strftime("%Y-%m-%d %H:%M"), "threads": threads,
+          "machine": dict(line[2:].split(": ", 1) for line in machine_lines()), "nfes": list(nfes),
+          "bar_met": not (misses or failures), "bar_misses": misses, "default_failures": failures,
+          "targets": {tid: {"meta": targets[tid].meta, "describe": targets[tid].target.describe, **res} for tid, res in results.items()}}
+    write_text_atomic(out.with_suffix(".json"), json.dumps(js, indent=1, default=str))
+    log(f"wrote {out} and {out.with_suffix('.json')} ({wall:.0f} s)")
+    print("\n".join(head[head.index("## Headline: RMSE ratio default / best peer (< 1: the default is more accurate)"):]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
