@@ -186,3 +186,53 @@ def test_renoise_keeps_exact_marginals():
     a, s = float(SCHED.alpha(200.0)), float(SCHED.sigma(200.0))
     assert torch.allclose(y.mean(0), a * torch.tensor([0.7, -0.2], dtype=torch.float64), atol=0.02)
     assert torch.allclose(y.std(0), torch.full((2,), s, dtype=torch.float64), rtol=0.02)
+
+
+@pytest.mark.parametrize("interp", ["t", "sigma", "rho", "lambda", "flat"])
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+@pytest.mark.parametrize("case", ["finite", "into_clean", "from_pure_noise"])
+def test_weights_integrate_polynomials_in_the_interpolation_variable_exactly(interp, prediction, case):
+    """For every interpolation variable u, a prediction that is a polynomial of degree < n in u is
+    integrated exactly against the kernel (checked against adaptive quadrature of the defining
+    integral), including the infinite ends the closed forms cannot reach: into sigma = 0 and out of
+    alpha = 0 (a flow schedule at t = 1)."""
+    from scipy.integrate import quad
+
+    from fewstep.solvers.coefficients import coordinate, node_positions
+
+    sched = fewstep.FlowMatching() if case == "from_pure_noise" else SCHED
+    times = {"finite": (600.0, 300.0, [800.0, 900.0]), "into_clean": (40.0, -1.0, [120.0, 300.0]),
+             "from_pure_noise": (0.7, 0.4, [1.0, 0.85])}[case]
+    s, t = point(sched, times[0]), point(sched, times[1])
+    nodes = [s] + [point(sched, v) for v in times[2]]
+    if prediction == "noise" and case == "from_pure_noise":
+        nodes = nodes[:1] + nodes[2:]  # eps at alpha = 0 is not a noise-form node
+    try:
+        taus = node_positions(interp, prediction, sched, s, t, nodes)
+        a, w = update_weights(prediction, interp, "phi", sched, s, t, taus)
+    except SolverError:
+        # only variables that are infinite at an end may refuse: lambda at both, sigma/flat at alpha = 0
+        inf_somewhere = not all(math.isfinite(coordinate(interp, prediction, p)) for p in nodes + [t])
+        assert inf_somewhere, (interp, prediction, case)
+        return
+    us, ut = coordinate(interp, prediction, s), coordinate(interp, prediction, t)
+    coeffs = [0.3, -0.7, 0.45][: len(nodes)]
+
+    def poly_at_lambda(lam: float) -> float:
+        p = point(sched, float(sched.t_of_lambda(lam)))
+        tau = (coordinate(interp, prediction, p) - us) / (ut - us)
+        return sum(c * tau**k for k, c in enumerate(coeffs))
+
+    if case == "into_clean" and prediction == "data":
+        exact = t.alpha * sum(coeffs)  # the kernel is a point mass at sigma = 0: P(tau = 1)
+    elif prediction == "data":
+        lo = max(s.lam, -40.0)
+        exact = quad(lambda lam: t.alpha * math.exp(lam - t.lam) * poly_at_lambda(lam), lo, t.lam, epsabs=1e-13, epsrel=1e-11, limit=400)[0]
+    else:
+        hi = min(t.lam, 40.0)
+        exact = quad(lambda lam: -t.alpha * math.exp(-lam) * poly_at_lambda(lam), s.lam, hi, epsabs=1e-13, epsrel=1e-11, limit=400)[0]
+    approx = sum(wj * sum(c * tj**k for k, c in enumerate(coeffs)) for wj, tj in zip(w, taus))
+    # DiscreteVP's t(lambda) is piecewise linear in log alpha (kinks at integer t): the 48-node
+    # Gauss-Legendre rule of interp="t" is accurate to ~1e-7 there; smooth integrands to ~1e-12
+    rel = 1e-6 if interp == "t" and isinstance(sched, fewstep.DiscreteVP) else 1e-8
+    assert approx == pytest.approx(exact, rel=rel, abs=1e-10), (interp, prediction, case)

@@ -43,6 +43,13 @@ SPACING_RULES: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
     ("*", "*"): ("logistic", {"logistic_center": 0.0, "logistic_scale": 1.4}),
     ("flow", "*"): ("logistic", {"logistic_center": 0.6, "logistic_scale": 1.1}),
     ("discrete_vp", "lcm"): ("trailing", {}),
+    # Heun's trapezoid in sigma/alpha from a large first noise level is unstable on the logistic grid's
+    # long first step (digits-vp-eps: 34 RMSE at NFE 5, 0.18 at NFE 20); uniform t measured best for
+    # Heun on the VP and flow networks and oracles, the logistic grid on EDM; Euler on flow likewise
+    ("*", "heun"): ("uniform_t", {}),
+    ("flow", "heun"): ("uniform_t", {}),
+    ("edm", "heun"): ("logistic", {"logistic_center": 0.0, "logistic_scale": 1.4}),
+    ("flow", "euler"): ("uniform_t", {}),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import ArgumentError, ShapeError, SolverError
+from .finite import all_finite
 from .models import Model, prediction_coefficients
 from .noise import keyed_noise
 from .solvers.compile import Combine, CompiledPlan, Evaluate, compile_plan
@@ -201,7 +202,10 @@ def _check_input(model: Model, x_T: torch.Tensor) -> None:
         raise ShapeError(f"x_T must be shaped (batch, ...) with batch >= 1, got {tuple(x_T.shape)}")
     if model.sample_shape is not None and tuple(x_T.shape[1:]) != tuple(model.sample_shape):
         raise ShapeError(f"model {model.name!r} takes samples of shape (batch, {', '.join(map(str, model.sample_shape))}), got {tuple(x_T.shape)}")
-    model.guard.check(x_T, lambda _: ShapeError("x_T contains NaN or Inf"))
+    if model.guard.enabled:
+        model.guard.check(x_T, lambda _: ShapeError("x_T contains NaN or Inf"))
+    elif x_T.device.type == "cpu" and not all_finite(x_T):  # free on the CPU, so checked even with checks off
+        raise ShapeError("x_T contains NaN or Inf")
 
 
 def _check_evaluable(model: Model, plan: CompiledPlan) -> None:

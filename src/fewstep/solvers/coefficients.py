@@ -31,6 +31,10 @@ from .phi import phis
 __all__ = ["Point", "point", "points", "coordinate", "update_weights", "node_positions", "renoise_weights"]
 
 _GAUSS_NODES = 48
+#: an end at sigma = 0 or alpha = 0 maps a semi-infinite log-SNR range onto the interval; where t(lambda)
+#: is only piecewise smooth (DiscreteVP: kinks at integer t, crowded near the end) more nodes keep the
+#: weights accurate to ~1e-7 relative
+_GAUSS_NODES_INFINITE_END = 256
 
 
 class Point:
@@ -130,10 +134,10 @@ def _quadrature_weights(prediction: str, interp: str, schedule: NoiseSchedule, s
     finite: into sigma = 0 the data kernel tends to a point mass at the end (``W_k = alpha_t tau(end)^k
     = alpha_t``: extrapolation of x0 to sigma = 0) and the noise kernel integrates in ``e^-lambda``;
     out of alpha = 0 the data kernel integrates in ``e^lambda``."""
-    q, wq = _gauss_legendre(_GAUSS_NODES)
     us, ut = coordinate(interp, prediction, s), coordinate(interp, prediction, t)
     if not (math.isfinite(us) and math.isfinite(ut)) or us == ut:
         return [w0] + [math.inf] * (n - 1)
+    q, wq = _gauss_legendre(_GAUSS_NODES if math.isfinite(s.lam) and math.isfinite(t.lam) else _GAUSS_NODES_INFINITE_END)
     span = ut - us
     if math.isfinite(s.lam) and math.isfinite(t.lam):
         h = t.lam - s.lam

@@ -308,7 +308,8 @@ def _singlestep(name: str, nfe: int, sched: NoiseSchedule, *, order: int, predic
     t_end = grid.get("t_end")
     ends = t_end is None or float(t_end) == float(sched.t_clean)
     pure = _pure_start(sched, spacing, grid)
-    orders = ([1] if pure else []) + _singlestep_orders(n_eval - (1 if pure else 0), order, ends)
+    # from pure noise the first step is DDIM (1 NFE); the rest of the budget is split as usual
+    orders = [1] + (_singlestep_orders(n_eval - 1, order, ends) if n_eval > 1 else []) if pure else _singlestep_orders(n_eval, order, ends)
     times = _grid(sched, len(orders), spacing, **grid)
     steps = []
     for o in orders:
