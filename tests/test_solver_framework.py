@@ -188,6 +188,7 @@ def test_renoise_keeps_exact_marginals():
     assert torch.allclose(y.std(0), torch.full((2,), s, dtype=torch.float64), rtol=0.02)
 
 
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")  # the reference quadrature near kinks of t(lambda)
 @pytest.mark.parametrize("interp", ["t", "sigma", "rho", "lambda", "flat"])
 @pytest.mark.parametrize("prediction", ["data", "noise"])
 @pytest.mark.parametrize("case", ["finite", "into_clean", "from_pure_noise"])

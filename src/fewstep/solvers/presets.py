@@ -6,17 +6,17 @@ default time spacing; the maths lives only in :mod:`fewstep.solvers.coefficients
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
-
 import inspect
 import math
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..defaults import default_grid
 from ..errors import ArgumentError, SolverError
 from ..schedules import NoiseSchedule
-from ..defaults import default_grid
 from ..timesteps import time_grid
+from .coefficients import Point, coordinate, point
 from .plan import SolverSchedule, schedule_fingerprint
 from .strategy import Step
 
@@ -39,10 +39,6 @@ def register_preset(name: str) -> Callable[[PresetFn], PresetFn]:
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
-
-
-def _grid(sched: NoiseSchedule, n: int, spacing: str | Sequence[float] | None, **kw: Any) -> np.ndarray:
-    return time_grid(sched, n, spacing, **kw)
 
 
 def _check_int(what: str, value: Any, lo: int, hi: int, name: str) -> int:
@@ -83,7 +79,7 @@ def ddim(nfe: int, sched: NoiseSchedule, *, spacing: str | Sequence[float] | Non
     model output is read (they differ by rounding, and by thresholding when it is on).
     """
     n = _check_nfe(nfe, 1, "ddim")
-    times = _grid(sched, n, spacing, **grid)
+    times = time_grid(sched, n, spacing, **grid)
     return _finish("ddim", sched, times, [Step(order=1, prediction=prediction)] * n)  # type: ignore[arg-type]
 
 
@@ -133,13 +129,11 @@ def _into_clean(step: Step) -> Step:
     return Step(order=step.order, prediction="noise", interp="flat", variant="phi", history=step.history)
 
 
-def _finite_from_pure_noise(step: Step, sched: NoiseSchedule, pure: Any) -> Step:
+def _finite_from_pure_noise(step: Step, pure: Point) -> Step:
     """The strategy of a step that reads the pure-noise start (alpha = 0, lambda = -inf) as a node: an
     interpolation variable infinite there (lambda, sigma / alpha) is replaced by ``rho = sigma / (alpha
     + sigma)``, finite at both ends (for flow matching rho = t), with exact weights; the recorded
     order is the order computed."""
-    from .coefficients import coordinate
-
     if math.isfinite(coordinate(step.interp, step.prediction, pure)):
         return step
     return step.with_(interp="rho", variant="phi", history=step.history, corrector=step.corrector)
@@ -157,8 +151,6 @@ def _multistep(
     whole solve has the nominal order; not from pure noise, where the first step is DDIM).
     ``final_order``: the order of the step into sigma = 0 (see :func:`_into_clean`; 1 = DDIM's
     final denoising step, as diffusers' multistep schedulers take)."""
-    from .coefficients import point
-
     _check_int("order", order, 1, 4, name)
     if warmup not in ("lower_order", "singlestep"):
         raise SolverError(f"preset {name!r}: warmup must be 'lower_order' or 'singlestep', got {warmup!r}")
@@ -166,7 +158,7 @@ def _multistep(
     pure = _pure_start(sched, spacing, grid)
     n_warm = order - 1 if (warmup == "singlestep" and not pure) else 0
     n = _check_nfe(nfe, 1 + n_warm * order, name) - n_warm * (order - 1)
-    times = _grid(sched, n, spacing, **grid)
+    times = time_grid(sched, n, spacing, **grid)
     ends = _ends_clean(sched, times)
     lof = (n < 15) if lower_order_final is None else lower_order_final
     orders = _multistep_orders(n, order, lof, ends, final_order)
@@ -182,7 +174,7 @@ def _multistep(
         if ends and i == n - 1:
             st = _into_clean(st)
         if pure and i > 0 and not uniform_nodes and (st.depth >= i or (st.corrector and st.corrector - 2 >= i)):
-            st = _finite_from_pure_noise(st, sched, pure_point)
+            st = _finite_from_pure_noise(st, pure_point)
         steps.append(st)
     return _finish(name, sched, times, steps, order=order, variant=variant, warmup=warmup, final_order=final_order)
 
@@ -250,7 +242,7 @@ def euler(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) -
     """Euler in the VE variable (Karras et al. 2022 / k-diffusion): ``dx/dsigma = eps``; identical to
     noise-prediction DDIM. Default grid: :func:`fewstep.default_spacing`."""
     n = _check_nfe(nfe, 1, "euler")
-    times = _grid(sched, n, spacing, **grid)
+    times = time_grid(sched, n, spacing, **grid)
     return _finish("euler", sched, times, [Step(order=1, prediction="noise")] * n)
 
 
@@ -262,7 +254,7 @@ def heun(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) ->
     lead = 1 if _pure_start(sched, spacing, grid) else 0  # leave alpha = 0 with one Euler (DDIM) step
     n_heun = max(0, (n_eval - lead - 1) // 2)
     n_euler = n_eval - lead - 2 * n_heun
-    times = _grid(sched, lead + n_heun + n_euler, spacing, **grid)
+    times = time_grid(sched, lead + n_heun + n_euler, spacing, **grid)
     h = Step(order=2, prediction="noise", method="singlestep", stages=(1.0,), variant="bh2")
     euler1 = Step(order=1, prediction="noise")
     return _finish("heun", sched, times, [euler1] * lead + [h] * n_heun + [euler1] * n_euler)
@@ -275,7 +267,7 @@ def pndm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any) ->
     n_eval = _check_nfe(nfe, 3, "pndm")
     pure = _pure_start(sched, spacing, grid)
     n = n_eval if pure else n_eval - 1  # leaving alpha = 0 the first step is DDIM (1 NFE), else trapezoidal (2 NFE)
-    times = _grid(sched, n, spacing, **grid)
+    times = time_grid(sched, n, spacing, **grid)
     first = Step(order=1, prediction="noise") if pure else Step(order=2, prediction="noise", method="singlestep", stages=(1.0,), variant="adams")
     steps = [first]
     for i in range(1, n):  # Adams weights stay finite into sigma = 0, so the last step keeps its order
@@ -310,7 +302,7 @@ def _singlestep(name: str, nfe: int, sched: NoiseSchedule, *, order: int, predic
     pure = _pure_start(sched, spacing, grid)
     # from pure noise the first step is DDIM (1 NFE); the rest of the budget is split as usual
     orders = [1] + (_singlestep_orders(n_eval - 1, order, ends) if n_eval > 1 else []) if pure else _singlestep_orders(n_eval, order, ends)
-    times = _grid(sched, len(orders), spacing, **grid)
+    times = time_grid(sched, len(orders), spacing, **grid)
     steps = []
     for o in orders:
         if o == 1:
@@ -351,7 +343,7 @@ def lcm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, renoise: float =
     consistency-distilled models; stochastic (needs a seed). Default grid on DiscreteVP: diffusers'
     trailing spacing."""
     n = _check_nfe(nfe, 1, "lcm")
-    times = _grid(sched, n, spacing, **grid)
+    times = time_grid(sched, n, spacing, **grid)
     steps = [Step(order=1, prediction="data", renoise=renoise)] * (n - 1) + [Step(order=1, prediction="data")]
     return _finish("lcm", sched, times, steps)
 
