@@ -17,7 +17,7 @@ from .solvers.plan import SolverSchedule, schedule_identity
 from .defaults import default_solver
 from .solvers.presets import preset
 
-__all__ = ["sample", "run_plan", "SampleInfo", "resolve_plan", "clear_plan_cache"]
+__all__ = ["sample", "run_plan", "PlanRunner", "SampleInfo", "resolve_plan", "clear_plan_cache"]
 
 Callback = Callable[[int, float, torch.Tensor], None]
 
@@ -75,6 +75,97 @@ def _last_uses(plan: CompiledPlan, programs: list[list[tuple[Key, float]]]) -> d
     return last
 
 
+class PlanRunner:
+    """Stepwise execution of a compiled plan's affine program, the caller answering each model
+    evaluation: :meth:`request` runs the combinations up to the next ``Evaluate`` and returns it
+    (its input state is :attr:`pending_input`), :meth:`answer` takes the model's output there, and
+    :meth:`result` is the final state. The sequential loop (:func:`run_plan`) answers with one model
+    call per request; search answers many runners with one batched call (per-row times).
+
+    Without thresholding (which is not affine) the answer is the model's raw output and the
+    prediction conversion is folded into the combination coefficients (``fold``); with it the answer
+    is a :class:`~fewstep.Prediction`. States are kept in float32 (or float64); the model sees the
+    input dtype. Fresh noise (stochastic steps) is keyed by ``(seed, sample index, step)``."""
+
+    def __init__(
+        self,
+        model: Model,
+        x_T: torch.Tensor,
+        plan: CompiledPlan,
+        *,
+        callback: Callback | None = None,
+        seed: int | None = None,
+        sample_indices: Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
+        self.plan, self.callback, self.seed, self.sample_indices = plan, callback, seed, sample_indices
+        self.in_dtype = x_T.dtype
+        self.work = _work_dtype(x_T.dtype)
+        self.fold = model.threshold is None
+        self._programs = _expand(model, plan, self.fold)
+        self._last = _last_uses(plan, self._programs)
+        self._kept: dict[Key, torch.Tensor] = {("state", 0): x_T.to(self.work)}
+        self._combines = iter(self._programs)
+        self._k = 0  # index of the next op
+        self._pending: Evaluate | None = None
+
+    def _release(self, keys: Sequence[Key], k: int) -> None:
+        for key in keys:
+            if self._last.get(key, -1) <= k:
+                self._kept.pop(key, None)
+
+    def request(self) -> Evaluate | None:
+        """Run the combinations up to the next evaluation and return it; ``None`` when finished."""
+        if self._pending is not None:
+            raise SolverError("the pending evaluation has not been answered")
+        ops = self.plan.ops
+        while self._k < len(ops):
+            op = ops[self._k]
+            if isinstance(op, Evaluate):
+                self._pending = op
+                return op
+            self._combine(op, next(self._combines))
+            self._k += 1
+        return None
+
+    @property
+    def pending_input(self) -> torch.Tensor:
+        assert self._pending is not None
+        return self._kept[("state", self._pending.state)].to(self.in_dtype)
+
+    def answer(self, out: torch.Tensor | Any) -> None:
+        """The model's raw output (``fold``) or its :class:`~fewstep.Prediction` at the pending evaluation."""
+        op = self._pending
+        if op is None:
+            raise SolverError("no evaluation is pending")
+        if self.fold:
+            self._kept[("out", op.slot)] = out.to(self.work)
+        else:
+            self._kept[("x0", op.slot)], self._kept[("eps", op.slot)] = out.x0.to(self.work), out.eps.to(self.work)
+        self._release([("state", op.state)], self._k)
+        self._pending = None
+        self._k += 1
+
+    def _combine(self, op: Combine, program: list[tuple[Key, float]]) -> None:
+        (key0, c0), rest = program[0], program[1:]
+        x = self._kept[key0] * c0 if c0 != 1.0 else self._kept[key0].clone()
+        for key, c in rest:
+            x.add_(self._kept[key], alpha=c)
+        if op.noise != 0.0:
+            if self.seed is None:
+                raise SolverError("this solver schedule draws noise; pass seed=")
+            z = keyed_noise(x.shape, self.seed, step=op.noise_key, indices=self.sample_indices, dtype=self.work, device=x.device)
+            x.add_(z, alpha=op.noise)
+        self._kept[("state", op.target)] = x
+        self._release([key for key, _ in program], self._k)
+        if self.callback is not None and op.grid_index is not None:
+            self.callback(op.grid_index, self.plan.times[op.grid_index], x)
+
+    def result(self) -> torch.Tensor:
+        if self._k < len(self.plan.ops) or self._pending is not None:
+            raise SolverError("the plan has not finished")
+        return self._kept[("state", self.plan.output)].to(self.in_dtype)
+
+
 def run_plan(
     model: Model,
     x_T: torch.Tensor,
@@ -85,55 +176,17 @@ def run_plan(
     seed: int | None = None,
     sample_indices: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Execute the affine program of a compiled plan, one model call per evaluation. Fresh noise
-    (stochastic steps) is keyed by ``(seed, sample index, step)``; sample indices default to 0..B-1.
-
-    States are kept in float32 (or float64); the model sees the input dtype. Without thresholding
-    (which is not affine) each combination works on raw model outputs directly."""
+    """Execute the affine program of a compiled plan, one model call per evaluation
+    (:class:`PlanRunner`); sample indices for keyed noise default to 0..B-1."""
     from tqdm.auto import tqdm
 
-    work = _work_dtype(x_T.dtype)
-    fold = model.threshold is None
-    programs = _expand(model, plan, fold)
-    last = _last_uses(plan, programs)
-    kept: dict[Key, torch.Tensor] = {("state", 0): x_T.to(work)}
-    combines = iter(programs)
-    bar = tqdm(total=plan.nfe, desc="sampling", unit="eval", disable=not progress, leave=False)
-
-    def release(keys: Sequence[Key], k: int) -> None:
-        for key in keys:
-            if last.get(key, -1) <= k:
-                kept.pop(key, None)
-
-    try:
-        for k, op in enumerate(plan.ops):
-            if isinstance(op, Evaluate):
-                x_in = kept[("state", op.state)].to(x_T.dtype)
-                if fold:
-                    kept[("out", op.slot)] = model.output(x_in, op.t, op.alpha, op.sigma).to(work)
-                else:
-                    pred = model.predict(x_in, op.t)
-                    kept[("x0", op.slot)], kept[("eps", op.slot)] = pred.x0.to(work), pred.eps.to(work)
-                bar.update(1)
-                release([("state", op.state)], k)
-                continue
-            program = next(combines)
-            (key0, c0), rest = program[0], program[1:]
-            x = kept[key0] * c0 if c0 != 1.0 else kept[key0].clone()
-            for key, c in rest:
-                x.add_(kept[key], alpha=c)
-            if op.noise != 0.0:
-                if seed is None:
-                    raise SolverError("this solver schedule draws noise; pass seed=")
-                z = keyed_noise(x.shape, seed, step=op.noise_key, indices=sample_indices, dtype=work, device=x.device)
-                x.add_(z, alpha=op.noise)
-            kept[("state", op.target)] = x
-            release([key for key, _ in program], k)
-            if callback is not None and op.grid_index is not None:
-                callback(op.grid_index, plan.times[op.grid_index], x)
-    finally:
-        bar.close()
-    return kept[("state", plan.output)].to(x_T.dtype)
+    runner = PlanRunner(model, x_T, plan, callback=callback, seed=seed, sample_indices=sample_indices)
+    with tqdm(total=plan.nfe, desc="sampling", unit="eval", disable=not progress, leave=False) as bar:
+        while (op := runner.request()) is not None:
+            x_in = runner.pending_input
+            runner.answer(model.output(x_in, op.t, op.alpha, op.sigma) if runner.fold else model.predict(x_in, op.t))
+            bar.update(1)
+    return runner.result()
 
 
 def resolve_plan(
