@@ -12,6 +12,8 @@ if "torch" not in _sys.modules:
     # of microseconds. Passive waiting is the default here unless the user chose otherwise.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+__version__ = "0.1.0"
+
 from .errors import ArgumentError, FewstepError, ModelOutputError, ScheduleError, ScheduleFileError, ShapeError, SolverError, ZooError
 from .metrics import frechet_distance, likelihood_gap, rmse
 from .models import Model, Prediction, Threshold, batched_classifier_free_guidance, classifier_free_guidance
@@ -25,9 +27,8 @@ from .solvers.presets import preset, preset_names, preset_options
 from .solvers.strategy import Step
 from .timesteps import time_grid
 from .defaults import default_solver, default_spacing
+from .schedule_search import search
 from . import zoo
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
@@ -35,5 +36,5 @@ __all__ = [
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "ZooError", "__version__",
     "batched_classifier_free_guidance", "default_solver", "default_spacing", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",
     "frechet_distance", "initial_noise", "keyed_noise", "likelihood_gap", "preset", "preset_names", "preset_options",
-    "reference_solution", "rmse", "sample", "time_grid", "zoo",
+    "reference_solution", "rmse", "sample", "search", "time_grid", "zoo",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``fewstep demo | sample | bench``."""
+"""Command line: ``fewstep demo | sample | bench | search``."""
 
 from __future__ import annotations
 
@@ -271,6 +271,54 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_model(args: argparse.Namespace) -> Model:
+    if _use_zoo(args):
+        from . import zoo
+
+        return zoo.load(args.model)
+    oracle = bundled_oracle(args.oracle)
+    model = oracle.as_model(SCHEDULES[args.schedule]())
+    model.sample_shape = (oracle.dim,)
+    model.identity = f"oracle:{args.oracle}|{args.schedule}"
+    return model
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .schedule_search import search
+
+    model = _search_model(args)
+    out = Path(args.out)
+    state = Path(args.state) if args.state else out.with_name(out.name + ".state.json")
+    bar = tqdm(total=args.generations, desc=f"search {model.name} NFE {args.nfe}", unit="gen")
+
+    def progress(g: int, entry: dict[str, object]) -> None:
+        bar.n = g + 1
+        bar.set_postfix(best=f"{entry['best']:.4g}", evals=entry["evaluations"])
+        bar.refresh()
+
+    try:
+        plan, report = search(model, args.nfe, n_calibration=args.calibration, n_heldout=args.heldout, noise_seed=args.noise_seed,
+                              seed=args.seed, generations=args.generations, refine_generations=args.refine_generations,
+                              population=args.population, offspring=args.offspring, cache_dir=args.cache_dir, state=state,
+                              reference_nfe=args.reference_nfe, on_generation=progress, log=_log, return_report=True)
+    finally:
+        bar.close()
+    plan.save(out)
+    meta = plan.meta["search"]
+    base = meta["baseline"] or {}
+    rows = [["best preset at its best grid", f"{base.get('preset')} {base.get('options') or ''} ({base.get('spacing')})",
+             base.get("calibration_error"), base.get("heldout_error")],
+            ["searched", plan.name, meta["calibration"]["error"], meta["heldout"]["error"]]]
+    print(markdown_table(["", "solver", f"calibration error ({meta['calibration']['noises']} noises)", f"held-out error ({meta['heldout']['noises']} noises)"], rows))
+    ratio = meta["heldout"]["error"] / base["heldout_error"] if base.get("heldout_error") else float("nan")
+    print(f"\nheld-out ratio searched / best preset: {ratio:.3f}; {meta['budget']['model_evaluations']} model evaluations, "
+          f"{report.wall_s:.0f} s of search" + (f" (resumed at generation {report.resumed_from})" if report.resumed_from else ""))
+    print(f"schedule written to {out} (state: {state})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewstep", description="Fast training-free sampling for diffusion and flow models.")
     p.add_argument("--version", action="version", version=f"fewstep {__version__}")
@@ -304,6 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="reports/samples.npy")
     s.add_argument("--save-schedule", default=None, help="also write the solver schedule used as JSON")
     s.set_defaults(func=cmd_sample)
+
+    q = sub.add_parser("search", help="search a solver schedule (time grid and per-step strategies) for a model and NFE; resumable")
+    common(q, 256)
+    q.add_argument("--nfe", type=int, required=True)
+    q.add_argument("--out", required=True, help="the schedule file to write (JSON); its state goes to OUT.state.json unless --state")
+    q.add_argument("--state", default=None, help="search state file: re-running the same command resumes from it")
+    q.add_argument("--calibration", type=int, default=256, help="calibration noises")
+    q.add_argument("--heldout", type=int, default=256, help="held-out noises (reported, never searched on)")
+    q.add_argument("--noise-seed", type=int, default=0, help="seed of the calibration and held-out noises")
+    q.add_argument("--generations", type=int, default=32)
+    q.add_argument("--refine-generations", type=int, default=8)
+    q.add_argument("--population", type=int, default=8)
+    q.add_argument("--offspring", type=int, default=96)
+    q.add_argument("--reference-nfe", type=int, default=200)
+    q.add_argument("--cache-dir", default=None, help="where reference solutions are cached (default: $FEWSTEP_CACHE or ~/.cache/fewstep)")
+    q.set_defaults(func=cmd_search)
     return p
 
 

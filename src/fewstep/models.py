@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 
@@ -187,6 +187,7 @@ class Model:
         name: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
         to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        identity: str | None = None,
     ) -> None:
         if prediction not in PREDICTION_TYPES:
             raise ArgumentError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
@@ -202,6 +203,12 @@ class Model:
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.sample_shape = sample_shape
         self._to_images = to_images
+        #: what identifies the model's function (cache keys, provenance of searched schedules);
+        #: the bundled models set their weights' SHA-256
+        self.identity = identity
+        #: searched solver schedules by NFE: ``sample(model, x_T, nfe=N)`` with nothing else named runs
+        #: ``tuned_schedules[N]`` when it exists (the bundled models ship some; ``fewstep.search`` makes them)
+        self.tuned_schedules: dict[int, Any] = {}
         self.calls = 0
         self.evaluations = 0
         self._sampling = False  # set by fewstep.sample while it runs (deferred NaN/Inf checks)

@@ -200,6 +200,9 @@ def resolve_plan(
     if solver is None:
         if nfe is None:
             raise ArgumentError("give nfe= (model evaluations per sample), or a solver schedule")
+        tuned = model.tuned_schedules.get(nfe) if not options else None
+        if tuned is not None:
+            return tuned
         name, defaults = default_solver(model.schedule)
         return preset(name, nfe, model.schedule, **{**defaults, **options})
     if isinstance(solver, SolverSchedule):
@@ -223,7 +226,7 @@ def _prepare(model: Model, solver: str | SolverSchedule | None, nfe: int | None,
     """Build and compile the plan; a preset with hashable options is compiled once per noise
     schedule and reused (a pipeline calls ``sample`` with the same solver batch after batch)."""
     key: tuple[Any, ...] | None = None
-    if solver is None or isinstance(solver, str):
+    if isinstance(solver, str) or (solver is None and not (nfe in model.tuned_schedules and not options)):
         key = (solver, nfe, tuple(sorted(options.items())), schedule_identity(model.schedule))
         try:
             hash(key)
@@ -293,9 +296,10 @@ def sample(
 ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Sample from ``model`` starting at noise ``x_T`` (already scaled to the start time's marginal,
     e.g. ``sigma_max * randn`` for EDM) with a preset name and ``nfe``, or a :class:`SolverSchedule`.
-    Without ``solver`` the measured default for the model's noise schedule runs
-    (:func:`fewstep.default_solver`); without ``spacing`` each preset uses its default grid for
-    that schedule (:func:`fewstep.default_spacing`).
+    Without ``solver`` the model's searched schedule for ``nfe`` runs when it has one
+    (``model.tuned_schedules``; the bundled models ship some), else the measured default for the
+    model's noise schedule (:func:`fewstep.default_solver`); without ``spacing`` each preset uses its
+    default grid for that schedule (:func:`fewstep.default_spacing`).
 
     Grid options for presets: ``spacing``, ``t_start``, ``t_end`` (default: the schedule's largest
     time to sigma = 0), ``t_noisy_start``, ``t_noisy_end``, ``rho``; other keyword options go to the

@@ -20,7 +20,7 @@ from ..errors import ZooError
 from ..models import Model
 from ..schedules import schedule_from_config
 
-__all__ = ["list", "load", "card", "load_network", "WEIGHTS"]
+__all__ = ["list", "load", "card", "load_network", "tuned_schedules", "WEIGHTS"]
 
 #: where the bundled weights and cards live
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -97,4 +97,39 @@ def load(name: str, root: str | Path | None = None, *, device: str | torch.devic
         with torch.no_grad():
             return net(x.to(dtype), t.to(dtype)).to(x.dtype)
 
-    return Model(fn, schedule, info["prediction"], name=name, sample_shape=tuple(info["sample_shape"]), to_images=to_images)
+    model = Model(fn, schedule, info["prediction"], name=name, sample_shape=tuple(info["sample_shape"]), to_images=to_images,
+                  identity=f"zoo:{name}:{str(info['sha256'])[:16]}")
+    model.tuned_schedules = tuned_schedules(name, root)
+    return model
+
+
+def tuned_schedules(name: str, root: str | Path | None = None) -> dict[int, Any]:
+    """The searched solver schedules a bundled model ships, by NFE (listed in its card under
+    ``tuned_schedules`` with their SHA-256; made by ``python -m fewstep.zoo.tune``). A missing,
+    damaged or mismatched file is a :class:`ZooError` naming it."""
+    from ..errors import ScheduleFileError
+    from ..solvers.plan import SolverSchedule
+
+    folder = Path(root) if root is not None else WEIGHTS
+    info = card(name, folder)
+    entries = info.get("tuned_schedules", {})
+    if not isinstance(entries, dict):
+        raise ZooError(f"the card of {name!r} has a malformed 'tuned_schedules' field")
+    out: dict[int, Any] = {}
+    for nfe, entry in entries.items():
+        try:
+            path = folder / entry["file"]
+            data = path.read_bytes()
+            want = entry["sha256"]
+        except (OSError, KeyError, TypeError) as exc:
+            raise ZooError(f"tuned schedule NFE {nfe} of {name!r} is missing or malformed in its card: {exc}") from None
+        if hashlib.sha256(data).hexdigest() != want:
+            raise ZooError(f"tuned schedule {path} of {name!r} does not match the SHA-256 in the card (damaged or replaced)")
+        try:
+            plan = SolverSchedule.from_json(data.decode())
+        except (ScheduleFileError, UnicodeDecodeError) as exc:
+            raise ZooError(f"tuned schedule {path} of {name!r} is not a valid schedule file: {exc}") from None
+        if plan.nfe != int(nfe):
+            raise ZooError(f"tuned schedule {path} of {name!r} has NFE {plan.nfe}, listed as {nfe}")
+        out[int(nfe)] = plan
+    return out

@@ -1,0 +1,128 @@
+"""Solver-schedule search: tune the time grid and each step's strategy for a model and an NFE budget,
+and save the result as a schedule file (``fewstep.search``; the CLI ``fewstep search``).
+
+* objective: error of the final samples against very fine reference solves from the same
+  calibration noises (:mod:`.objective`), reported on separate held-out noises too;
+* space: grid logits and per-step genes, legal by construction (:mod:`.space`);
+* cost: all candidates of a generation evaluated together, one batched model call per evaluation
+  index (:mod:`.evaluate`);
+* method: best presets on their best grids first, then surrogate-ranked evolution and grid
+  refinement, seeded and resumable (:mod:`.engine`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import __version__
+from ..errors import ArgumentError
+from ..metrics import rmse
+from ..models import Model
+from ..noise import initial_noise
+from ..solvers.plan import SolverSchedule, schedule_fingerprint
+from ..solvers.presets import preset
+from .engine import SEED_PRESETS, SEED_SPACINGS, SearchConfig, SearchReport, StateError, run_search
+from .evaluate import evaluate_plans
+from .objective import Objective, default_cache_dir, model_identity, reference_set
+from .space import Candidate, Gene, Space
+
+__all__ = ["search", "SearchConfig", "SearchReport", "StateError", "Space", "Candidate", "Gene", "Objective",
+           "reference_set", "evaluate_plans", "default_cache_dir"]
+
+
+def _noises(model: Model, given: torch.Tensor | None, n: int, seed: int, start: int, what: str, t_start: float | None) -> torch.Tensor:
+    if given is not None:
+        if not isinstance(given, torch.Tensor) or given.ndim < 2 or given.shape[0] < 2:
+            raise ArgumentError(f"{what} must be a tensor of noises shaped (batch >= 2, ...), got {getattr(given, 'shape', type(given).__name__)}")
+        return given
+    if model.sample_shape is None:
+        raise ArgumentError(f"the model has no sample_shape: pass {what}= noises shaped (batch, ...) at the start time")
+    if not isinstance(n, int) or n < 2:
+        raise ArgumentError(f"the number of {what} noises must be an integer >= 2, got {n!r}")
+    return initial_noise(model.schedule, (n, *model.sample_shape), seed, t_start=t_start, indices=range(start, start + n))
+
+
+def search(
+    model: Model,
+    nfe: int,
+    *,
+    calibration: torch.Tensor | None = None,
+    heldout: torch.Tensor | None = None,
+    n_calibration: int = 256,
+    n_heldout: int = 256,
+    noise_seed: int = 0,
+    seed: int = 0,
+    metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    metric_name: str | None = None,
+    reference_nfe: int = 200,
+    cache_dir: str | os.PathLike[str] | None = None,
+    state: str | os.PathLike[str] | None = None,
+    t_start: float | None = None,
+    population: int = 8,
+    offspring: int = 96,
+    generations: int = 24,
+    refine_generations: int = 6,
+    max_rows: int = 4096,
+    seed_presets: Sequence[tuple[str, dict[str, Any]]] = SEED_PRESETS,
+    seed_spacings: Sequence[str] = SEED_SPACINGS,
+    on_generation: Callable[[int, dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    return_report: bool = False,
+) -> SolverSchedule | tuple[SolverSchedule, SearchReport]:
+    """Search the time grid and per-step strategies of a solver for ``model`` at ``nfe`` evaluations.
+
+    ``calibration`` / ``heldout``: noises at the start time (default: ``n_calibration`` /
+    ``n_heldout`` keyed noises of ``noise_seed``, the held-out ones with other sample indices).
+    Their references are fine solves cached under ``cache_dir`` (default
+    :func:`~fewstep.search.objective.default_cache_dir`). ``metric(samples, reference)`` replaces
+    the RMSE. ``state``: a JSON file written after every generation; calling again with the same
+    arguments resumes from it. ``generations`` (``refine_generations`` of them grid-only) of
+    ``population`` evaluated candidates each, chosen from ``offspring`` bred ones; ``seed`` makes
+    it reproducible. Returns the best schedule, whose ``meta["search"]`` records its provenance
+    (model, schedule fingerprint, NFE, objective, calibration and held-out errors, the best preset
+    at its best grid on both, fewstep version, model evaluations spent); with ``return_report``
+    also a :class:`SearchReport`.
+    """
+    if not isinstance(model, Model):
+        raise ArgumentError(f"model must be a fewstep.Model, got {type(model).__name__}")
+    config = SearchConfig(nfe=nfe, seed=seed, population=population, offspring=offspring, generations=generations,
+                          refine_generations=refine_generations, max_rows=max_rows,
+                          seed_presets=tuple((n, tuple(sorted(dict(o).items()))) for n, o in seed_presets),
+                          seed_spacings=tuple(seed_spacings))
+    cal = _noises(model, calibration, n_calibration, noise_seed, 0, "calibration", t_start)
+    held = _noises(model, heldout, n_heldout, noise_seed, cal.shape[0], "heldout", t_start)
+    if tuple(cal.shape[1:]) != tuple(held.shape[1:]):
+        raise ArgumentError(f"calibration and held-out noises differ in shape: {tuple(cal.shape)} vs {tuple(held.shape)}")
+    evaluations0 = model.evaluations
+    objective = Objective(
+        calibration=reference_set(model, cal, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log),
+        heldout=reference_set(model, held, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log),
+        metric=metric or rmse, metric_name=metric_name or (getattr(metric, "__name__", "custom") if metric else "rmse"),
+    )
+    reference_evaluations = model.evaluations - evaluations0  # 0 when the references came from the cache
+    space, best, report = run_search(model, objective, config, t_start=t_start, state_path=state, on_generation=on_generation, log=log)
+
+    plan = space.schedule(best, name=f"searched-{model.name}-nfe{nfe}")
+    base = report.baseline
+    base_plan = preset(base["preset"], nfe, model.schedule, spacing=base["spacing"], t_start=space.t_start, **base["options"]) if base else None
+    plans = [plan] + ([base_plan] if base_plan is not None else [])
+    held_samples, cost = evaluate_plans(model, plans, held, max_rows=max_rows)
+    held_errors = [objective.error(x, "heldout") for x in held_samples]
+    report.best_heldout = held_errors[0]
+    report.baseline_heldout = held_errors[1] if base_plan is not None else None
+    meta = {
+        "model": model_identity(model), "schedule_fingerprint": schedule_fingerprint(model.schedule), "nfe": nfe,
+        "objective": objective.metric_name, "fewstep_version": __version__, "seed": seed,
+        "calibration": {"noises": int(cal.shape[0]), "noise_seed": noise_seed if calibration is None else None, "error": report.best_calibration},
+        "heldout": {"noises": int(held.shape[0]), "error": report.best_heldout},
+        "reference": {"method": objective.calibration.method, "error_bar": objective.calibration.error_bar},
+        "baseline": {**base, "heldout_error": report.baseline_heldout} if base else None,
+        "budget": {"generations": generations, "population": population, "offspring": offspring,
+                   "model_calls": report.calls + cost.calls, "model_evaluations": report.evaluations + cost.evaluations,
+                   "reference_evaluations": reference_evaluations, "search_wall_s": round(report.wall_s, 2)},
+    }
+    plan = plan.replace(meta={"search": meta})
+    return (plan, report) if return_report else plan

@@ -1,0 +1,328 @@
+"""The search: start from the best presets on their best grids, let a cheap predictor pick which of
+many evolved candidates to evaluate, refine the grid of the best, and save state after every
+generation so that a killed search resumes where it stopped.
+
+Generation 0 evaluates the seed presets on every seed grid (all together, one batched model call per
+evaluation index); the best is the *baseline*. Their plans become the first population. Each
+evolution generation breeds ``offspring`` children (tournament selection, uniform crossover, one
+to three mutations of genes, singlestep splits / merges or the grid), ranks them with a ridge
+regression of log-error on candidate features fitted to everything evaluated so far (the cheap
+predictor of S^3, Liu et al. 2023: only the ``population`` best-predicted children are evaluated
+for real, plus one at random to keep it honest), and keeps the best ``population`` of all
+evaluated. The last ``refine_generations`` refine the best grid only by pattern search (every grid
+logit moved up and down, all moves evaluated together, the step halved when none improves). Everything is seeded; the state (population, archive,
+random generator) is written atomically after every generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ArgumentError, SolverError
+from ..models import Model
+from ..solvers.plan import SolverSchedule, schedule_fingerprint
+from ..solvers.presets import preset
+from .evaluate import BatchCost, evaluate_plans
+from .objective import Objective, model_identity
+from .space import Candidate, Space
+
+__all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "StateError"]
+
+STATE_FORMAT = "fewstep.search_state"
+STATE_VERSION = 1
+
+#: the presets a search starts from (each at every seed spacing)
+SEED_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("unipc", {}), ("unipc", {"order": 2}), ("dpmpp_2m", {}), ("dpmpp_3m", {}), ("deis", {}), ("deis", {"interp": "lambda"}),
+)
+SEED_SPACINGS: tuple[str, ...] = ("logistic", "quadratic", "uniform_t", "uniform_lambda", "karras")
+
+
+class StateError(ArgumentError):
+    """A search state file does not belong to this search (other model, noises, NFE or settings)."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything that determines a search's result (the state file must match it to resume)."""
+
+    nfe: int
+    seed: int = 0
+    population: int = 8
+    offspring: int = 96
+    generations: int = 24
+    refine_generations: int = 6
+    max_rows: int = 4096
+    seed_presets: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = tuple((n, tuple(sorted(o.items()))) for n, o in SEED_PRESETS)
+    seed_spacings: tuple[str, ...] = SEED_SPACINGS
+
+    def __post_init__(self) -> None:
+        for name, lo in (("nfe", 1), ("population", 2), ("offspring", 1), ("generations", 1), ("refine_generations", 0), ("max_rows", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ArgumentError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.refine_generations >= self.generations:
+            raise ArgumentError(f"refine_generations ({self.refine_generations}) must be below generations ({self.generations})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nfe": self.nfe, "seed": self.seed, "population": self.population, "offspring": self.offspring,
+                "generations": self.generations, "refine_generations": self.refine_generations, "max_rows": self.max_rows,
+                "seed_presets": [[n, dict(o)] for n, o in self.seed_presets], "seed_spacings": list(self.seed_spacings)}
+
+
+@dataclass
+class SearchReport:
+    """What a search did: the baseline presets, the history, the cost."""
+
+    baseline: dict[str, Any]
+    presets: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    calls: int
+    evaluations: int
+    wall_s: float
+    best_calibration: float
+    best_heldout: float | None = None
+    baseline_heldout: float | None = None
+    resumed_from: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, allow_nan=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _rng_state_to_json(rng: np.random.Generator) -> dict[str, Any]:
+    return rng.bit_generator.state
+
+
+def _rng_from_json(state: dict[str, Any]) -> np.random.Generator:
+    bg = np.random.PCG64()
+    bg.state = state
+    return np.random.Generator(bg)
+
+
+class _Search:
+    def __init__(self, model: Model, objective: Objective, config: SearchConfig, *, t_start: float | None,
+                 state_path: Path | None, on_generation: Callable[[int, dict[str, Any]], None] | None,
+                 log: Callable[[str], None] | None) -> None:
+        self.model, self.objective, self.config = model, objective, config
+        self.space = Space(model.schedule, config.nfe, t_start=t_start)
+        self.state_path, self.on_generation, self.log = state_path, on_generation, log
+        self.identity = {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "config": config.to_json(), "model": model_identity(model),
+            "schedule": schedule_fingerprint(model.schedule), "t_start": self.space.t_start,
+            "calibration": _tensor_id(objective.calibration.noises), "metric": objective.metric_name,
+        }
+        self.cost = BatchCost()
+        self.archive: dict[str, tuple[Candidate, float]] = {}
+        self.population: list[Candidate] = []
+        self.presets: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+        self.generation = 0
+        self.rng = np.random.default_rng(config.seed)
+        self.wall = 0.0
+        self.delta = 0.4  # the grid step of the pattern search (refinement generations)
+        self.resumed_from: int | None = None
+
+    # ---- state -----------------------------------------------------------------------------
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        _write_json_atomic(self.state_path, {
+            **self.identity, "generation": self.generation, "rng": _rng_state_to_json(self.rng),
+            "population": [c.to_dict() for c in self.population],
+            "archive": [[c.to_dict(), e] for c, e in self.archive.values()],
+            "presets": self.presets, "history": self.history,
+            "cost": {"calls": self.cost.calls, "evaluations": self.cost.evaluations}, "wall_s": self.wall, "delta": self.delta,
+        })
+
+    def _load(self) -> bool:
+        if self.state_path is None or not self.state_path.is_file():
+            return False
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StateError(f"search state {str(self.state_path)!r} is unreadable ({exc}); delete it to start over") from None
+        if not isinstance(data, dict):
+            raise StateError(f"search state {str(self.state_path)!r} is not a JSON object")
+        for key, want in self.identity.items():
+            if data.get(key) != want:
+                raise StateError(
+                    f"search state {str(self.state_path)!r} belongs to another search ({key}: {data.get(key)!r:.120} != {want!r:.120}); "
+                    "use another state file or delete it to start over"
+                )
+        try:
+            self.generation = int(data["generation"])
+            self.rng = _rng_from_json(data["rng"])
+            self.population = [Candidate.from_dict(c) for c in data["population"]]
+            self.archive = {}
+            for c, e in data["archive"]:
+                cand = Candidate.from_dict(c)
+                self.archive[cand.key()] = (cand, float(e))
+            self.presets, self.history = list(data["presets"]), list(data["history"])
+            self.cost = BatchCost(int(data["cost"]["calls"]), int(data["cost"]["evaluations"]))
+            self.wall = float(data["wall_s"])
+            self.delta = float(data["delta"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"search state {str(self.state_path)!r} is malformed ({exc}); delete it to start over") from None
+        self.resumed_from = self.generation
+        return True
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def _evaluate(self, plans: Sequence[SolverSchedule]) -> list[float]:
+        samples, cost = evaluate_plans(self.model, plans, self.objective.calibration.noises, max_rows=self.config.max_rows)
+        self.cost.add(cost)
+        return [self.objective.error(x) for x in samples]
+
+    def _evaluate_candidates(self, cands: Sequence[Candidate]) -> None:
+        todo = [c for c in dict.fromkeys(cands, None) if c.key() not in self.archive]
+        if not todo:
+            return
+        errors = self._evaluate([self.space.schedule(c) for c in todo])
+        for c, e in zip(todo, errors):
+            self.archive[c.key()] = (c, e)
+
+    def _ranked(self) -> list[tuple[Candidate, float]]:
+        return sorted(self.archive.values(), key=lambda ce: (ce[1], ce[0].key()))
+
+    # ---- generations -------------------------------------------------------------------------
+    def _seed_generation(self) -> None:
+        cfg = self.config
+        plans, labels = [], []
+        for name, opts in cfg.seed_presets:
+            for sp in cfg.seed_spacings:
+                try:
+                    plan = preset(name, cfg.nfe, self.model.schedule, spacing=sp, t_start=self.space.t_start, **dict(opts))
+                except (ArgumentError, SolverError, ValueError):  # a spacing this schedule does not have
+                    continue
+                plans.append(plan)
+                labels.append((name, dict(opts), sp))
+        errors = self._evaluate(plans)
+        self.presets = [{"preset": n, "options": o, "spacing": sp, "calibration_error": e} for (n, o, sp), e in zip(labels, errors)]
+        cands = [c for c in (self.space.from_schedule(p) for p in plans) if c is not None]
+        self._evaluate_candidates(cands)
+        self.population = [c for c, _ in self._ranked()[: cfg.population]]
+
+    def _surrogate(self, cands: Sequence[Candidate]) -> np.ndarray | None:
+        data = [(c, e) for c, e in self.archive.values() if math.isfinite(e) and e > 0]
+        if len(data) < 2 * self.config.population:
+            return None
+        x = np.stack([self.space.features(c) for c, _ in data])
+        y = np.log([e for _, e in data])
+        ridge = 1.0
+        w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+        return np.stack([self.space.features(c) for c in cands]) @ w
+
+    def _evolve_generation(self) -> None:
+        cfg, rng, space = self.config, self.rng, self.space
+        ranked = self._ranked()
+        parents = [c for c, _ in ranked[: cfg.population]]
+        children: dict[str, Candidate] = {}
+        for _ in range(cfg.offspring * 4):
+            if len(children) >= cfg.offspring:
+                break
+            a = parents[min(int(rng.integers(len(parents))), int(rng.integers(len(parents))))]  # tournament of two by rank
+            child = a
+            if rng.random() < 0.3:
+                child = space.crossover(a, parents[int(rng.integers(len(parents)))], rng)
+            for _ in range(1 + int(rng.integers(3))):
+                child = space.mutate(child, rng)
+            if child.key() not in self.archive:
+                children.setdefault(child.key(), child)
+        pool = list(children.values())
+        if not pool:
+            return
+        predicted = self._surrogate(pool)
+        if predicted is None:
+            chosen = pool[: cfg.population]
+        else:
+            order = list(np.argsort(predicted, kind="stable"))
+            chosen = [pool[i] for i in order[: cfg.population - 1]]
+            rest = [pool[i] for i in order[cfg.population - 1:]]
+            if rest:
+                chosen.append(rest[int(rng.integers(len(rest)))])
+        self._evaluate_candidates(chosen)
+        self.population = [c for c, _ in self._ranked()[: cfg.population]]
+
+    def _refine_generation(self) -> None:
+        """Pattern search on the grid of the best candidate: every logit moved by +-delta, evaluated
+        together; the step halves when no move improves (delta starts at 0.4)."""
+        best, best_e = self._ranked()[0]
+        trials = []
+        for i in range(len(best.z)):
+            for sign in (1.0, -1.0):
+                z = list(best.z)
+                z[i] = float(np.clip(z[i] + sign * self.delta, -6.0, 6.0))
+                trials.append(Candidate(best.genes, tuple(z)))
+        self._evaluate_candidates(trials)
+        if self._ranked()[0][1] >= best_e:
+            self.delta *= 0.5
+        self.population = [c for c, _ in self._ranked()[: self.config.population]]
+
+    def run(self) -> tuple[Candidate, SearchReport]:
+        cfg = self.config
+        self._load()
+        evo_end = cfg.generations - cfg.refine_generations
+        while self.generation < cfg.generations:
+            t0 = time.perf_counter()
+            g = self.generation
+            if g == 0:
+                self._seed_generation()
+            elif g < evo_end:
+                self._evolve_generation()
+            else:
+                self._refine_generation()
+            best_c, best_e = self._ranked()[0]
+            self.wall += time.perf_counter() - t0
+            self.generation += 1
+            entry = {"generation": g, "best": best_e, "evaluated": len(self.archive), "evaluations": self.cost.evaluations}
+            self.history.append(entry)
+            self._save()
+            if self.log:
+                self.log(f"generation {g}: best calibration error {best_e:.4g} ({len(self.archive)} candidates, {self.cost.evaluations} model evaluations)")
+            if self.on_generation:
+                self.on_generation(g, entry)
+        best_c, best_e = self._ranked()[0]
+        finite_presets = [p for p in self.presets if math.isfinite(p["calibration_error"])]
+        baseline = min(finite_presets, key=lambda p: p["calibration_error"]) if finite_presets else {}
+        report = SearchReport(baseline=baseline, presets=self.presets, history=self.history, calls=self.cost.calls,
+                              evaluations=self.cost.evaluations, wall_s=self.wall, best_calibration=best_e,
+                              resumed_from=self.resumed_from)
+        return best_c, report
+
+
+def _tensor_id(x: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(x.detach().to(torch.float64).cpu().contiguous().numpy().tobytes()).hexdigest()[:16] + f"@{list(x.shape)}"
+
+
+def run_search(model: Model, objective: Objective, config: SearchConfig, *, t_start: float | None = None,
+               state_path: str | os.PathLike[str] | None = None, on_generation: Callable[[int, dict[str, Any]], None] | None = None,
+               log: Callable[[str], None] | None = None) -> tuple[Space, Candidate, SearchReport]:
+    """Run (or resume, when ``state_path`` holds this search's state) and return the space, the
+    best candidate and the report."""
+    s = _Search(model, objective, config, t_start=t_start, state_path=Path(state_path) if state_path else None,
+                on_generation=on_generation, log=log)
+    best, report = s.run()
+    return s.space, best, report

