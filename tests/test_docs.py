@@ -1,6 +1,7 @@
 """The documentation stays true: every example in docs/*.md runs against the current code.
 
-Per page, in one namespace and a scratch folder: ```python blocks run (``>>>`` blocks as doctests);
+Per page, in one namespace and a scratch folder: ```python blocks run (``>>>`` blocks as doctests;
+```py marks an illustration too slow to run here, e.g. a full search);
 a plain / json / text block right after a python block must equal what that block printed;
 ```bash blocks whose first line is ``# run`` run with this environment's ``fewstep`` on the PATH.
 """

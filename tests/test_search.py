@@ -114,7 +114,7 @@ def test_a_state_file_of_another_search_is_refused(tmp_path):
     model = _oracle_model()
     state = tmp_path / "state.json"
     fewstep.search(model, 5, cache_dir=tmp_path, state=state, **SMALL)
-    with pytest.raises(StateError, match="belongs to another search.*config"):
+    with pytest.raises(StateError, match="belongs to another search.*config differs: nfe: 5 in the file, 6 now"):
         fewstep.search(model, 6, cache_dir=tmp_path, state=state, **SMALL)
     state.write_text("{not json")
     with pytest.raises(StateError, match="unreadable"):

@@ -220,7 +220,7 @@ def _use_zoo(args: argparse.Namespace) -> bool:
 def _target(args: argparse.Namespace) -> Target:
     if _use_zoo(args):
         return zoo_target(args.model, args.batch, args.seed)
-    return oracle_target(args.oracle, args.schedule, args.batch, args.seed)
+    return oracle_target(args.oracle, args.noise_schedule, args.batch, args.seed)
 
 
 def _run_compare(args: argparse.Namespace, solvers: list[tuple[str | SolverSchedule, dict[str, object]]], nfes: Sequence[int], title: str) -> int:
@@ -253,7 +253,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         x_T = initial_noise(model.schedule, (args.batch, *model.sample_shape), args.seed)
     else:
         oracle = bundled_oracle(args.oracle)
-        model = oracle.as_model(SCHEDULES[args.schedule]())
+        model = oracle.as_model(SCHEDULES[args.noise_schedule]())
         x_T = initial_noise(model.schedule, (args.batch, oracle.dim), args.seed)
     solver, opts = parse_solver_arg(args.solver)
     if args.spacing and not isinstance(solver, SolverSchedule):
@@ -277,9 +277,9 @@ def _search_model(args: argparse.Namespace) -> Model:
 
         return zoo.load(args.model)
     oracle = bundled_oracle(args.oracle)
-    model = oracle.as_model(SCHEDULES[args.schedule]())
+    model = oracle.as_model(SCHEDULES[args.noise_schedule]())
     model.sample_shape = (oracle.dim,)
-    model.identity = f"oracle:{args.oracle}|{args.schedule}"
+    model.identity = f"oracle:{args.oracle}|{args.noise_schedule}"
     return model
 
 
@@ -327,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser, batch: int) -> None:
         sp.add_argument("--model", default=None, help=f"bundled trained network (fewstep.zoo; default for demo: {DEMO_MODEL})")
         sp.add_argument("--oracle", default=None, choices=sorted(ORACLES), help="bundled exact oracle model (default for bench and sample: gmm-d64)")
-        sp.add_argument("--schedule", default="vp-linear", choices=sorted(SCHEDULES), help="noise schedule of an oracle")
+        sp.add_argument("--noise-schedule", default="vp-linear", choices=sorted(SCHEDULES), help="noise schedule of an oracle")
+        sp.add_argument("--schedule", default=None, metavar="FILE.json",
+                        help="a solver schedule file (e.g. from `fewstep search`) to run; a noise-schedule name here is "
+                        "read as --noise-schedule (fewstep 0.1.0 spelling)")
         sp.add_argument("--batch", type=int, default=batch, help="number of samples")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--spacing", default=None, choices=sorted(SPACINGS), help="time grid (default: the preset's)")
@@ -371,9 +374,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _schedule_file_argument(args: argparse.Namespace) -> None:
+    """``--schedule FILE.json`` runs a solver schedule file (sample: instead of ``--solver``; bench: as
+    one more row); ``--schedule NAME`` with a noise-schedule name keeps its 0.1.0 meaning."""
+    value = getattr(args, "schedule", None)
+    if value is None:
+        return
+    if value in SCHEDULES and not Path(value).is_file():
+        args.noise_schedule = value
+        return
+    if args.command == "sample":
+        args.solver = value
+    elif args.command in ("bench", "demo"):
+        args.solvers = [*args.solvers, value]
+    else:
+        raise ArgumentError(f"--schedule {value!r}: `fewstep {args.command}` takes no solver schedule file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _schedule_file_argument(args)
         return int(args.func(args))
     except (FewstepError, OSError) as exc:
         print(f"fewstep: error: {exc}", file=sys.stderr)

@@ -166,11 +166,15 @@ class _Search:
         if not isinstance(data, dict):
             raise StateError(f"search state {str(self.state_path)!r} is not a JSON object")
         for key, want in self.identity.items():
-            if data.get(key) != want:
-                raise StateError(
-                    f"search state {str(self.state_path)!r} belongs to another search ({key}: {data.get(key)!r:.120} != {want!r:.120}); "
-                    "use another state file or delete it to start over"
-                )
+            have = data.get(key)
+            if have != want:
+                if isinstance(want, dict) and isinstance(have, dict):
+                    diff = {k: (have.get(k), want.get(k)) for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)}
+                    what = ", ".join(f"{k}: {a!r:.40} in the file, {b!r:.40} now" for k, (a, b) in diff.items())
+                else:
+                    what = f"{have!r:.80} in the file, {want!r:.80} now"
+                raise StateError(f"search state {str(self.state_path)!r} belongs to another search ({key} differs: {what}); "
+                                 "use another state file or delete it to start over")
         try:
             self.generation = int(data["generation"])
             self.rng = _rng_from_json(data["rng"])
