@@ -113,3 +113,41 @@ def test_fine_reference_starts_from_pure_noise_on_flow_models():
     x = fewstep.initial_noise(model.schedule, (2, 1, 8, 8), 0, dtype=torch.float64)
     chk = fewstep.check_fine_reference(model, x, nfe=8)  # lambda(t_max = 1) = -inf: uniform t, not uniform lambda
     assert "uniform_t" in chk.method and torch.isfinite(chk.solution).all() and chk.rms_change > 0
+
+
+def test_tuned_schedules_are_checked_and_run_by_the_default_call(tmp_path):
+    """A searched schedule registered with a bundled model is listed in its card with its SHA-256,
+    attached on load and run by sample(model, x_T, nfe=N); a damaged, replaced or hostile file is a
+    ZooError naming it, never silently used."""
+    from fewstep.zoo.tune import register
+
+    root = _copy(tmp_path, "digits-vp-eps")
+    info = json.loads((root / "digits-vp-eps.json").read_text())
+    info.pop("tuned_schedules", None)
+    (root / "digits-vp-eps.json").write_text(json.dumps(info))
+    model = zoo.load("digits-vp-eps", root)
+    plan = fewstep.preset("dpmpp_2m", 5, model.schedule, spacing="quadratic").replace(name="my-tuned")
+    path = register("digits-vp-eps", 5, plan, root=root)
+    entry = zoo.card("digits-vp-eps", root)["tuned_schedules"]["5"]
+    assert entry["file"] == f"tuned/{path.name}" and len(entry["sha256"]) == 64
+    tuned = zoo.load("digits-vp-eps", root)
+    assert tuned.tuned_schedules[5] == plan
+    x = fewstep.initial_noise(tuned.schedule, (2, 1, 8, 8), 0)
+    _, info5 = fewstep.sample(tuned, x, nfe=5, return_info=True)
+    assert info5.plan.name == "my-tuned"
+    text = path.read_text()
+    path.write_text(text.replace('"my-tuned"', '"my-tuneD"'))  # one byte changed
+    with pytest.raises(fewstep.ZooError, match="does not match the SHA-256"):
+        zoo.load("digits-vp-eps", root)
+    hostile = '{"format": "fewstep.solver_schedule", "version": 1, "times": [1e999, 0], "steps": [{}]}'
+    path.write_text(hostile)
+    card = json.loads((root / "digits-vp-eps.json").read_text())
+    import hashlib
+
+    card["tuned_schedules"]["5"]["sha256"] = hashlib.sha256(hostile.encode()).hexdigest()
+    (root / "digits-vp-eps.json").write_text(json.dumps(card))
+    with pytest.raises(fewstep.ZooError, match="not a valid schedule file"):
+        zoo.load("digits-vp-eps", root)
+    path.unlink()
+    with pytest.raises(fewstep.ZooError, match="missing or malformed"):
+        zoo.load("digits-vp-eps", root)
