@@ -308,7 +308,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     plan.save(out)
     meta = plan.meta["search"]
     base = meta["baseline"] or {}
-    rows = [["best preset at its best grid", f"{base.get('preset')} {base.get('options') or ''} ({base.get('spacing')})",
+    label = " ".join(str(v) for v in (base.get("preset"), base.get("options") or "") if v != "")
+    rows = [["best preset at its best grid", f"{label} ({base.get('spacing')})",
              base.get("calibration_error"), base.get("heldout_error")],
             ["searched", plan.name, meta["calibration"]["error"], meta["heldout"]["error"]]]
     print(markdown_table(["", "solver", f"calibration error ({meta['calibration']['noises']} noises)", f"held-out error ({meta['heldout']['noises']} noises)"], rows))

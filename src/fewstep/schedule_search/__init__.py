@@ -63,8 +63,8 @@ def search(
     t_start: float | None = None,
     population: int = 8,
     offspring: int = 96,
-    generations: int = 24,
-    refine_generations: int = 6,
+    generations: int = 32,
+    refine_generations: int = 8,
     max_rows: int = 4096,
     seed_presets: Sequence[tuple[str, dict[str, Any]]] = SEED_PRESETS,
     seed_spacings: Sequence[str] = SEED_SPACINGS,
@@ -77,7 +77,7 @@ def search(
     ``calibration`` / ``heldout``: noises at the start time (default: ``n_calibration`` /
     ``n_heldout`` keyed noises of ``noise_seed``, the held-out ones with other sample indices).
     Their references are fine solves cached under ``cache_dir`` (default
-    :func:`~fewstep.search.objective.default_cache_dir`). ``metric(samples, reference)`` replaces
+    :func:`~fewstep.schedule_search.objective.default_cache_dir`). ``metric(samples, reference)`` replaces
     the RMSE. ``state``: a JSON file written after every generation; calling again with the same
     arguments resumes from it. ``generations`` (``refine_generations`` of them grid-only) of
     ``population`` evaluated candidates each, chosen from ``offspring`` bred ones; ``seed`` makes

@@ -60,8 +60,8 @@ class SearchConfig:
     seed: int = 0
     population: int = 8
     offspring: int = 96
-    generations: int = 24
-    refine_generations: int = 6
+    generations: int = 32
+    refine_generations: int = 8
     max_rows: int = 4096
     seed_presets: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = tuple((n, tuple(sorted(o.items()))) for n, o in SEED_PRESETS)
     seed_spacings: tuple[str, ...] = SEED_SPACINGS
