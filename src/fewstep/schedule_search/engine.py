@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..atomic import write_atomic
 from ..errors import ArgumentError, SolverError
 from ..models import Model
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
 from ..solvers.presets import preset
 from .evaluate import BatchCost, evaluate_plans
-from .objective import Objective, model_identity
+from .objective import Objective, model_identity, tensor_digest
 from .space import Candidate, Space
 
 __all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "StateError"]
@@ -98,17 +98,7 @@ class SearchReport:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, allow_nan=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, allow_nan=True))
 
 
 def _rng_state_to_json(rng: np.random.Generator) -> dict[str, Any]:
@@ -131,7 +121,7 @@ class _Search:
         self.identity = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "config": config.to_json(), "model": model_identity(model),
             "schedule": schedule_fingerprint(model.schedule), "t_start": self.space.t_start,
-            "calibration": _tensor_id(objective.calibration.noises), "metric": objective.metric_name,
+            "calibration": tensor_digest(objective.calibration.noises), "metric": objective.metric_name,
         }
         self.cost = BatchCost()
         self.archive: dict[str, tuple[Candidate, float]] = {}
@@ -316,12 +306,6 @@ class _Search:
                               evaluations=self.cost.evaluations, wall_s=self.wall, best_calibration=best_e,
                               resumed_from=self.resumed_from)
         return best_c, report
-
-
-def _tensor_id(x: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(x.detach().to(torch.float64).cpu().contiguous().numpy().tobytes()).hexdigest()[:16] + f"@{list(x.shape)}"
 
 
 def run_search(model: Model, objective: Objective, config: SearchConfig, *, t_start: float | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..atomic import write_atomic
 from ..errors import ArgumentError
 from ..metrics import rmse
 from ..models import Model
@@ -48,8 +49,10 @@ def model_identity(model: Model) -> str:
     return f"{model.name}|{model.prediction}|{schedule_fingerprint(model.schedule)}"
 
 
-def _digest(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.detach().to(torch.float64).cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+def tensor_digest(x: torch.Tensor) -> str:
+    """A short hash of a tensor's values and shape (cache keys, search-state identity)."""
+    data = x.detach().to(torch.float64).cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16] + f"@{list(x.shape)}"
 
 
 @dataclass
@@ -77,7 +80,7 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     if not isinstance(reference_nfe, int) or reference_nfe < 4:
         raise ArgumentError(f"reference_nfe must be an integer >= 4, got {reference_nfe!r}")
     method = f"unipc at NFE {reference_nfe} (logistic grid, lower_order_final=False)"
-    key = hashlib.sha256(json.dumps([model_identity(model), _digest(noises), list(noises.shape), method]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([model_identity(model), tensor_digest(noises).split("@")[0], list(noises.shape), method]).encode()).hexdigest()[:20]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path, side = folder / f"reference-{key}.npy", folder / f"reference-{key}.json"
     if path.is_file() and side.is_file():
@@ -90,13 +93,10 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     fine = _fine_solution(model, noises, reference_nfe, max_rows)
     coarse = _fine_solution(model, noises, reference_nfe // 2, max_rows)
     bar = rmse(coarse, fine)
-    folder.mkdir(parents=True, exist_ok=True)
-    for target, write in ((path, lambda f: np.save(f, fine.to(torch.float64).cpu().numpy(), allow_pickle=False)),
-                          (side, lambda f: f.write(json.dumps({"error_bar": bar, "method": method, "model": model_identity(model)}).encode()))):
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, target)
+    buf = io.BytesIO()
+    np.save(buf, fine.to(torch.float64).cpu().numpy(), allow_pickle=False)
+    write_atomic(path, buf.getvalue())
+    write_atomic(side, json.dumps({"error_bar": bar, "method": method, "model": model_identity(model)}))
     return ReferenceSet(noises, fine.to(noises.dtype), bar, method)
 
 

@@ -9,11 +9,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..atomic import write_atomic
 from ..errors import ScheduleFileError, SolverError
 from ..schedules import NoiseSchedule
 from .strategy import Step
@@ -210,17 +210,7 @@ class SolverSchedule:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (temp file + rename) so an interrupted save never leaves a broken file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "SolverSchedule":

@@ -13,24 +13,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..atomic import write_atomic
 from . import WEIGHTS, card, load
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def register(name: str, nfe: int, plan: Any, root: Path = WEIGHTS) -> Path:
@@ -39,7 +27,7 @@ def register(name: str, nfe: int, plan: Any, root: Path = WEIGHTS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-nfe{nfe}.json"
     text = plan.to_json()
-    _write_atomic(path, text)
+    write_atomic(path, text)
     info = card(name, root)
     meta = plan.meta.get("search", {})
     base = meta.get("baseline") or {}
@@ -49,7 +37,7 @@ def register(name: str, nfe: int, plan: Any, root: Path = WEIGHTS) -> Path:
              "best_preset": f"{base.get('preset')} {base.get('options') or ''} ({base.get('spacing')})".strip(),
              "best_preset_heldout_error": base.get("heldout_error"), "model_evaluations": meta.get("budget", {}).get("model_evaluations")}
     info.setdefault("tuned_schedules", {})[str(nfe)] = entry
-    _write_atomic(root / f"{name}.json", json.dumps(info, indent=1) + "\n")
+    write_atomic(root / f"{name}.json", json.dumps(info, indent=1) + "\n")
     return path
 
 
