@@ -3,7 +3,8 @@
     python benchmarks/run_all.py            # full: overhead (~1 min), the default call vs the peers (~36 min,
                                             # ~3 min with its peer cache), quality on the oracles (~15 min on
                                             # 2 CPU cores), quality on the digits networks (~60 min)
-    python benchmarks/run_all.py --quick    # quick modes of all four (~2-3 min)
+                                            # and the solver-schedule search (see benchmarks/README.md)
+    python benchmarks/run_all.py --quick    # quick modes of all five (~5 min)
 
 The overhead benchmark runs first so that its timings are taken on an otherwise idle machine.
 Nothing here asserts on timings; the exit status is non-zero only if a benchmark crashes.
@@ -19,13 +20,14 @@ import time
 import defaults
 import overhead
 import quality
+import search
 from _common import log
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the quick mode of every benchmark")
-    ap.add_argument("--only", choices=["overhead", "defaults", "quality", "digits"], default=None, help="run one benchmark")
+    ap.add_argument("--only", choices=["overhead", "defaults", "quality", "digits", "search"], default=None, help="run one benchmark")
     args = ap.parse_args(argv)
     flags = ["--quick"] if args.quick else []
     t0 = time.perf_counter()
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "digits"):
         log("== quality on the digits networks ==")
         status |= quality.main(["--digits", *flags])
+    if args.only in (None, "search"):
+        log("== solver-schedule search ==")
+        status |= search.main(flags)
     log(f"all benchmarks done in {time.perf_counter() - t0:.0f} s; reports in {_common.REPORTS}")
     return status
 

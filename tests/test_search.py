@@ -177,3 +177,30 @@ def test_search_rejects_bad_arguments(tmp_path):
     no_shape = fewstep.Model(lambda x, t: 0.1 * x, VP, "eps")
     with pytest.raises(fewstep.ArgumentError, match="sample_shape"):
         fewstep.search(no_shape, 5, cache_dir=tmp_path, **SMALL)
+
+
+def test_seed_screen_keeps_the_best_presets_of_the_wide_sweep(tmp_path):
+    """Generation 0 screens every seed preset x grid (diffusers' discrete grids too on DiscreteVP) on
+    the first ``screen`` noises and evaluates exactly the ``seed_keep`` best distinct plans on all
+    of them; the baseline is the best of those."""
+    model = _oracle_model()
+    kw = {k: v for k, v in SMALL.items() if k not in ("seed_presets", "seed_spacings")}
+    kw.update(generations=1, refine_generations=0, screen=16, seed_keep=5)
+    plan, report = fewstep.search(model, 6, cache_dir=tmp_path, return_report=True, **kw)
+    names = {p["preset"] for p in report.presets}
+    assert {"dpm_solver_2", "dpmpp_2s", "ipndm", "pndm", "heun", "unipc"} <= names
+    assert {"leading", "trailing"} <= {p["spacing"] for p in report.presets}
+    kept = [p for p in report.presets if np.isfinite(p["calibration_error"])]
+    dropped = [p for p in report.presets if not np.isfinite(p["calibration_error"])]
+    plans_kept = {json.dumps([p["preset"], p["options"], p["spacing"]]) for p in kept}
+    assert dropped and 5 <= len(plans_kept)  # presets with identical plans share one evaluation
+    assert max(p["screen_error"] for p in kept) <= min(p["screen_error"] for p in dropped)
+    # the screen error is the metric on the first 16 calibration noises, the calibration error on all 48
+    best = report.baseline
+    base = fewstep.preset(best["preset"], 6, VP, spacing=best["spacing"], **best["options"])
+    cal = fewstep.initial_noise(VP, (48, 6), 0, indices=range(48))
+    ref = fewstep.schedule_search.reference_set(model, cal, reference_nfe=64, cache_dir=tmp_path)
+    x = fewstep.sample(model, cal, base)
+    assert best["calibration_error"] == pytest.approx(float(fewstep.metrics.rmse(x, ref.reference)), rel=1e-6)
+    assert best["screen_error"] == pytest.approx(float(fewstep.metrics.rmse(x[:16], ref.reference[:16])), rel=1e-6)
+    assert best["calibration_error"] == min(p["calibration_error"] for p in kept)

@@ -35,8 +35,12 @@ def test_load_gives_a_ready_model(name, dtype):
 
 
 def _copy(tmp_path, name):
+    """A model's card, weights and the tuned schedules its card lists, into ``tmp_path``."""
     for suffix in (".json", ".safetensors"):
         shutil.copy(zoo.WEIGHTS / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    for entry in (zoo.card(name).get("tuned_schedules") or {}).values():
+        (tmp_path / entry["file"]).parent.mkdir(exist_ok=True)
+        shutil.copy(zoo.WEIGHTS / entry["file"], tmp_path / entry["file"])
     return tmp_path
 
 

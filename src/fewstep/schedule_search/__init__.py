@@ -23,8 +23,7 @@ from ..metrics import rmse
 from ..models import Model
 from ..noise import initial_noise
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
-from ..solvers.presets import preset
-from .engine import SEED_PRESETS, SEED_SPACINGS, SearchConfig, SearchReport, StateError, run_search
+from .engine import SEED_PRESETS, SEED_SPACINGS, SearchConfig, SearchReport, StateError, run_search, seed_plan
 from .evaluate import evaluate_plans
 from .objective import Objective, default_cache_dir, model_identity, reference_set
 from .space import Candidate, Gene, Space
@@ -68,6 +67,8 @@ def search(
     max_rows: int = 4096,
     seed_presets: Sequence[tuple[str, dict[str, Any]]] = SEED_PRESETS,
     seed_spacings: Sequence[str] = SEED_SPACINGS,
+    screen: int = 32,
+    seed_keep: int = 12,
     on_generation: Callable[[int, dict[str, Any]], None] | None = None,
     log: Callable[[str], None] | None = None,
     return_report: bool = False,
@@ -91,7 +92,7 @@ def search(
     config = SearchConfig(nfe=nfe, seed=seed, population=population, offspring=offspring, generations=generations,
                           refine_generations=refine_generations, max_rows=max_rows,
                           seed_presets=tuple((n, tuple(sorted(dict(o).items()))) for n, o in seed_presets),
-                          seed_spacings=tuple(seed_spacings))
+                          seed_spacings=tuple(seed_spacings), screen=screen, seed_keep=seed_keep)
     cal = _noises(model, calibration, n_calibration, noise_seed, 0, "calibration", t_start)
     held = _noises(model, heldout, n_heldout, noise_seed, cal.shape[0], "heldout", t_start)
     if tuple(cal.shape[1:]) != tuple(held.shape[1:]):
@@ -107,7 +108,7 @@ def search(
 
     plan = space.schedule(best, name=f"searched-{model.name}-nfe{nfe}")
     base = report.baseline
-    base_plan = preset(base["preset"], nfe, model.schedule, spacing=base["spacing"], t_start=space.t_start, **base["options"]) if base else None
+    base_plan = seed_plan(base["preset"], base["options"], base["spacing"], model.schedule, nfe, space.t_start) if base else None
     plans = [plan] + ([base_plan] if base_plan is not None else [])
     held_samples, cost = evaluate_plans(model, plans, held, max_rows=max_rows)
     held_errors = [objective.error(x, "heldout") for x in held_samples]

@@ -2,8 +2,10 @@
 many evolved candidates to evaluate, refine the grid of the best, and save state after every
 generation so that a killed search resumes where it stopped.
 
-Generation 0 evaluates the seed presets on every seed grid (all together, one batched model call per
-evaluation index); the best is the *baseline*. Their plans become the first population. Each
+Generation 0 screens every deterministic preset (and the usual option variants) on every seed grid
+on the first ``screen`` calibration noises, all together (one batched model call per evaluation
+index), and evaluates the ``seed_keep`` best distinct plans on all calibration noises: the best of
+those is the *baseline* (the best preset at its best grid); their plans become the first population. Each
 evolution generation breeds ``offspring`` children (tournament selection, uniform crossover, one
 to three mutations of genes, singlestep splits / merges or the grid), ranks them with a ridge
 regression of log-error on candidate features fitted to everything evaluated so far (the cheap
@@ -28,24 +30,37 @@ import numpy as np
 import torch
 
 from ..atomic import write_atomic
-from ..errors import ArgumentError, SolverError
+from ..errors import ArgumentError, FewstepError, SolverError
 from ..models import Model
+from ..schedules import DiscreteVP
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
 from ..solvers.presets import preset
 from .evaluate import BatchCost, evaluate_plans
 from .objective import Objective, model_identity, tensor_digest
 from .space import Candidate, Space
 
-__all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "StateError"]
+__all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "DISCRETE_SEED_SPACINGS", "StateError", "seed_plan"]
 
 STATE_FORMAT = "fewstep.search_state"
 STATE_VERSION = 1
 
-#: the presets a search starts from (each at every seed spacing)
+#: the presets a search starts from (each at every seed spacing): every deterministic preset
+#: (aliases folded: ``plms`` is ``pndm``; ``lcm`` is stochastic) and the option variants users set
 SEED_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("unipc", {}), ("unipc", {"order": 2}), ("dpmpp_2m", {}), ("dpmpp_3m", {}), ("deis", {}), ("deis", {"interp": "lambda"}),
+    ("ddim", {}), ("deis", {}), ("deis", {"interp": "lambda"}), ("deis", {"interp": "lambda", "lower_order_final": False}),
+    ("dpm_solver_2", {}), ("dpm_solver_3", {}), ("dpmpp_2m", {}), ("dpmpp_2s", {}), ("dpmpp_3m", {}),
+    ("dpmpp_3m", {"lower_order_final": False}), ("heun", {}), ("ipndm", {}), ("lms", {}), ("pndm", {}),
+    ("unipc", {}), ("unipc", {"order": 2}), ("unipc", {"lower_order_final": False}),
 )
+#: the grids each seed preset is tried on; DiscreteVP schedules also get diffusers' discrete grids
 SEED_SPACINGS: tuple[str, ...] = ("logistic", "quadratic", "uniform_t", "uniform_lambda", "karras")
+DISCRETE_SEED_SPACINGS: tuple[str, ...] = ("leading", "leading_multistep", "trailing")
+
+
+def seed_plan(name: str, options: dict[str, Any], spacing: str, schedule: Any, nfe: int, t_start: float) -> SolverSchedule:
+    """A seed preset's plan: on ``t_start``, except diffusers' discrete grids, which fix their own."""
+    start = {} if spacing in DISCRETE_SEED_SPACINGS else {"t_start": t_start}
+    return preset(name, nfe, schedule, spacing=spacing, **start, **options)
 
 
 class StateError(ArgumentError):
@@ -65,9 +80,12 @@ class SearchConfig:
     max_rows: int = 4096
     seed_presets: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = tuple((n, tuple(sorted(o.items()))) for n, o in SEED_PRESETS)
     seed_spacings: tuple[str, ...] = SEED_SPACINGS
+    screen: int = 32
+    seed_keep: int = 12
 
     def __post_init__(self) -> None:
-        for name, lo in (("nfe", 1), ("population", 2), ("offspring", 1), ("generations", 1), ("refine_generations", 0), ("max_rows", 1)):
+        for name, lo in (("nfe", 1), ("population", 2), ("offspring", 1), ("generations", 1), ("refine_generations", 0), ("max_rows", 1),
+                         ("screen", 2), ("seed_keep", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ArgumentError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -77,7 +95,8 @@ class SearchConfig:
     def to_json(self) -> dict[str, Any]:
         return {"nfe": self.nfe, "seed": self.seed, "population": self.population, "offspring": self.offspring,
                 "generations": self.generations, "refine_generations": self.refine_generations, "max_rows": self.max_rows,
-                "seed_presets": [[n, dict(o)] for n, o in self.seed_presets], "seed_spacings": list(self.seed_spacings)}
+                "seed_presets": [[n, dict(o)] for n, o in self.seed_presets], "seed_spacings": list(self.seed_spacings),
+                "screen": self.screen, "seed_keep": self.seed_keep}
 
 
 @dataclass
@@ -117,6 +136,7 @@ class _Search:
                  log: Callable[[str], None] | None) -> None:
         self.model, self.objective, self.config = model, objective, config
         self.space = Space(model.schedule, config.nfe, t_start=t_start)
+        self.t_start_given = t_start
         self.state_path, self.on_generation, self.log = state_path, on_generation, log
         self.identity = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "config": config.to_json(), "model": model_identity(model),
@@ -201,19 +221,45 @@ class _Search:
 
     # ---- generations -------------------------------------------------------------------------
     def _seed_generation(self) -> None:
+        """Screen every (seed preset, spacing) plan on the first ``screen`` calibration noises, then
+        evaluate the ``seed_keep`` best distinct plans on all of them (the cheap first pass keeps a
+        wide preset sweep at the cost of a few generations)."""
         cfg = self.config
-        plans, labels = [], []
+        # diffusers' discrete grids fix their own first time (``leading`` starts below the last
+        # training step, as in diffusers): tried when the search starts at the schedule's start
+        discrete = isinstance(self.model.schedule, DiscreteVP) and self.t_start_given is None
+        spacings = cfg.seed_spacings + (DISCRETE_SEED_SPACINGS if discrete else ())
+        distinct: dict[str, tuple[SolverSchedule, list[tuple[str, dict[str, Any], str]]]] = {}
         for name, opts in cfg.seed_presets:
-            for sp in cfg.seed_spacings:
+            for sp in dict.fromkeys(spacings):
                 try:
-                    plan = preset(name, cfg.nfe, self.model.schedule, spacing=sp, t_start=self.space.t_start, **dict(opts))
-                except (ArgumentError, SolverError, ValueError):  # a spacing this schedule does not have
+                    plan = seed_plan(name, dict(opts), sp, self.model.schedule, cfg.nfe, self.space.t_start)
+                except (FewstepError, ValueError):  # a spacing this schedule does not have, an NFE too small
                     continue
-                plans.append(plan)
-                labels.append((name, dict(opts), sp))
-        errors = self._evaluate(plans)
-        self.presets = [{"preset": n, "options": o, "spacing": sp, "calibration_error": e} for (n, o, sp), e in zip(labels, errors)]
-        cands = [c for c in (self.space.from_schedule(p) for p in plans) if c is not None]
+                if plan.nfe != cfg.nfe:
+                    continue
+                d = plan.to_dict()
+                key = json.dumps([d["times"], d["steps"]], sort_keys=True)
+                distinct.setdefault(key, (plan, []))[1].append((name, dict(opts), sp))
+        if not distinct:
+            raise SolverError(f"no seed preset builds a plan of exactly {cfg.nfe} evaluations on this schedule")
+        entries = list(distinct.values())
+        noises = self.objective.calibration.noises
+        screen = min(cfg.screen, int(noises.shape[0]))
+        if len(entries) > cfg.seed_keep and screen < noises.shape[0]:
+            samples, cost = evaluate_plans(self.model, [p for p, _ in entries], noises[:screen], max_rows=self.config.max_rows)
+            self.cost.add(cost)
+            ref = self.objective.calibration.reference[:screen]
+            screened = [float("inf") if not bool(torch.isfinite(x).all()) else float(self.objective.metric(x, ref)) for x in samples]
+        else:
+            screened = [float("nan")] * len(entries)
+        order = sorted(range(len(entries)), key=lambda i: (not math.isfinite(screened[i]), screened[i] if math.isfinite(screened[i]) else 0.0, i))
+        kept = order[: cfg.seed_keep]
+        errors = dict(zip(kept, self._evaluate([entries[i][0] for i in kept])))
+        self.presets = [{"preset": n, "options": o, "spacing": sp, "screen_error": screened[i] if math.isfinite(screened[i]) else None,
+                         "calibration_error": errors.get(i, float("nan"))}
+                        for i in range(len(entries)) for n, o, sp in entries[i][1]]
+        cands = [c for c in (self.space.from_schedule(entries[i][0]) for i in kept) if c is not None]
         self._evaluate_candidates(cands)
         self.population = [c for c, _ in self._ranked()[: cfg.population]]
 

@@ -11,6 +11,7 @@ the model's card (file, SHA-256, calibration and held-out errors, the best prese
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import sys
@@ -28,6 +29,13 @@ def register(name: str, nfe: int, plan: Any, root: Path = WEIGHTS) -> Path:
     path = folder / f"{name}-nfe{nfe}.json"
     text = plan.to_json()
     write_atomic(path, text)
+    with open(folder / ".card.lock", "w") as lock:  # tune runs of one model for several NFEs may finish together
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _list_in_card(name, nfe, text, path, plan, root)
+    return path
+
+
+def _list_in_card(name: str, nfe: int, text: str, path: Path, plan: Any, root: Path) -> None:
     info = card(name, root)
     meta = plan.meta.get("search", {})
     base = meta.get("baseline") or {}
@@ -38,7 +46,6 @@ def register(name: str, nfe: int, plan: Any, root: Path = WEIGHTS) -> Path:
              "best_preset_heldout_error": base.get("heldout_error"), "model_evaluations": meta.get("budget", {}).get("model_evaluations")}
     info.setdefault("tuned_schedules", {})[str(nfe)] = entry
     write_atomic(root / f"{name}.json", json.dumps(info, indent=1) + "\n")
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
