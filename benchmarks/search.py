@@ -76,9 +76,6 @@ BASE_SPACINGS = ("logistic", "quadratic", "uniform_t", "uniform_lambda", "karras
 DISCRETE_SPACINGS = ("leading", "leading_multistep", "trailing")
 PLAN_CHUNK = 16  # plans evaluated together (16 x 256 rows = one 4096-row model call)
 PRESET_CACHE_FORMAT = 1
-#: the exact oracle evaluates its posterior in row chunks of ``fewstep.oracle._CHUNK_ELEMS`` elements (2^24: 341 rows
-#: at d = 3072, 50 MB intermediates); on the 2-vCPU VM 85-row chunks give bitwise the same outputs ~3.5x faster
-ORACLE_CHUNK_ELEMS = 1 << 22
 #: --quick: gmm-d3072 at NFE 5, few noises, a tiny search (checks the script, measures nothing)
 QUICK = {"nfes": (5,), "calibration": 32, "heldout": 64,
          "budget": {"generations": 3, "refine_generations": 1, "population": 4, "offspring": 8}}
@@ -137,17 +134,6 @@ class STarget:
     def held_noises(self, n: int | None = None) -> torch.Tensor:
         n = self.heldout if n is None else n
         return fewstep.initial_noise(self.sched, (n, *self.shape), NOISE_SEED, indices=range(self.calibration, self.calibration + n))
-
-
-def oracle_chunk() -> str:
-    """Set the oracle's row chunk to ``ORACLE_CHUNK_ELEMS`` (never larger than the library's); what was set."""
-    import fewstep.oracle as O
-
-    if not hasattr(O, "_CHUNK_ELEMS"):
-        return "the library's own (no fewstep.oracle._CHUNK_ELEMS)"
-    was = int(O._CHUNK_ELEMS)
-    O._CHUNK_ELEMS = min(was, ORACLE_CHUNK_ELEMS)
-    return f"fewstep.oracle._CHUNK_ELEMS = {O._CHUNK_ELEMS} (library: {was})"
 
 
 def oracle_target(name: str, calibration: int, heldout: int) -> STarget:
@@ -877,9 +863,6 @@ def build_report(results: dict[str, dict[str, Any]], targets: dict[str, STarget]
               "- Peers: `defaults.peers_side` (`all_peers(schedule=...)` at every grid option, the model queried at the noise level each "
               "peer asks for); diffusers' DDPM-family schedulers for DiscreteVP, its flow schedulers (incl. shifted grids) for flow matching, "
               "its EDM schedulers for EDM; k-diffusion where the start has a finite noise level.",
-              f"- The oracle's posterior is evaluated in smaller row chunks than the library's default: {meta.get('oracle_chunk')} "
-              "(bitwise the same outputs; the default 341-row chunk at d = 3072 makes 50 MB intermediates and runs ~3.5x slower per row on the "
-              "2-vCPU VM). This speeds up every oracle evaluation here alike: the search, the references, the presets and the peers.",
               "- Caches: references (`reference-<key>.npy`), search states and schedules in `benchmarks/.cache/search/` (networks: the "
               "tune runs' `~/.cache/fewstep`), preset runs in `benchmarks/.cache/search/presets-<target>.json` (keyed by the plan, the noises "
               "and the fewstep version; `--no-cache` reruns), peer runs in `benchmarks/.cache/peers-search-<target>.json` "
@@ -927,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/search.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "git": D._git_state(),
             "load_start": " / ".join(f"{v:.2f}" for v in os.getloadavg()), "background_start": background_jobs(),
-            "n_targets": len(names), "threads": threads, "oracle_chunk": oracle_chunk()}
+            "n_targets": len(names), "threads": threads}
     t_all = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     targets: dict[str, STarget] = {}

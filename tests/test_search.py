@@ -204,3 +204,16 @@ def test_seed_screen_keeps_the_best_presets_of_the_wide_sweep(tmp_path):
     assert best["calibration_error"] == pytest.approx(float(fewstep.metrics.rmse(x, ref.reference)), rel=1e-6)
     assert best["screen_error"] == pytest.approx(float(fewstep.metrics.rmse(x[:16], ref.reference[:16])), rel=1e-6)
     assert best["calibration_error"] == min(p["calibration_error"] for p in kept)
+
+
+@pytest.mark.parametrize("seeds,spacings", [([("dpm_solver_3", {})], ["logistic"]), ([("unipc", {})], [])],
+                         ids=["no-seed-the-space-expresses", "leading-grids-only"])
+def test_search_starts_when_no_seed_plan_is_a_candidate(tmp_path, seeds, spacings):
+    """Seeds the space cannot express (third-order singlestep) or that start below the search's start
+    (diffusers' leading grids) still give a first population, and the search still beats them or
+    matches them."""
+    model = _oracle_model()
+    kw = {k: v for k, v in SMALL.items() if k not in ("seed_presets", "seed_spacings")}
+    plan, report = fewstep.search(model, 6, cache_dir=tmp_path, return_report=True, seed_presets=seeds, seed_spacings=spacings, **kw)
+    assert plan.nfe == 6 and np.isfinite(report.best_calibration) and report.baseline
+    assert report.best_calibration <= report.baseline["calibration_error"] * 1.5

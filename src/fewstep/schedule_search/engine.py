@@ -37,7 +37,7 @@ from ..solvers.plan import SolverSchedule, schedule_fingerprint
 from ..solvers.presets import preset
 from .evaluate import BatchCost, evaluate_plans
 from .objective import Objective, model_identity, tensor_digest
-from .space import Candidate, Space
+from .space import Candidate, Gene, Space
 
 __all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "DISCRETE_SEED_SPACINGS", "StateError", "seed_plan"]
 
@@ -259,9 +259,29 @@ class _Search:
         self.presets = [{"preset": n, "options": o, "spacing": sp, "screen_error": screened[i] if math.isfinite(screened[i]) else None,
                          "calibration_error": errors.get(i, float("nan"))}
                         for i in range(len(entries)) for n, o, sp in entries[i][1]]
-        cands = [c for c in (self.space.from_schedule(entries[i][0]) for i in kept) if c is not None]
-        self._evaluate_candidates(cands)
+        # the first population: the best screened plans the space can express (a grid that starts
+        # below the search's start, as diffusers' leading one, is moved to start there)
+        seeds: list[Candidate] = []
+        for i in order:
+            exact = self.space.from_schedule(entries[i][0])
+            cand = exact or self._started_here(entries[i][0])
+            if cand is None or cand in seeds:
+                continue
+            if exact is not None and i in errors:
+                self.archive.setdefault(cand.key(), (cand, errors[i]))  # the same plan: already evaluated
+            seeds.append(cand)
+            if len(seeds) >= cfg.population and i not in kept:
+                break
+        if not seeds:
+            seeds = [Candidate(tuple(Gene() for _ in range(cfg.nfe)), tuple(0.0 for _ in range(cfg.nfe)))]
+        self._evaluate_candidates(seeds)
         self.population = [c for c, _ in self._ranked()[: cfg.population]]
+
+    def _started_here(self, plan: SolverSchedule) -> Candidate | None:
+        """``plan`` with its first time moved to the search's start, as a candidate (or None)."""
+        if not float(plan.times[0]) < self.space.t_start:
+            return None
+        return self.space.from_schedule(plan.replace(times=(self.space.t_start, *plan.times[1:])))
 
     def _surrogate(self, cands: Sequence[Candidate]) -> np.ndarray | None:
         data = [(c, e) for c, e in self.archive.values() if math.isfinite(e) and e > 0]
