@@ -75,6 +75,9 @@ SEARCH_CACHE = CACHE / "search"
 BASE_SPACINGS = ("logistic", "quadratic", "uniform_t", "uniform_lambda", "karras")
 DISCRETE_SPACINGS = ("leading", "leading_multistep", "trailing")
 PLAN_CHUNK = 16  # plans evaluated together (16 x 256 rows = one 4096-row model call)
+#: --screen: the networks' preset sweep runs every plan on the first SCREEN noises and the SCREEN_KEEP best on all
+SCREEN = 32
+SCREEN_KEEP = 16
 PRESET_CACHE_FORMAT = 1
 #: --quick: gmm-d3072 at NFE 5, few noises, a tiny search (checks the script, measures nothing)
 QUICK = {"nfes": (5,), "calibration": 32, "heldout": 64,
@@ -364,9 +367,49 @@ def plan_hash(plan: Any) -> str:
     return hashlib.sha256(json.dumps([d.get("schedule"), d.get("times"), d.get("steps")], sort_keys=True).encode()).hexdigest()[:24]
 
 
-def preset_sweep(t: STarget, nfes: tuple[int, ...], *, read_cache: bool) -> dict[int, dict[str, Any]]:
-    from fewstep.cli import parse_solver_arg
+def _run_plans(t: STarget, hs: list[str], plans: dict[str, Any], labels: dict[str, list[tuple[str, str]]], noises: torch.Tensor,
+               ref: torch.Tensor, noise_key: str, cache: "PresetCache") -> float:
+    """Run the plans ``hs`` on ``noises`` (plans of one NFE together, PLAN_CHUNK at a time), cache their RMSE against
+    ``ref`` under ``noise_key``; the wall time."""
     from fewstep.schedule_search import evaluate_plans
+
+    fresh_s = 0.0
+    by_nfe: dict[int, list[str]] = {}
+    for h in hs:
+        by_nfe.setdefault(plans[h].nfe, []).append(h)
+    for k, group in sorted(by_nfe.items()):
+        for i in range(0, len(group), PLAN_CHUNK):
+            chunk = group[i: i + PLAN_CHUNK]
+            c0 = time.perf_counter()
+            try:
+                xs, _ = evaluate_plans(t.model, [plans[h] for h in chunk], noises)
+                recs = []
+                for x in xs:
+                    r = float(fewstep.rmse(x, ref))
+                    recs.append({"rmse": r, "nfe_used": k} if math.isfinite(r) else {"rmse": None, "nfe_used": k, "error": "non-finite samples"})
+            except Exception as exc:  # noqa: BLE001  one plan that will not run: run the chunk one by one
+                log(f"[{t.id}] batched preset evaluation failed ({_err(exc)}); one by one")
+                recs = []
+                for h in chunk:
+                    try:
+                        x = fewstep.sample(t.model, noises, plans[h])
+                        r = float(fewstep.rmse(x, ref))
+                        recs.append({"rmse": r if math.isfinite(r) else None, "nfe_used": k})
+                    except Exception as exc1:  # noqa: BLE001
+                        recs.append({"rmse": None, "nfe_used": k, "error": _err(exc1)})
+            dt = time.perf_counter() - c0
+            fresh_s += dt
+            for h, r in zip(chunk, recs):
+                cache.put(PresetCache.key(h, noise_key), {**r, "label": "%s (%s)" % labels[h][0], "wall_s": dt / len(chunk)})
+            cache.save()
+        log(f"[{t.id}] presets: {len(group)} plans of {k} NFE run on {noises.shape[0]} noises")
+    return fresh_s
+
+
+def preset_sweep(t: STarget, nfes: tuple[int, ...], *, read_cache: bool, screen: int = 0) -> dict[int, dict[str, Any]]:
+    """The best preset at its best grid on the held-out noises: every (preset, spacing) plan (identical plans once); with
+    ``screen``, all plans on the first ``screen`` noises and the SCREEN_KEEP best of them on all (as the search's own seeds)."""
+    from fewstep.cli import parse_solver_arg
 
     names = Q.distinct_presets()[0] + list(Q.VARIANTS)
     spacings = BASE_SPACINGS + (DISCRETE_SPACINGS if isinstance(t.sched, fewstep.DiscreteVP) else ())
@@ -391,46 +434,32 @@ def preset_sweep(t: STarget, nfes: tuple[int, ...], *, read_cache: bool) -> dict
                 h = plan_hash(plan)
                 labels.setdefault(h, []).append((p, sp))
                 plans.setdefault(h, plan)
-        todo = [h for h in plans if cache.get(PresetCache.key(h, t.noise_key)) is None]
         fresh_s = 0.0
-        by_nfe: dict[int, list[str]] = {}
-        for h in todo:
-            by_nfe.setdefault(plans[h].nfe, []).append(h)
-        for k, hs in sorted(by_nfe.items()):
-            for i in range(0, len(hs), PLAN_CHUNK):
-                chunk = hs[i: i + PLAN_CHUNK]
-                c0 = time.perf_counter()
-                try:
-                    xs, _ = evaluate_plans(t.model, [plans[h] for h in chunk], t.noises)
-                    recs = []
-                    for x in xs:
-                        r = float(fewstep.rmse(x, t.ref))
-                        recs.append({"rmse": r, "nfe_used": k} if math.isfinite(r) else {"rmse": None, "nfe_used": k, "error": "non-finite samples"})
-                except Exception as exc:  # noqa: BLE001  one plan that will not run: run the chunk one by one
-                    log(f"[{t.id}] batched preset evaluation failed ({_err(exc)}); one by one")
-                    recs = []
-                    for h in chunk:
-                        _, r = run_plan(t, plans[h])
-                        r.pop("traceback", None)
-                        r.pop("wall_s", None)
-                        recs.append({"rmse": r.get("rmse") if not r.get("error") else None, "nfe_used": r.get("nfe_used", k),
-                                     **({"error": r["error"]} if r.get("error") else {})})
-                dt = time.perf_counter() - c0
-                fresh_s += dt
-                for h, r in zip(chunk, recs):
-                    cache.put(PresetCache.key(h, t.noise_key), {**r, "label": "%s (%s)" % labels[h][0], "wall_s": dt / len(chunk)})
-                cache.save()
-            log(f"[{t.id}] presets NFE {n}: {len(hs)} plans of {k} NFE run")
+        screened: dict[str, float | None] = {}
+        full = list(plans)
+        if screen and len(plans) > SCREEN_KEEP:
+            skey = f"{t.noise_key}:first{screen}"
+            todo = [h for h in plans if cache.get(PresetCache.key(h, skey)) is None]
+            fresh_s += _run_plans(t, todo, plans, labels, t.noises[:screen], t.ref[:screen], skey, cache)
+            screened = {h: cache.entries[PresetCache.key(h, skey)].get("rmse") for h in plans}
+            full = sorted(plans, key=lambda h: (not _finite(screened[h]), screened[h] if _finite(screened[h]) else 0.0, h))[:SCREEN_KEEP]
+            log(f"[{t.id}] presets NFE {n}: {len(plans)} plans screened on {screen} noises, the best {len(full)} run on all")
+        todo = [h for h in full if cache.get(PresetCache.key(h, t.noise_key)) is None]
+        fresh_s += _run_plans(t, todo, plans, labels, t.noises, t.ref, t.noise_key, cache)
         rows = []
         for h, labs in labels.items():
-            r = cache.entries[PresetCache.key(h, t.noise_key)]
+            if h not in full:
+                r = {"rmse": None, "nfe_used": plans[h].nfe, "screen_rmse": screened.get(h),
+                     "error": f"screened out (RMSE {_fmt(screened.get(h))} on the first {screen} noises)"}
+            else:
+                r = {**cache.entries[PresetCache.key(h, t.noise_key)], "screen_rmse": screened.get(h)}
             rows.append({"preset": labs[0][0], "spacing": labs[0][1], "same_plan": [f"{p} ({sp})" for p, sp in labs[1:]],
                          "rmse": r.get("rmse"), "nfe_used": r.get("nfe_used"), "error": r.get("error"), "plan_hash": h})
         ok = [r for r in rows if _finite(r["rmse"])]
         best = min(ok, key=lambda r: r["rmse"]) if ok else None
         out[n] = {"best": best, "rows": sorted(rows, key=lambda r: (r["rmse"] is None, r["rmse"] or 0.0)),
                   "plans": len(plans), "combinations": sum(len(v) for v in labels.values()), "run_now": len(todo),
-                  "cached": len(plans) - len(todo), "fresh_s": fresh_s, "wall_s": time.perf_counter() - t0, "skipped": skipped,
+                  "cached": len(full) - len(todo), "screen": screen if screened else 0, "run_on_all": len(full), "fresh_s": fresh_s, "wall_s": time.perf_counter() - t0, "skipped": skipped,
                   "best_plan": plans[best["plan_hash"]] if best else None}
         log(f"[{t.id}] NFE {n}: best preset {best['preset'] + ' (' + best['spacing'] + ')' if best else 'n/a'} "
             f"RMSE {_fmt(best['rmse'] if best else None)} ({len(plans)} distinct plans, {len(todo)} run now)")
@@ -483,7 +512,7 @@ def run_target(t: STarget, nfes: tuple[int, ...], args: argparse.Namespace, quic
     res["timings"]["reference_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sweep = preset_sweep(t, nfes, read_cache=not args.no_cache)
+    sweep = preset_sweep(t, nfes, read_cache=not args.no_cache, screen=SCREEN if (args.screen and t.kind == "zoo") else 0)
     res["timings"]["presets_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     pe = peers(t, nfes, kdiffusion=not args.no_kdiffusion, read_cache=not args.no_peers_cache)
@@ -787,11 +816,13 @@ def build_report(results: dict[str, dict[str, Any]], targets: dict[str, STarget]
                 continue
             sw = e["preset_sweep"]
             best3 = [r for r in sw["rows"] if _finite(r["rmse"])][:3]
-            top.append([n, sw["plans"], f"{sw['run_now']} / {sw['cached']}", "; ".join(f"{r['preset']} ({r['spacing']}) {_fmt(r['rmse'])}" for r in best3),
-                        len(sw["skipped"])])
-        lines += ["Preset sweep: distinct plans, run now / from the cache, the three best, (preset, spacing) combinations that do not exist "
-                  "at this NFE or exceed it:", "",
-                  markdown_table(["NFE", "distinct plans", "run now / cached", "three best", "skipped"], top), ""]
+            scr = f"all on {sw['screen']} noises, the best {sw.get('run_on_all')} on all" if sw.get("screen") else "no (all on all)"
+            top.append([n, sw["plans"], scr, f"{sw['run_now']} / {sw['cached']}",
+                        "; ".join(f"{r['preset']} ({r['spacing']}) {_fmt(r['rmse'])}" for r in best3), len(sw["skipped"])])
+        lines += ["Preset sweep: distinct plans, whether they were screened first (`--screen`: every plan on the first noises, the best "
+                  "on all, as the search's own generation 0), plans run on all noises now / from the cache, the three best, (preset, "
+                  "spacing) combinations that do not exist at this NFE or exceed it:", "",
+                  markdown_table(["NFE", "distinct plans", "screened", "run now / cached", "three best", "skipped"], top), ""]
         if t.kind == "oracle":
             prow = []
             for n in nfes:
@@ -883,6 +914,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfe", nargs="+", type=int, default=None, help=f"NFE budgets (default {' '.join(map(str, NFES))})")
     ap.add_argument("--quick", action="store_true",
                     help=f"gmm-d3072 at NFE 5 with {QUICK['calibration']} / {QUICK['heldout']} noises and a tiny search -> reports/search_quick.md")
+    ap.add_argument("--screen", action="store_true",
+                    help=f"networks: screen the preset plans on the first {SCREEN} held-out noises and run the best {SCREEN_KEEP} on all "
+                         "(~4x cheaper; the exhaustive sweep otherwise)")
     ap.add_argument("--no-cache", action="store_true", help="rerun every preset (the preset cache is rewritten)")
     ap.add_argument("--no-peers-cache", action="store_true", help="rerun every peer (the peer cache is rewritten)")
     ap.add_argument("--no-kdiffusion", action="store_true", help="leave out the k-diffusion peers")
