@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         status |= quality.main(["--digits", *flags])
     if args.only in (None, "search"):
         log("== solver-schedule search ==")
-        status |= search.main(flags)
+        status |= search.main(flags or ["--screen"])
     log(f"all benchmarks done in {time.perf_counter() - t0:.0f} s; reports in {_common.REPORTS}")
     return status
 
