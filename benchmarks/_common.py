@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -89,12 +90,38 @@ def package_version(dist: str) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so an interrupted run never
-    leaves a truncated cache file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a report or cache file atomically (``fewstep.atomic.write_atomic``): an interrupted run
+    never leaves a truncated file behind."""
+    from fewstep.atomic import write_atomic
+
+    write_atomic(path, text)
+
+
+class RecordCache:
+    """A JSON file of run records keyed by strings (``{"format": F, "entries": {key: record}}``).
+
+    With ``read=False`` every lookup misses (everything reruns) but the other entries are kept and
+    saved back; a file of another format or an unreadable one starts empty."""
+
+    def __init__(self, path: Path, fmt: int, read: bool) -> None:
+        self.path, self.format, self.read = path, fmt, read
+        self.entries: dict[str, dict] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("format") == fmt:
+                    self.entries = data.get("entries", {})
+            except (OSError, ValueError, AttributeError) as exc:
+                log(f"ignoring unreadable cache {path}: {exc}")
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key) if self.read else None
+
+    def put(self, key: str, rec: dict) -> None:
+        self.entries[key] = rec
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps({"format": self.format, "entries": self.entries}, indent=0))
 
 
 def set_threads(n: int | None = None) -> int:

@@ -48,7 +48,7 @@ import torch
 import fewstep
 from fewstep.report import markdown_table
 
-from _common import CACHE, REPORTS, log, machine_lines, package_version, quiet_diffusers, set_threads, write_text_atomic
+from _common import CACHE, REPORTS, RecordCache, log, machine_lines, package_version, quiet_diffusers, set_threads, write_text_atomic
 import peers as peers_mod
 import quality as Q
 
@@ -367,38 +367,15 @@ def best_fewstep(t: Q.Target, nfes: tuple[int, ...]) -> dict[int, dict[str, Any]
 # ---------------------------------------------------------------------------------------------
 # the peers' side (cached)
 # ---------------------------------------------------------------------------------------------
-class PeerCache:
+class PeerCache(RecordCache):
     """``benchmarks/.cache/peers-<target>.json``: one record per peer run."""
 
     def __init__(self, target_id: str, read: bool) -> None:
-        self.path = CACHE / f"peers-{target_id}.json"
-        self.entries: dict[str, dict[str, Any]] = {}
-        if read and self.path.is_file():
-            try:
-                data = json.loads(self.path.read_text())
-                if data.get("format") == PEER_CACHE_FORMAT:
-                    self.entries = data.get("entries", {})
-            except (OSError, ValueError) as exc:
-                log(f"ignoring unreadable peer cache {self.path}: {exc}")
-        elif not read and self.path.is_file():
-            try:  # keep the other entries (other batches, versions); those run now are replaced
-                self.entries = json.loads(self.path.read_text()).get("entries", {})
-            except (OSError, ValueError):
-                self.entries = {}
-        self.read = read
+        super().__init__(CACHE / f"peers-{target_id}.json", PEER_CACHE_FORMAT, read)
 
     @staticmethod
     def key(peer: str, option: str, nfe: int, batch: int, seed: int, ref_file: str) -> str:
         return json.dumps([peer, option, nfe, batch, seed, ref_file, package_version("diffusers"), package_version("k-diffusion"), MODEL_MODE])
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.entries.get(key) if self.read else None
-
-    def put(self, key: str, rec: dict[str, Any]) -> None:
-        self.entries[key] = rec
-
-    def save(self) -> None:
-        write_text_atomic(self.path, json.dumps({"format": PEER_CACHE_FORMAT, "entries": self.entries}, indent=0))
 
 
 def peers_side(dt: DTarget, nfes: tuple[int, ...], *, kdiffusion: bool, read_cache: bool) -> dict[str, Any]:

@@ -55,7 +55,7 @@ import torch
 import fewstep
 from fewstep.report import markdown_table
 
-from _common import CACHE, REPORTS, log, machine_lines, quiet_diffusers, set_threads, write_text_atomic
+from _common import CACHE, REPORTS, RecordCache, log, machine_lines, quiet_diffusers, set_threads, write_text_atomic
 import defaults as D
 import quality as Q
 
@@ -335,31 +335,15 @@ def run_plan(t: STarget, plan: Any) -> tuple[torch.Tensor | None, dict[str, Any]
 # ---------------------------------------------------------------------------------------------
 # the best preset at its best grid, on the held-out noises (cached per plan)
 # ---------------------------------------------------------------------------------------------
-class PresetCache:
+class PresetCache(RecordCache):
+    """``benchmarks/.cache/search/presets-<target>.json``: one record per (preset plan, noises)."""
+
     def __init__(self, target_id: str, read: bool) -> None:
-        self.path = SEARCH_CACHE / f"presets-{target_id}.json"
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.read = read
-        if self.path.is_file():
-            try:
-                data = json.loads(self.path.read_text())
-                if data.get("format") == PRESET_CACHE_FORMAT:
-                    self.entries = data.get("entries", {})
-            except (OSError, ValueError) as exc:
-                log(f"ignoring unreadable preset cache {self.path}: {exc}")
+        super().__init__(SEARCH_CACHE / f"presets-{target_id}.json", PRESET_CACHE_FORMAT, read)
 
     @staticmethod
     def key(plan_hash: str, noise_key: str) -> str:
         return json.dumps([plan_hash, noise_key, fewstep.__version__])
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.entries.get(key) if self.read else None
-
-    def put(self, key: str, rec: dict[str, Any]) -> None:
-        self.entries[key] = rec
-
-    def save(self) -> None:
-        write_text_atomic(self.path, json.dumps({"format": PRESET_CACHE_FORMAT, "entries": self.entries}, indent=0))
 
 
 def plan_hash(plan: Any) -> str:
@@ -641,7 +625,7 @@ def build_report(results: dict[str, dict[str, Any]], targets: dict[str, STarget]
                 row.append("not run")
                 continue
             if e.get("missing"):
-                row.append(f"no tuned schedule yet")
+                row.append("no tuned schedule yet")
                 unmeasured["preset"].append(f"{tid} @ NFE {n} (no tuned schedule yet)")
                 continue
             if (e.get("searched") or {}).get("error"):
@@ -791,7 +775,7 @@ def build_report(results: dict[str, dict[str, Any]], targets: dict[str, STarget]
             bp, bd, bk, pr = e["best_peer"], e["best_diffusers"], e["best_kdiffusion"], e["best_preset"]
             pv = e.get("provenance") or {}
             if e.get("missing"):
-                scell, ucell = f"no tuned schedule yet", "-"
+                scell, ucell = "no tuned schedule yet", "-"
             elif (e.get("searched") or {}).get("error"):
                 scell, ucell = f"**FAILED**: {e['searched']['error'][:80]}", "-"
             else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -23,6 +22,7 @@ from .reference import ReferenceCheck, check_fine_reference, check_reference
 from .models import Model
 from .report import markdown_table, plot_error_vs_nfe, plot_image_grid
 from .sample import sample
+from .schedule_search.engine import add_budget_arguments
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule
 from .solvers.plan import SolverSchedule
 from .solvers.presets import preset_names
@@ -365,10 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", type=int, default=256, help="calibration noises")
     q.add_argument("--heldout", type=int, default=256, help="held-out noises (reported, never searched on)")
     q.add_argument("--noise-seed", type=int, default=0, help="seed of the calibration and held-out noises")
-    q.add_argument("--generations", type=int, default=32)
-    q.add_argument("--refine-generations", type=int, default=8)
-    q.add_argument("--population", type=int, default=8)
-    q.add_argument("--offspring", type=int, default=96)
+    add_budget_arguments(q)
     q.add_argument("--reference-nfe", type=int, default=200)
     q.add_argument("--cache-dir", default=None, help="where reference solutions are cached (default: $FEWSTEP_CACHE or ~/.cache/fewstep)")
     q.set_defaults(func=cmd_search)

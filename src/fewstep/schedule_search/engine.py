@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 from ..atomic import write_atomic
 from ..errors import ArgumentError, FewstepError, SolverError
@@ -39,7 +38,8 @@ from .evaluate import BatchCost, evaluate_plans
 from .objective import Objective, model_identity, tensor_digest
 from .space import Candidate, Gene, Space
 
-__all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "DISCRETE_SEED_SPACINGS", "StateError", "seed_plan"]
+__all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "DISCRETE_SEED_SPACINGS", "StateError", "seed_plan",
+           "add_budget_arguments"]
 
 STATE_FORMAT = "fewstep.search_state"
 STATE_VERSION = 1
@@ -97,6 +97,16 @@ class SearchConfig:
                 "generations": self.generations, "refine_generations": self.refine_generations, "max_rows": self.max_rows,
                 "seed_presets": [[n, dict(o)] for n, o in self.seed_presets], "seed_spacings": list(self.seed_spacings),
                 "screen": self.screen, "seed_keep": self.seed_keep}
+
+
+def add_budget_arguments(parser: Any) -> None:
+    """The search budget as command-line options, defaulting to :class:`SearchConfig`'s (``fewstep
+    search`` and ``python -m fewstep.zoo.tune``)."""
+    parser.add_argument("--generations", type=int, default=SearchConfig.generations, help="generations in all (generation 0: the seed presets)")
+    parser.add_argument("--refine-generations", type=int, default=SearchConfig.refine_generations,
+                        help="the last generations, which refine the best grid only")
+    parser.add_argument("--population", type=int, default=SearchConfig.population, help="candidates evaluated per generation")
+    parser.add_argument("--offspring", type=int, default=SearchConfig.offspring, help="children bred per generation")
 
 
 @dataclass
@@ -249,8 +259,7 @@ class _Search:
         if len(entries) > cfg.seed_keep and screen < noises.shape[0]:
             samples, cost = evaluate_plans(self.model, [p for p, _ in entries], noises[:screen], max_rows=self.config.max_rows)
             self.cost.add(cost)
-            ref = self.objective.calibration.reference[:screen]
-            screened = [float("inf") if not bool(torch.isfinite(x).all()) else float(self.objective.metric(x, ref)) for x in samples]
+            screened = [self.objective.error(x, first=screen) for x in samples]
         else:
             screened = [float("nan")] * len(entries)
         order = sorted(range(len(entries)), key=lambda i: (not math.isfinite(screened[i]), screened[i] if math.isfinite(screened[i]) else 0.0, i))

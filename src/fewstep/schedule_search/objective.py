@@ -109,10 +109,12 @@ class Objective:
     metric: Metric = field(default=rmse)
     metric_name: str = "rmse"
 
-    def error(self, samples: torch.Tensor, on: str = "calibration") -> float:
+    def error(self, samples: torch.Tensor, on: str = "calibration", first: int | None = None) -> float:
+        """The metric of ``samples`` against the references of ``on`` (of its ``first`` noises only,
+        when given); infinity if a sample is not finite."""
         ref = self.calibration if on == "calibration" else self.heldout
         if ref is None:
             raise ArgumentError("no held-out set was given")
         if not bool(torch.isfinite(samples).all()):
             return float("inf")
-        return float(self.metric(samples, ref.reference))
+        return float(self.metric(samples, ref.reference if first is None else ref.reference[:first]))

@@ -50,14 +50,14 @@ def _list_in_card(name: str, nfe: int, text: str, path: Path, plan: Any, root: P
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..schedule_search import search
+    from ..schedule_search.engine import add_budget_arguments
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name")
     ap.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--heldout", type=int, default=1000)
-    ap.add_argument("--generations", type=int, default=32)
-    ap.add_argument("--refine-generations", type=int, default=8)
+    add_budget_arguments(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state-dir", default=None, help="search states (default: the reference cache folder)")
     ap.add_argument("--cache-dir", default=None)
@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     for nfe in args.nfe:
         plan, report = search(model, nfe, n_calibration=args.calibration, n_heldout=args.heldout, seed=args.seed,
-                              generations=args.generations, refine_generations=args.refine_generations, cache_dir=args.cache_dir,
+                              generations=args.generations, refine_generations=args.refine_generations,
+                              population=args.population, offspring=args.offspring, cache_dir=args.cache_dir,
                               state=state_dir / f"tune-{args.name}-nfe{nfe}.state.json", return_report=True,
                               log=lambda m: print(m, file=sys.stderr, flush=True))
         path = register(args.name, nfe, plan)
