@@ -50,6 +50,16 @@ OPTIONS = {
     "pndm": st.just({}),
     "plms": st.just({}),
     "lcm": st.fixed_dictionaries({"renoise": st.floats(0.0, 1.0)}),
+    "ddpm": st.fixed_dictionaries({"eta": st.floats(0.0, 2.0)}),
+    "euler_ancestral": st.fixed_dictionaries({"eta": st.floats(0.0, 2.0)}),
+    "dpmpp_2m_sde": st.fixed_dictionaries({"eta": st.floats(0.0, 2.0), "solver_type": st.sampled_from(["midpoint", "heun"]),
+                                           "lower_order_final": st.sampled_from([None, True, False])}),
+    "dpmpp_3m_sde": st.fixed_dictionaries({"eta": st.floats(0.0, 2.0), "weights": st.sampled_from(["exact", "published"]),
+                                           "lower_order_final": st.sampled_from([None, True, False])}),
+    "sa_solver": st.fixed_dictionaries({"order": st.integers(1, 3), "corrector_order": st.integers(1, 3), "tau": st.floats(0.0, 2.0),
+                                         "corrector": BOOL, "lower_order_final": BOOL}),
+    "er_sde": st.fixed_dictionaries({"order": st.integers(1, 3), "eta": st.floats(0.0, 2.0), "lower_order_final": LOF}),
+    "dpmpp_sde": st.fixed_dictionaries({"eta": st.floats(0.0, 2.0), "r": st.floats(0.1, 0.9)}),
 }
 
 

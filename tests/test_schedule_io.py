@@ -12,6 +12,7 @@ from fewstep import SolverSchedule, Step
 from fewstep.errors import ScheduleFileError, SolverError
 from fewstep.solvers.plan import FORMAT, FORMAT_VERSION
 from fewstep.solvers.strategy import INTERPS, MAX_ORDER, METHODS, PREDICTIONS
+from fewstep.solvers.registry import noise_rule_names
 from fewstep.solvers.strategy import VARIANTS as ALL_VARIANTS
 
 VARIANTS = ["phi", "bh1", "bh2", "dpm3m", "adams"]
@@ -102,7 +103,8 @@ STEP_CONTRACT = {
     "final_nodes": _or_none(_list_of(_integer)),
     "corrector": lambda v: _integer(v) and v >= 0,
     "corrector_variant": _or_none(_one_of(ALL_VARIANTS)),
-    "renoise": lambda v: _number(v) and 0.0 <= v <= 1.0,
+    "noise": _one_of(tuple(noise_rule_names())),
+    "eta": lambda v: _number(v) and 0.0 <= v,
 }
 
 
@@ -179,7 +181,7 @@ def _file(**fields):
 # (``1`` followed by 400 zeros is valid JSON and parses to an int), and 1e400, which parses to inf
 @example(_file(times=[10**400, 0]))
 @example(_file(steps=[{"stages": [10**400]}]))
-@example(_file(steps=[{"renoise": 10**400}]))
+@example(_file(steps=[{"noise": "sde", "eta": 10**400}]))
 @example(_file(meta={"a": float("inf")}))
 def test_loader_rejects_arbitrary_json_with_a_clear_error(obj):
     _check_loader(obj)

@@ -74,7 +74,7 @@ def _replay(compiled, eps_matrix, x_T):
             eps = x @ eps_matrix(op.t).T
             D[op.slot] = {"x0": (x - s * eps) / a, "eps": eps}
         else:
-            assert isinstance(op, Combine) and op.noise == 0.0
+            assert isinstance(op, Combine) and not op.noise
             X[op.target] = op.a * X[op.base] + sum(c * D[slot][kind] for slot, kind, c in op.terms)
     return X[compiled.output]
 
@@ -136,7 +136,11 @@ def test_multistep_high_order_into_sigma_zero_is_refused():
         ({"order": 3, "method": "singlestep", "stages": (0.7, 0.3)}, "increasing"),
         ({"order": 2, "corrector": 5}, "corrector"),
         ({"order": 2, "method": "singlestep", "corrector": 2}, "multistep steps only"),
-        ({"renoise": 0.5, "order": 2}, "renoise"),
+        ({"noise": "renoise", "eta": 0.5, "order": 2}, "first-order weight"),
+        ({"noise": "magic"}, "unknown noise rule"),
+        ({"noise": "sde", "eta": -1.0}, "eta"),
+        ({"noise": "renoise", "eta": 1.5}, "eta"),
+        ({"noise": "renoise", "eta": 0.5, "corrector": 2, "order": 1}, "corrector"),
     ],
 )
 def test_step_validation_messages(kwargs, match):
@@ -181,7 +185,7 @@ def test_renoise_keeps_exact_marginals():
     g = fewstep.GaussianMixture(torch.tensor([1.0]), torch.tensor([[0.7, -0.2]]), torch.tensor([[1e-12, 1e-12]]))
     model = g.as_model(SCHED)
     x = fewstep.initial_noise(SCHED, (20000, 2), 0, dtype=torch.float64)
-    plan = SolverSchedule(times=(999.0, 400.0, 200.0), steps=(Step(renoise=1.0), Step(renoise=0.5)))
+    plan = SolverSchedule(times=(999.0, 400.0, 200.0), steps=(Step(noise="renoise", eta=1.0), Step(noise="renoise", eta=0.5)))
     y = fewstep.sample(model, x, plan, seed=0)
     a, s = float(SCHED.alpha(200.0)), float(SCHED.sigma(200.0))
     assert torch.allclose(y.mean(0), a * torch.tensor([0.7, -0.2], dtype=torch.float64), atol=0.02)

@@ -11,7 +11,7 @@ import torch
 from .errors import ArgumentError, ShapeError, SolverError
 from .finite import all_finite
 from .models import Model, prediction_coefficients
-from .noise import keyed_noise
+from .noise import NoiseSource, make_noise_source
 from .solvers.compile import Combine, CompiledPlan, Evaluate, compile_plan
 from .solvers.plan import SolverSchedule, schedule_identity
 from .defaults import default_solver
@@ -85,7 +85,8 @@ class PlanRunner:
     Without thresholding (which is not affine) the answer is the model's raw output and the
     prediction conversion is folded into the combination coefficients (``fold``); with it the answer
     is a :class:`~fewstep.Prediction`. States are kept in float32 (or float64); the model sees the
-    input dtype. Fresh noise (stochastic steps) is keyed by ``(seed, sample index, step)``."""
+    input dtype. Fresh noise (stochastic steps) comes from ``noise`` (default: the Brownian path of each
+    ``(seed, sample index)``, :class:`~fewstep.noise.BrownianNoise`)."""
 
     def __init__(
         self,
@@ -96,8 +97,14 @@ class PlanRunner:
         callback: Callback | None = None,
         seed: int | None = None,
         sample_indices: Sequence[int] | torch.Tensor | None = None,
+        noise: NoiseSource | str | None = None,
     ) -> None:
         self.plan, self.callback, self.seed, self.sample_indices = plan, callback, seed, sample_indices
+        self.noise: NoiseSource | None = None
+        if plan.stochastic:
+            if seed is None and (noise is None or isinstance(noise, str)):
+                raise SolverError("this solver schedule draws noise; pass seed=")
+            self.noise = make_noise_source(noise, 0 if seed is None else seed)
         self.in_dtype = x_T.dtype
         self.work = _work_dtype(x_T.dtype)
         self.fold = model.threshold is None
@@ -150,11 +157,10 @@ class PlanRunner:
         x = self._kept[key0] * c0 if c0 != 1.0 else self._kept[key0].clone()
         for key, c in rest:
             x.add_(self._kept[key], alpha=c)
-        if op.noise != 0.0:
-            if self.seed is None:
-                raise SolverError("this solver schedule draws noise; pass seed=")
-            z = keyed_noise(x.shape, self.seed, step=op.noise_key, indices=self.sample_indices, dtype=self.work, device=x.device)
-            x.add_(z, alpha=op.noise)
+        for c, lam_from, lam_to in op.noise:
+            assert self.noise is not None
+            z = self.noise.increment(lam_from, lam_to, x.shape, indices=self.sample_indices, dtype=self.work, device=x.device)
+            x.add_(z, alpha=c)
         self._kept[("state", op.target)] = x
         self._release([key for key, _ in program], self._k)
         if self.callback is not None and op.grid_index is not None:
@@ -175,12 +181,13 @@ def run_plan(
     progress: bool = False,
     seed: int | None = None,
     sample_indices: Sequence[int] | torch.Tensor | None = None,
+    noise: NoiseSource | str | None = None,
 ) -> torch.Tensor:
     """Execute the affine program of a compiled plan, one model call per evaluation
     (:class:`PlanRunner`); sample indices for keyed noise default to 0..B-1."""
     from tqdm.auto import tqdm
 
-    runner = PlanRunner(model, x_T, plan, callback=callback, seed=seed, sample_indices=sample_indices)
+    runner = PlanRunner(model, x_T, plan, callback=callback, seed=seed, sample_indices=sample_indices, noise=noise)
     with tqdm(total=plan.nfe, desc="sampling", unit="eval", disable=not progress, leave=False) as bar:
         while (op := runner.request()) is not None:
             x_in = runner.pending_input
@@ -291,6 +298,7 @@ def sample(
     return_info: bool = False,
     seed: int | None = None,
     sample_indices: Sequence[int] | torch.Tensor | None = None,
+    noise: NoiseSource | str | None = None,
     grad: bool = False,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
@@ -309,9 +317,13 @@ def sample(
     The model runs under ``torch.no_grad()``: no autograd graph is recorded, whatever the model's
     parameters. ``grad=True`` records it (to differentiate through the sampler).
 
-    Stochastic schedules draw noise keyed by ``(seed, sample index, step)``, so sample k is the same
-    whatever the batch it is in; ``sample_indices`` gives the rows' global indices when a batch is
-    split (default ``0..B-1``). Without ``seed`` a random one is drawn and reported in the info.
+    Stochastic schedules draw the increments of one Brownian path per ``(seed, sample index)``
+    (``noise="brownian"``, :class:`~fewstep.BrownianNoise`), generated on the tensor's device: sample
+    k is the same whatever the batch it is in, and the same seed on a finer grid refines the same
+    path. ``sample_indices`` gives the rows' global indices when a batch is split (default
+    ``0..B-1``). ``noise="interval"`` is cheaper (one normal per step) but keyed by the step's
+    interval; any object with an ``increment`` method may supply the noise. Without ``seed`` a random
+    one is drawn and reported in the info.
     """
     if not isinstance(model, Model):
         raise ArgumentError(f"model must be a fewstep.Model (wrap your network: fewstep.Model(fn, schedule, prediction=...)), got {type(model).__name__}")
@@ -329,7 +341,7 @@ def sample(
     model._sampling = True
     try:
         with torch.enable_grad() if grad else torch.no_grad():
-            out = run_plan(model, x_T, compiled, callback=callback, progress=progress, seed=seed, sample_indices=sample_indices)
+            out = run_plan(model, x_T, compiled, callback=callback, progress=progress, seed=seed, sample_indices=sample_indices, noise=noise)
         model.guard.flush()  # the one host synchronisation of the NaN/Inf checks on an accelerator
     finally:
         model._sampling = False

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ import torch
 from ..errors import SolverError
 from ..schedules import NoiseSchedule
 from .phi import phis
+from .registry import StepTerms, noise_rule, weight_variant
 
-__all__ = ["Point", "point", "points", "coordinate", "update_weights", "node_positions", "renoise_weights"]
+__all__ = ["Point", "point", "points", "coordinate", "update_weights", "node_weights", "node_positions", "step_terms",
+           "exponential_moments", "kernel_moments", "base_terms"]
 
 _GAUSS_NODES = 48
 #: an end at sigma = 0 or alpha = 0 maps a semi-infinite log-SNR range onto the interval; where t(lambda)
@@ -116,7 +118,7 @@ def node_positions(interp: str, prediction: str, schedule: NoiseSchedule, s: Poi
     return [(c - us) / span for c in coords]
 
 
-def _base_terms(prediction: str, s: Point, t: Point) -> tuple[float, float]:
+def base_terms(prediction: str, s: Point, t: Point) -> tuple[float, float]:
     """``(a, W_0)``: the first-order (DDIM) transfer coefficient and weight."""
     if prediction == "data":
         if s.sigma <= 0.0:
@@ -127,13 +129,14 @@ def _base_terms(prediction: str, s: Point, t: Point) -> tuple[float, float]:
     return t.alpha / s.alpha, t.sigma - t.alpha * s.sigma / s.alpha
 
 
-def _quadrature_weights(prediction: str, interp: str, schedule: NoiseSchedule, s: Point, t: Point, w0: float, n: int) -> list[float]:
+def _quadrature_weights(prediction: str, interp: str, schedule: NoiseSchedule, s: Point, t: Point, w0: float, n: int, rate: float = 1.0) -> list[float]:
     """``W_k = int K(lambda) tau(lambda)^k dlambda`` by Gauss-Legendre quadrature, for interpolation
-    variables without a closed form. The kernel is ``K = alpha_t e^(lambda - lambda_t)`` (data) or
-    ``-sigma_t e^(lambda_t - lambda)`` (noise). Infinite ends change variable so that the interval is
-    finite: into sigma = 0 the data kernel tends to a point mass at the end (``W_k = alpha_t tau(end)^k
-    = alpha_t``: extrapolation of x0 to sigma = 0) and the noise kernel integrates in ``e^-lambda``;
-    out of alpha = 0 the data kernel integrates in ``e^lambda``."""
+    variables without a closed form. The kernel is ``K = alpha_t r e^(r (lambda - lambda_t))`` (data;
+    ``r = 1 + eta`` for the stochastic family, 1 for the ODE) or ``-sigma_t e^(lambda_t - lambda)``
+    (noise). Infinite ends change variable so that the interval is finite: into sigma = 0 the data
+    kernel tends to a point mass at the end (``W_k = alpha_t tau(end)^k = alpha_t``: extrapolation of
+    x0 to sigma = 0) and the noise kernel integrates in ``e^-lambda``; out of alpha = 0 the data kernel
+    integrates in ``e^(r lambda)``."""
     us, ut = coordinate(interp, prediction, s), coordinate(interp, prediction, t)
     if not (math.isfinite(us) and math.isfinite(ut)) or us == ut:
         return [w0] + [math.inf] * (n - 1)
@@ -142,7 +145,7 @@ def _quadrature_weights(prediction: str, interp: str, schedule: NoiseSchedule, s
     if math.isfinite(s.lam) and math.isfinite(t.lam):
         h = t.lam - s.lam
         lams = s.lam + q * h
-        kern = t.alpha * np.exp(lams - t.lam) if prediction == "data" else -t.sigma * np.exp(t.lam - lams)
+        kern = t.alpha * rate * np.exp(rate * (lams - t.lam)) if prediction == "data" else -t.sigma * np.exp(t.lam - lams)
         scale = h
     elif math.isfinite(s.lam) and prediction == "data":  # into sigma = 0: a point mass at the end
         return [w0] * n
@@ -152,9 +155,9 @@ def _quadrature_weights(prediction: str, interp: str, schedule: NoiseSchedule, s
             lams = -np.log(q * u_s)
         kern = np.full_like(q, -t.alpha)
         scale = u_s
-    elif math.isfinite(t.lam) and prediction == "data":  # out of alpha = 0: alpha_t e^-lambda_t int_0^{e^lambda_t} tau^k d(e^lambda)
-        w_t = math.exp(t.lam)
-        lams = np.log(q * w_t)
+    elif math.isfinite(t.lam) and prediction == "data":  # out of alpha = 0: alpha_t e^(-r lambda_t) int_0^{e^(r lambda_t)} tau^k d(e^(r lambda))
+        w_t = math.exp(rate * t.lam)
+        lams = np.log(q * w_t) / rate
         kern = np.full_like(q, t.alpha / w_t)
         scale = w_t
     else:
@@ -163,43 +166,50 @@ def _quadrature_weights(prediction: str, interp: str, schedule: NoiseSchedule, s
     return [w0] + [float(scale * np.sum(wq * kern * taus**k)) for k in range(1, n)]
 
 
-def _exact_weights(prediction: str, interp: str, schedule: NoiseSchedule, s: Point, t: Point, w0: float, n: int) -> list[float]:
-    """Exact kernel integrals ``W_k`` of ``tau^k``, k = 0..n-1."""
+def exponential_moments(prediction: str, interp: str, schedule: NoiseSchedule, s: Point, t: Point, w0: float, n: int, rate: float = 1.0) -> list[float]:
+    """Exact kernel integrals ``W_k`` of ``tau^k``, k = 0..n-1, for the exponential kernel of rate
+    ``r`` (data: ``alpha_t r e^(-r (lambda_t - lambda))``, whose lambda-polynomial moments are
+    ``alpha_t (r h) k! phi_(k+1)(-r h)``; noise: the ODE's kernel, ``-sigma_t h k! phi_(k+1)(h)``)."""
     if n == 1:
         return [w0]
-    if interp == "flat":  # exact in the kernel-flat variable, finite even into sigma = 0 (noise form)
+    if interp == "flat" and rate == 1.0:  # exact in the kernel-flat variable, finite even into sigma = 0 (noise form)
         return [w0 / (k + 1) for k in range(n)]
     if interp == "lambda":
         h = t.lam - s.lam
         if not math.isfinite(h):
             return [w0] + [math.inf] * (n - 1)  # only a variant with finite weights (bh2, adams) can use it
         if prediction == "data":
-            ph = phis(-h, n)
-            return [w0] + [t.alpha * h * math.factorial(k) * ph[k] for k in range(1, n)]
+            ph = phis(-rate * h, n)
+            return [w0] + [t.alpha * rate * h * math.factorial(k) * ph[k] for k in range(1, n)]
         ph = phis(h, n)
         return [w0] + [-t.sigma * h * math.factorial(k) * ph[k] for k in range(1, n)]
-    return _quadrature_weights(prediction, interp, schedule, s, t, w0, n)
+    return _quadrature_weights(prediction, interp, schedule, s, t, w0, n, rate)
 
 
-def _apply_variant(variant: str, prediction: str, s: Point, t: Point, weights: list[float]) -> list[float]:
-    n = len(weights)
-    if n == 1 or variant == "phi":
-        return weights
-    w = list(weights)
-    if variant == "adams":
-        return [w[0] / (k + 1) for k in range(n)]
-    if variant == "dpm3m":
-        return [w[k] / math.factorial(k) if k >= 2 else w[k] for k in range(n)]
-    # UniPC B(h): only the single-difference case differs from the exact weights
-    if n == 2:
-        h = t.lam - s.lam
-        if variant == "bh2":
-            w[1] = 0.5 * w[0]
-        elif prediction == "data":  # bh1, B(h) = -h with hh = -h
-            w[1] = 0.5 * t.alpha * h
-        else:  # bh1, B(h) = h
-            w[1] = -0.5 * t.sigma * h
-    return w
+def kernel_moments(interp: str, prediction: str, schedule: NoiseSchedule, s: Point, t: Point, w0: float, n: int,
+                   kernel: Callable[[np.ndarray], np.ndarray]) -> list[float]:
+    """``W_k = int_{lambda_s}^{lambda_t} K(lambda) tau(lambda)^k dlambda`` for a kernel given as a
+    vectorised function of lambda (Gauss-Legendre; finite log-SNR ends), ``W_0`` given in closed form."""
+    if n == 1:
+        return [w0]
+    us, ut = coordinate(interp, prediction, s), coordinate(interp, prediction, t)
+    if not (math.isfinite(s.lam) and math.isfinite(t.lam) and math.isfinite(us) and math.isfinite(ut)) or us == ut:
+        return [w0] + [math.inf] * (n - 1)
+    q, wq = _gauss_legendre(_GAUSS_NODES)
+    h = t.lam - s.lam
+    lams = s.lam + q * h
+    taus = (_coordinate_of_lambda(interp, prediction, schedule, lams) - us) / (ut - us)
+    kern = kernel(lams)
+    return [w0] + [float(h * np.sum(wq * kern * taus**k)) for k in range(1, n)]
+
+
+def step_terms(prediction: str, interp: str, variant: str, schedule: NoiseSchedule, s: Point, t: Point, n: int,
+               noise: str = "none", eta: float = 0.0) -> StepTerms:
+    """The noise rule's terms of a step with ``n`` interpolation nodes, its moments replaced by the
+    weight variant's (:mod:`fewstep.solvers.registry`)."""
+    terms = noise_rule(noise).terms(prediction, interp, schedule, s, t, eta, n)
+    moments = weight_variant(variant)(terms, prediction, s, t, list(terms.moments)) if n > 1 else list(terms.moments)
+    return StepTerms(terms.a, moments, terms.noise, terms.rate)
 
 
 def update_weights(
@@ -210,33 +220,42 @@ def update_weights(
     s: Point,
     t: Point,
     taus: list[float],
+    noise: str = "none",
+    eta: float = 0.0,
 ) -> tuple[float, list[float]]:
-    """``(a, [w_j])`` such that ``x_t = a x_s + sum_j w_j m_j`` for nodes at ``taus`` (taus[0] = 0)."""
-    a, w0 = _base_terms(prediction, s, t)
+    """``(a, [w_j])`` such that ``x_t = a x_s + sum_j w_j m_j`` (plus the rule's noise term, see
+    :func:`node_weights`) for nodes at ``taus`` (taus[0] = 0)."""
+    a, w, _ = node_weights(prediction, interp, variant, schedule, s, t, taus, noise, eta)
+    return a, w
+
+
+def node_weights(
+    prediction: str,
+    interp: str,
+    variant: str,
+    schedule: NoiseSchedule,
+    s: Point,
+    t: Point,
+    taus: list[float],
+    noise: str = "none",
+    eta: float = 0.0,
+) -> tuple[float, list[float], float]:
+    """``(a, [w_j], c)``: ``x_t = a x_s + sum_j w_j m_j + c z``, the moments ``W = V^T w`` matched on
+    the nodes ``taus`` (``V_jk = tau_j^k``)."""
     n = len(taus)
-    big_w = _apply_variant(variant, prediction, s, t, _exact_weights(prediction, interp, schedule, s, t, w0, n))
+    terms = step_terms(prediction, interp, variant, schedule, s, t, n, noise, eta)
+    big_w = terms.moments
     if not all(math.isfinite(v) for v in big_w):
         raise SolverError(
             f"a step with {n} interpolation nodes from {s} to {t} spans an infinite log-SNR interval; only "
             "order 1 can step out of alpha = 0 or into sigma = 0 (use a lower order on the first / last step)"
         )
     if n == 1:
-        return a, [w0]
+        return terms.a, [big_w[0]], terms.noise
     vander = np.vander(np.asarray(taus, dtype=np.float64), n, increasing=True)
     if abs(np.linalg.det(vander)) < 1e-14:
         raise SolverError(f"interpolation nodes {taus} coincide; the step cannot use them")
     w = np.linalg.solve(vander.T, np.asarray(big_w, dtype=np.float64))
     if not np.all(np.isfinite(w)):
         raise SolverError(f"non-finite update weights on the step {s} -> {t}")
-    return a, [float(v) for v in w]
-
-
-def renoise_weights(s: Point, t: Point, nu: float) -> tuple[float, float, float]:
-    """``(a, w_x0, c_noise)`` of the first-order data step that re-draws a fraction ``nu`` of the
-    noise: ``x_t = a x_s + w x0 + c z`` with ``a = (sigma_t/sigma_s) sqrt(1 - nu)``,
-    ``w = alpha_t - alpha_s a``, ``c = sigma_t sqrt(nu)``. It keeps the marginal of x_t exact when
-    x0 is exact (nu = 0: DDIM; nu = 1: consistency-model re-noising)."""
-    if s.sigma <= 0.0:
-        raise SolverError(f"a data-prediction step cannot start at sigma = 0 ({s})")
-    a = (t.sigma / s.sigma) * math.sqrt(1.0 - nu)
-    return a, t.alpha - s.alpha * a, t.sigma * math.sqrt(nu)
+    return terms.a, [float(v) for v in w], terms.noise

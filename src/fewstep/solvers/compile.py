@@ -3,7 +3,8 @@
 Every step is affine once the model outputs are known, so a whole solver becomes a short program:
 
 * ``Evaluate(state, t, slot)``: ``D[slot] = model(X[state], t)`` (its x0 and eps);
-* ``Combine(target, base, a, terms)``: ``X[target] = a X[base] + sum c D[slot].kind``.
+* ``Combine(target, base, a, terms, noise)``: ``X[target] = a X[base] + sum c D[slot].kind + sum c_z z``,
+  each ``z`` the standard normal increment of the sample's Brownian path over a log-SNR interval.
 
 All coefficients are float64 numbers computed here, once per plan: the sampling loop does no
 schedule maths, and anything that changes a solver changes the plan, never the loop.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import SolverError
 from ..schedules import NoiseSchedule
-from .coefficients import Point, node_positions, point, points, renoise_weights, update_weights
+from .coefficients import Point, node_positions, node_weights, point, points
 from .plan import SolverSchedule
 from .strategy import Step
 
@@ -41,8 +42,8 @@ class Combine:
     a: float
     terms: tuple[tuple[int, str, float], ...]  # (slot, "x0" | "eps", coefficient)
     grid_index: int | None = None  # set when the target is the state at times[grid_index]
-    noise: float = 0.0  # coefficient of fresh standard normal noise keyed by (seed, sample, noise_key)
-    noise_key: int = -1
+    #: (coefficient, lambda_from, lambda_to): fresh noise, the normalised Brownian increment over the interval
+    noise: tuple[tuple[float, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class CompiledPlan:
 
     @property
     def stochastic(self) -> bool:
-        return any(isinstance(op, Combine) and op.noise != 0.0 for op in self.ops)
+        return any(isinstance(op, Combine) and op.noise for op in self.ops)
 
 
 class _Builder:
@@ -71,20 +72,24 @@ class _Builder:
         self.ops.append(Evaluate(state, p.t, slot, p.alpha, p.sigma))
         return slot
 
-    def combine(self, base: int, a: float, terms: list[tuple[int, str, float]], grid_index: int | None = None, noise: float = 0.0, noise_key: int = -1) -> int:
+    def combine(self, base: int, a: float, terms: list[tuple[int, str, float]], grid_index: int | None = None,
+                noise: tuple[tuple[float, float, float], ...] = ()) -> int:
         target = self.n_states
         self.n_states += 1
-        self.ops.append(Combine(target, base, a, tuple(terms), grid_index, noise, noise_key))
+        self.ops.append(Combine(target, base, a, tuple(terms), grid_index, tuple(nz for nz in noise if nz[0] != 0.0)))
         return target
 
 
-def _weights(step: Step, variant: str, sched: NoiseSchedule, s: Point, t: Point, nodes: list[Point], taus: list[float] | None) -> tuple[float, list[float]]:
+def _weights(step: Step, variant: str, sched: NoiseSchedule, s: Point, t: Point, nodes: list[Point],
+             taus: list[float] | None) -> tuple[float, list[float], tuple[tuple[float, float, float], ...]]:
+    """``(a, node weights, noise terms)`` of the combination from ``s`` to ``t`` through ``nodes``."""
     if taus is None:
         taus = node_positions(step.interp, step.prediction, sched, s, t, nodes) if len(nodes) > 1 else [0.0]
     try:
-        return update_weights(step.prediction, step.interp, variant, sched, s, t, taus)
+        a, w, c = node_weights(step.prediction, step.interp, variant, sched, s, t, taus, step.noise, step.eta)
     except SolverError as exc:
         raise SolverError(f"{exc}") from None
+    return a, w, ((c, s.lam, t.lam),) if c != 0.0 else ()
 
 
 def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
@@ -106,18 +111,16 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
             if cstep.uniform_nodes:
                 taus = [0.0] + [-float(h) for h in cstep.history[: len(cnodes) - 1]] + [1.0]
             nodes = cnodes + [(ct, e0)]
-            a, w = _weights(cstep, cstep.corrector_variant or cstep.variant, sched, cs, ct, [p for p, _ in nodes], taus)
-            cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i)
+            a, w, nz = _weights(cstep, cstep.corrector_variant or cstep.variant, sched, cs, ct, [p for p, _ in nodes], taus)
+            # the corrected state re-uses the predictor's noise: the same Brownian increment
+            cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i, noise=nz)
             pending = None
-        if step.stochastic:
-            a, w0, noise = renoise_weights(s, t, step.renoise)
-            new = b.combine(cur, a, [(e0, "x0", w0)], grid_index=i + 1, noise=noise, noise_key=i)
-        elif step.method == "multistep":
+        if step.method == "multistep":
             nodes = [(s, e0)] + [(pts[i - h], start_slots[i - h]) for h in step.history]
             taus = [0.0] + [-float(h) for h in step.history] if step.uniform_nodes else None
-            a, w = _weights(step, step.variant, sched, s, t, [p for p, _ in nodes], taus)
+            a, w, nz = _weights(step, step.variant, sched, s, t, [p for p, _ in nodes], taus)
             # a corrected state is reported (grid_index) by its corrector, once, in its final form
-            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], grid_index=None if step.corrector else i + 1)
+            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], grid_index=None if step.corrector else i + 1, noise=nz)
             if step.corrector:
                 pending = (step, cur, s, t, nodes[: step.corrector - 1], 0.0)
         else:
@@ -130,11 +133,11 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
             for r in step.stages:
                 lam_r = s.lam + r * (t.lam - s.lam)
                 pr = t if r == 1.0 else point(sched, float(sched.t_of_lambda(lam_r)))
-                a, w = _weights(step, step.stage_variant or step.variant, sched, s, pr, [p for p, _ in nodes], None)
-                xr = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)])
+                a, w, nz = _weights(step, step.stage_variant or step.variant, sched, s, pr, [p for p, _ in nodes], None)
+                xr = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], noise=nz)
                 nodes.append((pr, b.evaluate(xr, pr)))
             final = nodes if step.final_nodes is None else [nodes[j] for j in step.final_nodes]
-            a, w = _weights(step, step.variant, sched, s, t, [p for p, _ in final], None)
-            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(final, w)], grid_index=i + 1)
+            a, w, nz = _weights(step, step.variant, sched, s, t, [p for p, _ in final], None)
+            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(final, w)], grid_index=i + 1, noise=nz)
         cur = new
     return CompiledPlan(tuple(b.ops), b.n_states, b.n_slots, cur, plan.times, b.n_slots)

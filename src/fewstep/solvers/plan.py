@@ -21,7 +21,8 @@ from .strategy import Step
 __all__ = ["SolverSchedule", "schedule_fingerprint", "schedule_identity", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fewstep.solver_schedule"
-FORMAT_VERSION = 1
+#: 2: steps carry ``noise`` / ``eta`` (version 1's ``renoise`` fraction is read as the ``renoise`` rule)
+FORMAT_VERSION = 2
 _TOP_FIELDS = {"format", "version", "name", "times", "steps", "schedule", "meta"}
 
 
@@ -132,7 +133,7 @@ class SolverSchedule:
             extra += " uniform_nodes" if st.uniform_nodes else ""
             extra += f" corrector={st.corrector}" if st.corrector else ""
             extra += f" corrector_variant={st.corrector_variant}" if st.corrector_variant else ""
-            extra += f" renoise={st.renoise:g}" if st.renoise else ""
+            extra += f" noise={st.noise} eta={st.eta:g}" if st.noise != "none" else ""
             lines.append(
                 f"  {i:3d}: t {self.times[i]:.6g} -> {self.times[i + 1]:.6g}  {st.method} order {st.order} "
                 f"{st.prediction} {st.variant}/{st.interp}{extra}"

@@ -64,23 +64,55 @@ def _pure_noise_start(sched: NoiseSchedule, times: np.ndarray) -> bool:
 def _finish(name: str, sched: NoiseSchedule, times: np.ndarray, steps: list[Step], **meta: Any) -> SolverSchedule:
     if _pure_noise_start(sched, times) and steps[0].order == 1 and steps[0].prediction == "noise":
         # the same DDIM update, defined at alpha = 0 (a corrector, with its variant, is kept)
-        first = steps[0].with_(prediction="data") if steps[0].corrector else Step(order=1, prediction="data")
+        first = steps[0].with_(prediction="data") if steps[0].corrector else Step(order=1, prediction="data", noise=steps[0].noise, eta=steps[0].eta)
         steps = [first] + list(steps[1:])
     return SolverSchedule(
         times=tuple(float(t) for t in times), steps=tuple(steps), name=name, schedule=schedule_fingerprint(sched), meta={"preset": name, **meta}
     )
 
 
+def _check_eta(eta: Any, name: str, hi: float = math.inf) -> float:
+    if not isinstance(eta, (int, float, np.floating, np.integer)) or isinstance(eta, bool) or not 0.0 <= float(eta) <= hi or math.isinf(float(eta)):
+        raise SolverError(f"preset {name!r}: eta must be a number in [0, {hi:g}], got {eta!r}")
+    return float(eta)
+
+
+def _ancestral_steps(name: str, nfe: int, sched: NoiseSchedule, prediction: str, eta: float, spacing: Any, grid: dict[str, Any]) -> SolverSchedule:
+    """First-order steps drawing ``nu = min(1, eta^2 (1 - e^(-2h)))`` of the next variance afresh
+    (the ``ancestral`` noise rule); eta = 0 is DDIM."""
+    n = _check_nfe(nfe, 1, name)
+    eta = _check_eta(eta, name)
+    times = time_grid(sched, n, spacing, **grid)
+    step = Step(order=1, prediction=prediction, noise="ancestral" if eta > 0 else "none", eta=eta)  # type: ignore[arg-type]
+    return _finish(name, sched, times, [step] * n, eta=eta)
+
+
 @register_preset("ddim")
-def ddim(nfe: int, sched: NoiseSchedule, *, spacing: str | Sequence[float] | None = None, prediction: str = "data", **grid: Any) -> SolverSchedule:
+def ddim(nfe: int, sched: NoiseSchedule, *, spacing: str | Sequence[float] | None = None, prediction: str = "data", eta: float = 0.0, **grid: Any) -> SolverSchedule:
     """DDIM (Song et al. 2021) = DPM-Solver-1 = DPM-Solver++-1: the first-order exponential integrator.
 
     Data and noise prediction give the same update at first order; ``prediction`` only picks which
-    model output is read (they differ by rounding, and by thresholding when it is on).
+    model output is read (they differ by rounding, and by thresholding when it is on). ``eta > 0``
+    draws DDIM's ``sigma_eta = eta sigma_t sqrt(1 - e^(-2h))`` of fresh noise per step (eta = 1: DDPM).
     """
-    n = _check_nfe(nfe, 1, "ddim")
-    times = time_grid(sched, n, spacing, **grid)
-    return _finish("ddim", sched, times, [Step(order=1, prediction=prediction)] * n)  # type: ignore[arg-type]
+    return _ancestral_steps("ddim", nfe, sched, prediction, eta, spacing, grid)
+
+
+@register_preset("ddpm")
+def ddpm(nfe: int, sched: NoiseSchedule, *, spacing: str | Sequence[float] | None = None, eta: float = 1.0, **grid: Any) -> SolverSchedule:
+    """DDPM ancestral sampling (Ho et al. 2020): each step samples the posterior
+    ``q(x_t | x_s, x0)`` with ``x0`` predicted (variance "fixed_small"; over skipped steps the posterior
+    of the jump, as diffusers' DDPMScheduler). Equal to DDIM with eta = 1."""
+    return _ancestral_steps("ddpm", nfe, sched, "data", eta, spacing, grid)
+
+
+@register_preset("euler_ancestral")
+def euler_ancestral(nfe: int, sched: NoiseSchedule, *, spacing: str | Sequence[float] | None = None, eta: float = 1.0, **grid: Any) -> SolverSchedule:
+    """Euler ancestral (k-diffusion ``sample_euler_ancestral``; diffusers EulerAncestralDiscrete):
+    an Euler step in sigma/alpha to ``sigma_down``, then ``sigma_up`` of fresh noise,
+    ``sigma_up = min(sigma_t, eta sigma_t sqrt(1 - sigma_t^2 / sigma_s^2))`` in the VE variable. The
+    same update as DDIM's eta, read from the noise prediction."""
+    return _ancestral_steps("euler_ancestral", nfe, sched, "noise", eta, spacing, grid)
 
 
 
@@ -143,7 +175,8 @@ def _multistep(
     name: str, nfe: int, sched: NoiseSchedule, *, order: int, prediction: str, variant: str, spacing: Any,
     lower_order_final: bool | None, interp: str = "lambda", corrector: bool = False,
     warmup_variant: str | None = None, uniform_nodes: bool = False, warmup: str = "lower_order",
-    final_order: int | None = None, **grid: Any,
+    final_order: int | None = None, noise: str = "none", eta: float = 0.0, corrector_order: int | None = None,
+    **grid: Any,
 ) -> SolverSchedule:
     """A multistep preset. ``warmup``: ``lower_order`` (order i + 1 on step i, as diffusers does; the
     first step's O(h^2) local error then caps the global order at 2) or ``singlestep`` (the first
@@ -165,18 +198,22 @@ def _multistep(
     pure_point = point(sched, float(times[0]))
     steps = []
     for i, o in enumerate(orders):
-        c = (o + 1) if (corrector and i < n - 1 and not (pure and i == 0 and variant != "bh2")) else 0
+        c_nodes = o + 1 if corrector_order is None else min(corrector_order, i + 2, o + 1, n - i + 1)
+        c = c_nodes if (corrector and i < n - 1 and c_nodes >= 2 and not (pure and i == 0 and variant != "bh2")) else 0
+        e = float(eta(float(times[i]))) if callable(eta) else eta
+        st_noise = noise if e > 0.0 else "none"
         if i < n_warm:
-            steps.append(Step(order=order, prediction=prediction, method="singlestep", variant="phi", interp=interp))  # type: ignore[arg-type]
+            steps.append(Step(order=order, prediction=prediction, method="singlestep", variant="phi", interp=interp, noise=st_noise, eta=e))  # type: ignore[arg-type]
             continue
         v = warmup_variant if (warmup_variant and o < order) else variant
-        st = Step(order=o, prediction=prediction, variant=v, interp=interp, corrector=c, uniform_nodes=uniform_nodes)  # type: ignore[arg-type]
+        st = Step(order=o, prediction=prediction, variant=v, interp=interp, corrector=c, uniform_nodes=uniform_nodes, noise=st_noise, eta=e)  # type: ignore[arg-type]
         if ends and i == n - 1:
-            st = _into_clean(st)
+            st = _into_clean(st) if st_noise == "none" else Step(order=1, prediction="data", noise=st_noise, eta=e)
         if pure and i > 0 and not uniform_nodes and (st.depth >= i or (st.corrector and st.corrector - 2 >= i)):
             st = _finite_from_pure_noise(st, pure_point)
         steps.append(st)
-    return _finish(name, sched, times, steps, order=order, variant=variant, warmup=warmup, final_order=final_order)
+    meta: dict[str, Any] = {"eta": None if callable(eta) else eta} if noise != "none" else {}
+    return _finish(name, sched, times, steps, order=order, variant=variant, warmup=warmup, final_order=final_order, **meta)
 
 
 @register_preset("dpmpp_2m")
@@ -204,6 +241,29 @@ def dpmpp_3m(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, solver_type
         raise SolverError(f"weights must be 'exact' or 'published', got {weights!r}")
     variant = "phi" if weights == "exact" else "dpm3m"
     return _multistep("dpmpp_3m", nfe, sched, order=3, prediction="data", variant=variant, warmup_variant=warm, spacing=spacing, lower_order_final=lower_order_final, warmup=warmup, final_order=final_order, **grid)
+
+
+@register_preset("dpmpp_2m_sde")
+def dpmpp_2m_sde(nfe: int, sched: NoiseSchedule, *, eta: float = 1.0, spacing: Any = None, solver_type: str = "midpoint", lower_order_final: bool | None = None, **grid: Any) -> SolverSchedule:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b; diffusers ``sde-dpmsolver++``, k-diffusion
+    ``sample_dpmpp_2m_sde``): the 2M multistep update on the ``sde`` noise rule, kernel rate 1 + eta
+    and ``sigma_t sqrt(1 - e^(-2 eta h))`` fresh noise per step; the last step is x0."""
+    variant = {"midpoint": "bh2", "heun": "phi"}.get(solver_type)
+    if variant is None:
+        raise SolverError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    return _multistep("dpmpp_2m_sde", nfe, sched, order=2, prediction="data", variant=variant, spacing=spacing, lower_order_final=lower_order_final,
+                      final_order=1, noise="sde", eta=_check_eta(eta, "dpmpp_2m_sde"), **grid)
+
+
+@register_preset("dpmpp_3m_sde")
+def dpmpp_3m_sde(nfe: int, sched: NoiseSchedule, *, eta: float = 1.0, spacing: Any = None, weights: str = "exact", lower_order_final: bool | None = None, **grid: Any) -> SolverSchedule:
+    """DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``): multistep order 3 on the ``sde``
+    noise rule. ``weights="published"`` halves the second-difference weight as k-diffusion does (see
+    :func:`dpmpp_3m`)."""
+    if weights not in ("exact", "published"):
+        raise SolverError(f"weights must be 'exact' or 'published', got {weights!r}")
+    return _multistep("dpmpp_3m_sde", nfe, sched, order=3, prediction="data", variant="phi" if weights == "exact" else "dpm3m", warmup_variant="phi",
+                      spacing=spacing, lower_order_final=lower_order_final, final_order=1, noise="sde", eta=_check_eta(eta, "dpmpp_3m_sde"), **grid)
 
 
 @register_preset("unipc")
@@ -336,20 +396,39 @@ def dpmpp_2s(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, **grid: Any
     return _singlestep("dpmpp_2s", nfe, sched, order=2, prediction="data", variant="bh2", spacing=spacing, **grid)
 
 
+@register_preset("dpmpp_sde")
+def dpmpp_sde(nfe: int, sched: NoiseSchedule, *, eta: float = 1.0, r: float = 0.5, spacing: Any = None, **grid: Any) -> SolverSchedule:
+    """DPM-Solver++ SDE (k-diffusion ``sample_dpmpp_sde``): singlestep order 2 with a stage at the
+    fraction ``r`` of the step in log-SNR, both the stage and the step ancestral (DDIM-eta) updates
+    whose noise is the Brownian increment over ``[s, s_r]`` and over ``[s, t]`` (correlated, as a
+    Brownian tree gives); the final update reads ``(1 - 1/(2r)) x0_s + 1/(2r) x0_r`` (bh2 weights)."""
+    eta = _check_eta(eta, "dpmpp_sde")
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 < float(r) < 1.0:
+        raise SolverError(f"preset 'dpmpp_sde': r must be in (0, 1), got {r!r}")
+    plan = _singlestep("dpmpp_sde", nfe, sched, order=2, prediction="data", variant="bh2", spacing=spacing, stages={2: (float(r),)}, **grid)
+    rule = "ancestral" if eta > 0 else "none"
+    steps = tuple(st.with_(noise=rule, eta=eta) if st.order == 2 else st for st in plan.steps)
+    return plan.replace(steps=steps, meta={**plan.meta, "eta": eta})
+
+
 @register_preset("lcm")
 def lcm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, renoise: float = 1.0, **grid: Any) -> SolverSchedule:
     """Consistency-model multistep sampling (Song et al. 2023; Luo et al. 2023, LCM): predict x0,
-    re-noise it to the next level with fresh noise, repeat; the last step returns x0. Meant for
-    consistency-distilled models; stochastic (needs a seed). Default grid on DiscreteVP: diffusers'
-    trailing spacing."""
+    re-noise it to the next level with fresh noise (the ``renoise`` noise rule, fraction ``renoise`` of
+    the variance), repeat; the last step returns x0. Meant for consistency-distilled models;
+    stochastic (needs a seed). Default grid on DiscreteVP: diffusers' trailing spacing."""
     n = _check_nfe(nfe, 1, "lcm")
+    nu = _check_eta(renoise, "lcm", 1.0)
     times = time_grid(sched, n, spacing, **grid)
-    steps = [Step(order=1, prediction="data", renoise=renoise)] * (n - 1) + [Step(order=1, prediction="data")]
+    steps = [Step(order=1, prediction="data", noise="renoise" if nu > 0 else "none", eta=nu)] * (n - 1) + [Step(order=1, prediction="data")]
     return _finish("lcm", sched, times, steps)
 
 
 #: options every preset accepts (forwarded to :func:`fewstep.time_grid`)
 GRID_OPTIONS = ("spacing", "t_start", "t_end", "t_noisy_start", "t_noisy_end", "rho", "steps_offset", "logistic_center", "logistic_scale")
+
+
+from . import er_sde as _er_sde, sa_solver as _sa_solver  # noqa: E402,F401  (solver families registering their presets)
 
 
 def preset_options(name: str) -> list[str]:

@@ -9,9 +9,11 @@ interpolant of the model's prediction::
 The strategy decides which prediction is interpolated, through which nodes (the step's start,
 earlier steps' starts = *multistep*, extra evaluations inside the step = *singlestep*), in which
 variable (lambda, the model time t, or the variable in which the kernel is flat), how the
-integral weights are taken (exact phi functions or UniPC's B(h) variants), and whether a UniC
-corrector re-uses the next evaluation. DDIM, DPM-Solver(++), UniPC, DEIS, PNDM, Euler, Heun and
-LMS are all such records (see :mod:`fewstep.solvers.presets`).
+integral weights are taken (exact phi functions or UniPC's B(h) variants: a registered weight
+variant), whether a UniC corrector re-uses the next evaluation, and which registered noise rule
+draws fresh noise with which ``eta`` (:mod:`fewstep.solvers.registry`). DDIM, DPM-Solver(++),
+UniPC, DEIS, PNDM, Euler, Heun, LMS and the stochastic samplers (DDPM, Euler ancestral,
+DPM-Solver++ SDE, SA-Solver, ER-SDE) are all such records (see :mod:`fewstep.solvers.presets`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from typing import Any, Literal
 
 from ..errors import SolverError
 
+from .registry import noise_rule, variant_names
+
 __all__ = ["Step", "PREDICTIONS", "METHODS", "VARIANTS", "INTERPS"]
 
 PREDICTIONS = ("data", "noise")
 METHODS = ("multistep", "singlestep")
+#: the built-in weight variants (more may be registered, :func:`~fewstep.solvers.registry.register_variant`):
 #: phi: exact integral of the interpolant; bh1/bh2: UniPC's B(h) = h / e^h - 1 for a single
 #: difference term (bh2 = DPM-Solver++ "midpoint"); dpm3m: DPM-Solver++(3M)'s weights (k-th term
 #: divided by k!); adams: flat kernel weights 1/(k+1) scaled by the first-order weight (PNDM).
@@ -87,21 +92,23 @@ class Step:
     #: start and the first ``corrector - 2`` history nodes. UniPC uses ``order + 1``.
     corrector: int = 0
     corrector_variant: str | None = None
-    #: fraction nu in [0, 1] of the next noise level's variance drawn afresh (first-order data steps):
-    #: ``x_t = (sigma_t/sigma_s) sqrt(1-nu) x_s + (alpha_t - alpha_s (sigma_t/sigma_s) sqrt(1-nu)) x0 + sigma_t sqrt(nu) z``.
-    #: 0 is DDIM; 1 is consistency-model multistep sampling (predict x0, re-noise).
-    renoise: float = 0.0
+    #: registered noise rule (:mod:`fewstep.solvers.noise_rules`): ``none`` (the ODE), ``sde`` (the
+    #: reverse-SDE family, kernel rate 1 + eta), ``ancestral`` (DDIM's eta, Euler ancestral, DDPM),
+    #: ``renoise`` (a fixed fraction eta of the variance re-drawn: LCM), ``er_sde``, ...
+    noise: str = "none"
+    #: the noise rule's parameter (0: deterministic)
+    eta: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.order, int) or isinstance(self.order, bool) or not 1 <= self.order <= MAX_ORDER:
             raise SolverError(f"Step.order must be an integer in 1..{MAX_ORDER}, got {self.order!r}")
         _choice("prediction", self.prediction, PREDICTIONS)
         _choice("method", self.method, METHODS)
-        _choice("variant", self.variant, VARIANTS)
         _choice("interp", self.interp, INTERPS)
-        for name in ("stage_variant", "corrector_variant"):
-            if getattr(self, name) is not None:
-                _choice(name, getattr(self, name), VARIANTS)
+        for name in ("variant", "stage_variant", "corrector_variant"):
+            value = getattr(self, name)
+            if (value is not None or name == "variant") and (not isinstance(value, str) or value not in variant_names()):
+                raise SolverError(f"Step.{name} must be one of {tuple(variant_names())}, got {value!r}")
         if not isinstance(self.uniform_nodes, bool):
             raise SolverError(f"Step.uniform_nodes must be true/false, got {self.uniform_nodes!r}")
         hist = _int_tuple("history", self.history)
@@ -113,9 +120,17 @@ class Step:
             object.__setattr__(self, "final_nodes", _int_tuple("final_nodes", self.final_nodes))
         if not isinstance(self.corrector, int) or isinstance(self.corrector, bool) or self.corrector < 0:
             raise SolverError(f"Step.corrector must be an integer >= 0, got {self.corrector!r}")
-        object.__setattr__(self, "renoise", _unit_number("renoise", self.renoise))
-        if self.renoise > 0.0 and (self.order != 1 or self.prediction != "data" or self.method != "multistep" or self.corrector):
-            raise SolverError("renoise > 0 is defined for first-order data-prediction multistep steps without corrector")
+        if not isinstance(self.noise, str):
+            raise SolverError(f"Step.noise must be a noise rule name, got {self.noise!r:.60}")
+        rule = noise_rule(self.noise)
+        ok = isinstance(self.eta, (int, float)) and not isinstance(self.eta, bool)
+        try:
+            eta = float(self.eta) if ok else math.nan
+        except OverflowError:
+            eta = math.nan
+        if not (rule.eta_min <= eta <= rule.eta_max) or math.isinf(eta):
+            raise SolverError(f"Step.eta of noise rule {self.noise!r} must be a number in [{rule.eta_min:g}, {rule.eta_max:g}], got {self.eta!r:.60}")
+        object.__setattr__(self, "eta", eta)
 
         if self.method == "multistep":
             if not hist and self.order > 1:
@@ -144,6 +159,7 @@ class Step:
                 fn = self.final_nodes
                 if 0 not in fn or any(not 0 <= j <= len(self.stages) for j in fn) or len(set(fn)) != len(fn):
                     raise SolverError(f"final_nodes must contain 0 and distinct stage indices 0..{len(self.stages)}, got {fn}")
+        rule.check(self)
 
     # ---- derived ---------------------------------------------------------------------------
     @property
@@ -153,7 +169,8 @@ class Step:
 
     @property
     def stochastic(self) -> bool:
-        return self.renoise > 0.0
+        """Does this step draw fresh noise?"""
+        return noise_rule(self.noise).stochastic(self.eta)
 
     @property
     def depth(self) -> int:
@@ -179,11 +196,15 @@ class Step:
     def from_dict(cls, data: dict[str, Any]) -> "Step":
         if not isinstance(data, dict):
             raise SolverError(f"a step must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"renoise"}
         extra = set(data) - known
         if extra:
             raise SolverError(f"unknown step field(s) {sorted(extra)}; known: {sorted(known)}")
         args = dict(data)
+        if "renoise" in args:  # fewstep <= 0.3 files: the fraction of the variance re-drawn
+            nu = args.pop("renoise")
+            if nu not in (0, 0.0) and "noise" not in args:
+                args["noise"], args["eta"] = "renoise", nu
         for key in ("history", "stages", "final_nodes"):
             if isinstance(args.get(key), list):
                 args[key] = tuple(args[key])
