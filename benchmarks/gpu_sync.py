@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import fewstep
-from _common import REPORTS, log, machine_lines
+from _common import REPORTS, log, machine_lines, write_text_atomic
 
 
 def _net(channels: int) -> torch.nn.Module:
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
              "| NaN/Inf check | host syncs per sample call | ms per step (median) | ratio to off |", "|---|---|---|---|"]
     for label, syncs, ms in rows:
         lines.append(f"| {label} | {syncs} | {ms:.3f} | {times[label] / times['off']:.3f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
