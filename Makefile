@@ -22,15 +22,16 @@ $(STAMP_RUN): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[report,digits]"
 	touch $@
 
+# k-diffusion (reference in tests/test_edm_churn.py, peers in the benchmarks): its wheel without
+# dependencies (torchvision from PyPI does not load beside the CPU torch); only
+# k_diffusion/sampling.py is loaded (benchmarks/peers.py), which needs torchsde, torchdiffeq, scipy.
 $(STAMP_DEV): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps k-diffusion torchsde torchdiffeq trampoline
 	touch $@ $(STAMP_RUN)
 
-# k-diffusion's peers: its wheel without dependencies (torchvision from PyPI does not load beside
-# the CPU torch); benchmarks/peers.py loads only k_diffusion/sampling.py.
 $(STAMP_BENCH): $(STAMP_DEV)
-	$(PIP) install -q -c $(CONSTRAINTS) --no-deps k-diffusion torchsde torchdiffeq trampoline
 	touch $@
 
 venv: $(STAMP_DEV)

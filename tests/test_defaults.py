@@ -35,9 +35,9 @@ def test_default_call_needs_an_nfe():
 def test_every_preset_without_spacing_uses_the_rule_table():
     vp, flow, edm = fewstep.DiscreteVP.linear(), fewstep.FlowMatching(), fewstep.EDM()
     for name in fewstep.preset_names():
-        expect_vp = {"lcm": "trailing", "heun": "uniform_t"}.get(name, "logistic")
+        expect_vp = {"lcm": "trailing", "heun": "uniform_t", "edm_sde": "uniform_t"}.get(name, "logistic")
         assert fewstep.preset(name, 8, vp).meta["spacing"] == expect_vp
-        assert fewstep.preset(name, 8, flow).meta["spacing"] == ("uniform_t" if name in ("heun", "euler") else "logistic")
+        assert fewstep.preset(name, 8, flow).meta["spacing"] == ("uniform_t" if name in ("heun", "euler", "edm_sde") else "logistic")
         assert fewstep.preset(name, 8, edm).meta["spacing"] == "logistic"
 
 

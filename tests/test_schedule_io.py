@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 from hypothesis import example, given, settings
@@ -105,6 +106,8 @@ STEP_CONTRACT = {
     "corrector_variant": _or_none(_one_of(ALL_VARIANTS)),
     "noise": _one_of(tuple(noise_rule_names())),
     "eta": lambda v: _number(v) and 0.0 <= v,
+    "churn": lambda v: _number(v) and 0.0 <= v < math.inf,
+    "churn_noise": lambda v: _number(v) and 0.0 <= v < math.inf,
 }
 
 
@@ -135,7 +138,7 @@ def _check_loader(obj):
     assert plan.times == tuple(float(t) for t in obj["times"])
     assert (plan.name, plan.schedule, plan.meta) == (obj.get("name", "custom"), obj.get("schedule"), obj.get("meta", {}))
     for step, given_fields in zip(plan.steps, obj["steps"], strict=True):
-        loaded = step.to_dict()
+        loaded = {"churn": step.churn, "churn_noise": step.churn_noise, **step.to_dict()}  # written only when set
         derived = {"history": [], "stages": []}  # empty: the order's default nodes
         assert all(loaded[k] == v for k, v in given_fields.items() if derived.get(k, ...) != v), (loaded, given_fields)
     back = SolverSchedule.from_dict(plan.to_dict())
@@ -198,7 +201,9 @@ def test_loader_rejects_oversized_integer_literals_with_a_clear_error():
 
 def _valid_dict():
     sched = fewstep.DiscreteVP.linear()
-    return fewstep.preset("unipc", 6, sched).to_dict()
+    d = fewstep.preset("unipc", 6, sched).to_dict()
+    d["steps"][0].update(churn=0.25, churn_noise=1.01)  # written only when set: make the fuzzer see them
+    return d
 
 
 def test_contract_covers_every_field():

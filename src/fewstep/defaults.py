@@ -50,6 +50,10 @@ SPACING_RULES: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
     ("flow", "heun"): ("uniform_t", {}),
     ("edm", "heun"): ("logistic", {"logistic_center": 0.0, "logistic_scale": 1.4}),
     ("flow", "euler"): ("uniform_t", {}),
+    # EDM's stochastic Heun is Heun with churn: the same grids
+    ("*", "edm_sde"): ("uniform_t", {}),
+    ("flow", "edm_sde"): ("uniform_t", {}),
+    ("edm", "edm_sde"): ("logistic", {"logistic_center": 0.0, "logistic_scale": 1.4}),
 }
 
 

@@ -306,13 +306,13 @@ class IntervalNoise:
     step, no tree) and batch-independent like :class:`BrownianNoise`, but keyed by the interval's end
     points, so grids that differ see unrelated noise (no Brownian consistency)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, *, channel: int = 0) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ArgumentError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed, self.channel = seed, int(channel)
 
     def __repr__(self) -> str:
-        return f"IntervalNoise(seed={self.seed})"
+        return f"IntervalNoise(seed={self.seed}, channel={self.channel})"
 
     def increment(self, lam_from: float, lam_to: float, shape: Sequence[int], *, indices: Sequence[int] | torch.Tensor | None = None,
                   dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
@@ -320,19 +320,30 @@ class IntervalNoise:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         idx = _row_indices(shape[0], indices, dev)
         tag = _signed(_mix_int(_leaf_tag(brownian_time(lam_from)) * _GOLDEN + _leaf_tag(brownian_time(lam_to))))
-        keys = _mix(_sample_keys(self.seed, idx, 1)[:, None] + tag)
+        keys = _mix(_sample_keys(self.seed, idx, 2 * self.channel + 1)[:, None] + tag)
         return counter_normals(keys, (1.0,), math.prod(shape[1:])).reshape(shape).to(dtype)
 
 
-def make_noise_source(noise: Any, seed: int) -> NoiseSource:
+class _Channel:
+    """A user's noise source asked for another Brownian channel (``increment(..., channel=c)``)."""
+
+    def __init__(self, source: Any, channel: int) -> None:
+        self.source, self.channel = source, channel
+
+    def increment(self, lam_from: float, lam_to: float, shape: Sequence[int], **kw: Any) -> torch.Tensor:
+        return self.source.increment(lam_from, lam_to, shape, channel=self.channel, **kw)  # type: ignore[no-any-return]
+
+
+def make_noise_source(noise: Any, seed: int, channel: int = 0) -> NoiseSource:
     """``None`` / ``"brownian"`` -> :class:`BrownianNoise`; ``"interval"`` -> :class:`IntervalNoise`;
-    an object with an ``increment`` method is used as it is."""
+    an object with an ``increment`` method is used as it is (for ``channel > 0``, e.g. EDM's churn
+    noise, its ``increment`` is called with ``channel=``)."""
     if noise is None or noise == "brownian":
-        return BrownianNoise(seed)
+        return BrownianNoise(seed, channel=channel)
     if noise == "interval":
-        return IntervalNoise(seed)
+        return IntervalNoise(seed, channel=channel)
     if callable(getattr(noise, "increment", None)):
-        return noise  # type: ignore[no-any-return]
+        return noise if channel == 0 else _Channel(noise, channel)  # type: ignore[no-any-return]
     raise ArgumentError(f"noise must be 'brownian', 'interval' or a noise source with an increment() method, got {noise!r}")
 
 

@@ -100,11 +100,12 @@ class PlanRunner:
         noise: NoiseSource | str | None = None,
     ) -> None:
         self.plan, self.callback, self.seed, self.sample_indices = plan, callback, seed, sample_indices
-        self.noise: NoiseSource | None = None
+        self._noise_spec, self._noise_seed = noise, 0 if seed is None else seed
+        self._sources: dict[int, NoiseSource] = {}
+        if plan.stochastic and seed is None and (noise is None or isinstance(noise, str)):
+            raise SolverError("this solver schedule draws noise; pass seed=")
         if plan.stochastic:
-            if seed is None and (noise is None or isinstance(noise, str)):
-                raise SolverError("this solver schedule draws noise; pass seed=")
-            self.noise = make_noise_source(noise, 0 if seed is None else seed)
+            self._source(0)  # a bad ``noise`` argument fails here, before any model call
         self.in_dtype = x_T.dtype
         self.work = _work_dtype(x_T.dtype)
         self.fold = model.threshold is None
@@ -114,6 +115,12 @@ class PlanRunner:
         self._combines = iter(self._programs)
         self._k = 0  # index of the next op
         self._pending: Evaluate | None = None
+
+    def _source(self, channel: int) -> NoiseSource:
+        """The noise source of one Brownian channel (0: step noise, 1: EDM churn), made on first use."""
+        if channel not in self._sources:
+            self._sources[channel] = make_noise_source(self._noise_spec, self._noise_seed, channel)
+        return self._sources[channel]
 
     def _release(self, keys: Sequence[Key], k: int) -> None:
         for key in keys:
@@ -157,9 +164,8 @@ class PlanRunner:
         x = self._kept[key0] * c0 if c0 != 1.0 else self._kept[key0].clone()
         for key, c in rest:
             x.add_(self._kept[key], alpha=c)
-        for c, lam_from, lam_to in op.noise:
-            assert self.noise is not None
-            z = self.noise.increment(lam_from, lam_to, x.shape, indices=self.sample_indices, dtype=self.work, device=x.device)
+        for c, lam_from, lam_to, channel in op.noise:
+            z = self._source(channel).increment(lam_from, lam_to, x.shape, indices=self.sample_indices, dtype=self.work, device=x.device)
             x.add_(z, alpha=c)
         self._kept[("state", op.target)] = x
         self._release([key for key, _ in program], self._k)

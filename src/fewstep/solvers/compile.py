@@ -4,7 +4,8 @@ Every step is affine once the model outputs are known, so a whole solver becomes
 
 * ``Evaluate(state, t, slot)``: ``D[slot] = model(X[state], t)`` (its x0 and eps);
 * ``Combine(target, base, a, terms, noise)``: ``X[target] = a X[base] + sum c D[slot].kind + sum c_z z``,
-  each ``z`` the standard normal increment of the sample's Brownian path over a log-SNR interval.
+  each ``z`` the normalised increment of one of the sample's Brownian paths (channel 0: the step
+  noise of the SDE rules; channel 1: EDM's churn) over a log-SNR interval.
 
 All coefficients are float64 numbers computed here, once per plan: the sampling loop does no
 schedule maths, and anything that changes a solver changes the plan, never the loop.
@@ -42,8 +43,9 @@ class Combine:
     a: float
     terms: tuple[tuple[int, str, float], ...]  # (slot, "x0" | "eps", coefficient)
     grid_index: int | None = None  # set when the target is the state at times[grid_index]
-    #: (coefficient, lambda_from, lambda_to): fresh noise, the normalised Brownian increment over the interval
-    noise: tuple[tuple[float, float, float], ...] = ()
+    #: (coefficient, lambda_from, lambda_to, channel): fresh noise, the normalised increment of the
+    #: Brownian path ``channel`` over the interval
+    noise: tuple[tuple[float, float, float, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class _Builder:
         return slot
 
     def combine(self, base: int, a: float, terms: list[tuple[int, str, float]], grid_index: int | None = None,
-                noise: tuple[tuple[float, float, float], ...] = ()) -> int:
+                noise: tuple[tuple[float, float, float, int], ...] = ()) -> int:
         target = self.n_states
         self.n_states += 1
         self.ops.append(Combine(target, base, a, tuple(terms), grid_index, tuple(nz for nz in noise if nz[0] != 0.0)))
@@ -81,7 +83,7 @@ class _Builder:
 
 
 def _weights(step: Step, variant: str, sched: NoiseSchedule, s: Point, t: Point, nodes: list[Point],
-             taus: list[float] | None) -> tuple[float, list[float], tuple[tuple[float, float, float], ...]]:
+             taus: list[float] | None) -> tuple[float, list[float], tuple[tuple[float, float, float, int], ...]]:
     """``(a, node weights, noise terms)`` of the combination from ``s`` to ``t`` through ``nodes``."""
     if taus is None:
         taus = node_positions(step.interp, step.prediction, sched, s, t, nodes) if len(nodes) > 1 else [0.0]
@@ -89,7 +91,28 @@ def _weights(step: Step, variant: str, sched: NoiseSchedule, s: Point, t: Point,
         a, w, c = node_weights(step.prediction, step.interp, variant, sched, s, t, taus, step.noise, step.eta)
     except SolverError as exc:
         raise SolverError(f"{exc}") from None
-    return a, w, ((c, s.lam, t.lam),) if c != 0.0 else ()
+    return a, w, ((c, s.lam, t.lam, 0),) if c != 0.0 else ()
+
+
+#: the Brownian channel of EDM's churn noise (independent of the step noise on channel 0)
+CHURN_CHANNEL = 1
+
+
+def _churn(b: _Builder, sched: NoiseSchedule, step: Step, cur: int, s: Point, t: Point, lam_floor: float) -> tuple[int, Point]:
+    """EDM's churn (Karras et al. 2022, Alg. 2): raise the VE noise level ``sigma/alpha = e^-lambda`` of
+    the state at ``s`` by ``1 + churn``: ``x_hat = (alpha_hat / alpha_s) x + alpha_hat sqrt(e^(-2 lambda_hat)
+    - e^(-2 lambda_s)) S_noise z``, ``z`` the churn channel's increment over the step ``[s, t]``. The
+    raised level is capped at the schedule's largest noise level ``lam_floor``. Returns the new state
+    and the point it is at."""
+    if step.churn == 0.0 or not (s.alpha > 0.0 and math.isfinite(s.lam)):
+        return cur, s
+    lam_hat = max(s.lam - math.log1p(step.churn), lam_floor)
+    if not lam_hat < s.lam:
+        return cur, s
+    hat = point(sched, float(sched.t_of_lambda(lam_hat)))
+    coef = hat.alpha * math.sqrt(math.exp(-2.0 * hat.lam) - math.exp(-2.0 * s.lam)) * step.churn_noise
+    noise = ((coef, s.lam, t.lam, CHURN_CHANNEL),)
+    return b.combine(cur, hat.alpha / s.alpha, [], noise=noise), hat
 
 
 def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
@@ -98,13 +121,22 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
     b = _Builder()
     pts = points(sched, plan.times)
     start_slots: list[int] = []
+    starts: list[Point] = []  # where each step's first evaluation is (its start, or its churned start)
+    lam_floor = float(sched.lambda_(sched.t_max))
     cur = 0
     pending: tuple[Step, int, Point, Point, list[tuple[Point, int]], float] | None = None  # corrector of the previous step
     for i, step in enumerate(plan.steps):
         s, t = pts[i], pts[i + 1]
         kind = KIND[step.prediction]
+        if step.churn and pending is not None:
+            raise SolverError(
+                f"step {i} churns its start state, but step {i - 1} has a UniC corrector that needs the model at "
+                "that state; drop the corrector before a churned step"
+            )
+        cur, s = _churn(b, sched, step, cur, s, t, lam_floor)
         e0 = b.evaluate(cur, s)
         start_slots.append(e0)
+        starts.append(s)
         if pending is not None:  # UniC: correct the state we just evaluated, re-using that evaluation
             cstep, cbase, cs, ct, cnodes, _ = pending
             taus = None
@@ -116,7 +148,7 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
             cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i, noise=nz)
             pending = None
         if step.method == "multistep":
-            nodes = [(s, e0)] + [(pts[i - h], start_slots[i - h]) for h in step.history]
+            nodes = [(s, e0)] + [(starts[i - h], start_slots[i - h]) for h in step.history]
             taus = [0.0] + [-float(h) for h in step.history] if step.uniform_nodes else None
             a, w, nz = _weights(step, step.variant, sched, s, t, [p for p, _ in nodes], taus)
             # a corrected state is reported (grid_index) by its corrector, once, in its final form

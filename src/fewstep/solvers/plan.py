@@ -134,6 +134,7 @@ class SolverSchedule:
             extra += f" corrector={st.corrector}" if st.corrector else ""
             extra += f" corrector_variant={st.corrector_variant}" if st.corrector_variant else ""
             extra += f" noise={st.noise} eta={st.eta:g}" if st.noise != "none" else ""
+            extra += f" churn={st.churn:g} churn_noise={st.churn_noise:g}" if st.churn else ""
             lines.append(
                 f"  {i:3d}: t {self.times[i]:.6g} -> {self.times[i + 1]:.6g}  {st.method} order {st.order} "
                 f"{st.prediction} {st.variant}/{st.interp}{extra}"

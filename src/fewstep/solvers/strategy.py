@@ -98,6 +98,12 @@ class Step:
     noise: str = "none"
     #: the noise rule's parameter (0: deterministic)
     eta: float = 0.0
+    #: EDM "churn" (Karras et al. 2022, Algorithm 2): before the step, raise the state's VE noise level
+    #: sigma/alpha by the factor ``1 + churn`` with fresh noise (an independent Brownian channel), then
+    #: integrate from there (the step's first evaluation is at the raised level). 0: none.
+    churn: float = 0.0
+    #: EDM's S_noise: the churn noise is scaled by this factor (slightly above 1 offsets detail loss)
+    churn_noise: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.order, int) or isinstance(self.order, bool) or not 1 <= self.order <= MAX_ORDER:
@@ -131,6 +137,16 @@ class Step:
         if not (rule.eta_min <= eta <= rule.eta_max) or math.isinf(eta):
             raise SolverError(f"Step.eta of noise rule {self.noise!r} must be a number in [{rule.eta_min:g}, {rule.eta_max:g}], got {self.eta!r:.60}")
         object.__setattr__(self, "eta", eta)
+        for name in ("churn", "churn_noise"):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            try:
+                v = float(value) if ok else math.nan
+            except OverflowError:
+                v = math.nan
+            if not (0.0 <= v < math.inf):
+                raise SolverError(f"Step.{name} must be a finite number >= 0, got {value!r:.60}")
+            object.__setattr__(self, name, v)
 
         if self.method == "multistep":
             if not hist and self.order > 1:
@@ -170,7 +186,7 @@ class Step:
     @property
     def stochastic(self) -> bool:
         """Does this step draw fresh noise?"""
-        return noise_rule(self.noise).stochastic(self.eta)
+        return noise_rule(self.noise).stochastic(self.eta) or (self.churn > 0.0 and self.churn_noise > 0.0)
 
     @property
     def depth(self) -> int:
@@ -190,6 +206,8 @@ class Step:
         d["history"] = list(self.history)
         d["stages"] = list(self.stages)
         d["final_nodes"] = None if self.final_nodes is None else list(self.final_nodes)
+        if self.churn == 0.0 and self.churn_noise == 1.0:  # files without churn read as before
+            del d["churn"], d["churn_noise"]
         return d
 
     @classmethod
