@@ -13,7 +13,12 @@ import fewstep
 from fewstep import SolverError, SolverSchedule, Step
 from fewstep.noise import BrownianNoise, IntervalNoise, brownian_time
 
-SDE_PRESETS = ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde", "sa_solver", "er_sde", "ddim:eta=0.5", "lcm"]
+SDE_PRESETS = ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde", "sa_solver", "er_sde", "ddim:eta=0.5", "lcm", "edm_sde:s_churn=20"]
+#: not a fixed SDE discretised ever finer: LCM re-noises fully; EDM's churn per step is s_churn / N
+NOT_CONVERGENT = ("lcm", "edm_sde:s_churn=20")
+DIST_N = 3000  # samples per run
+#: NFE where the ancestral updates (first order, and EDM's churn) reach the exact-sample level; 100 for the rest
+DIST_HIGH = {"ddpm": 400, "euler_ancestral": 400, "edm_sde": 400}
 
 
 def _preset(spec: str) -> tuple[str, dict]:
@@ -90,7 +95,7 @@ def test_same_seed_same_samples_at_any_batch_size_or_split(spec, vp_model):
 STRONG_ORDER = 1.0  # additive noise through Brownian increments: strong order 1 (Kloeden & Platen 10.2)
 
 
-@pytest.mark.parametrize("spec", [s for s in SDE_PRESETS if s != "lcm"])
+@pytest.mark.parametrize("spec", [s for s in SDE_PRESETS if s not in NOT_CONVERGENT])
 def test_strong_convergence_against_a_fine_solve_of_the_same_path(spec):
     """The RMS distance to the same preset on a 16x finer grid driven by the same Brownian path falls
     at least at the stated strong order (fitted slope > order - 0.3; multistep ones are faster pre-asymptotically); with noise keyed per interval (no
@@ -115,9 +120,9 @@ def test_strong_convergence_against_a_fine_solve_of_the_same_path(spec):
     assert unrelated[-1] > 0.5 * unrelated[0], (spec, unrelated)
 
 
-@pytest.mark.parametrize("spec", ["ddpm", "dpmpp_2m_sde", "sa_solver", "er_sde"])
+@pytest.mark.parametrize("spec", ["ddpm", "dpmpp_2m_sde", "sa_solver", "er_sde", "edm_sde"])
 def test_samples_have_the_true_moments_at_high_nfe(spec):
-    """Sampling a Gaussian (one-component mixture) the SDE presets' samples have its mean and
+    """Sampling a Gaussian (one-component mixture) at high NFE the SDE presets' samples have its mean and
     (diagonal) covariance within the sampling error of 4,000 exact samples (5 standard errors)."""
     g = fewstep.GaussianMixture(torch.tensor([1.0]), torch.tensor([[0.8, -0.5]]), torch.tensor([[0.3, 0.1]]))
     sched = fewstep.DiscreteVP.linear()
@@ -125,10 +130,46 @@ def test_samples_have_the_true_moments_at_high_nfe(spec):
     name, kw = _preset(spec)
     n = 4000
     x = fewstep.initial_noise(sched, (n, 2), 0, dtype=torch.float64)
-    y = fewstep.sample(model, x, name, nfe=100, seed=1, **kw)
+    y = fewstep.sample(model, x, name, nfe=DIST_HIGH.get(name, 100), seed=1, **kw)  # EDM's churn: 400
     mean, var = torch.tensor([0.8, -0.5], dtype=torch.float64), torch.tensor([0.3, 0.1], dtype=torch.float64)
     assert ((y.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all(), (spec, y.mean(0))
     assert ((y.var(0) - var).abs() < 5 * var * math.sqrt(2.0 / n)).all(), (spec, y.var(0), var)
+
+
+# ---- the distribution they sample -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dist_target():
+    """A 4-d mixture of 4 components on the DDPM linear schedule; E[log p] and its standard deviation
+    from 200,000 exact samples, one exact set of ``DIST_N`` for the Fréchet distance, and the Fréchet
+    distance of 6 further exact sets to it (the floor of a perfect sampler at this sample size)."""
+    g = fewstep.GaussianMixture.random(4, 4, 2, seed=2)
+    big = g.sample(200_000, seed=5)
+    lp = g.log_prob(big)
+    exact = big[:DIST_N]
+    floor = [fewstep.metrics.frechet_distance(g.sample(DIST_N, seed=50 + j), exact) for j in range(6)]
+    return g, float(lp.mean()), float(lp.std()) / math.sqrt(DIST_N), exact, max(floor)
+
+
+@pytest.mark.parametrize("spec", [s for s in SDE_PRESETS if s not in NOT_CONVERGENT] + ["edm_sde"])
+def test_distribution_reaches_the_exact_sample_level(spec, dist_target):
+    """At NFE 5 each SDE preset's samples are visibly off the true distribution (Fréchet distance
+    above 1.5x the largest of 6 exact sets', or a likelihood gap beyond 4 standard errors); at high
+    NFE both are within those bounds (what exact samples give), and both errors shrank."""
+    g, mean_logp, se, exact, floor = dist_target
+    model = g.as_model(fewstep.DiscreteVP.linear(), "eps")
+    name, kw = _preset(spec)
+    x = fewstep.initial_noise(model.schedule, (DIST_N, 4), 0, dtype=torch.float64)
+    fd_tol, gap_tol = 1.5 * floor, 4.0 * se
+    errs = {}
+    for nfe in (5, DIST_HIGH.get(name, 100)):
+        y = fewstep.sample(model, x, name, nfe=nfe, seed=1, **kw)
+        errs[nfe] = (fewstep.metrics.frechet_distance(y, exact), mean_logp - float(g.log_prob(y).mean()))
+    (fd_lo, gap_lo), (fd_hi, gap_hi) = errs.values()
+    assert fd_lo > fd_tol or abs(gap_lo) > gap_tol, (spec, errs, fd_tol, gap_tol)
+    assert fd_hi < fd_tol and abs(gap_hi) < gap_tol, (spec, errs, fd_tol, gap_tol)
+    assert fd_hi < fd_lo and abs(gap_hi) < abs(gap_lo), (spec, errs)
 
 
 def test_eta_zero_is_the_ode():
