@@ -45,3 +45,24 @@ def test_bench_takes_presets_with_options_and_schedule_files(tmp_path, capsys):
     labels = {(r[0], r[1]) for r in rows}
     assert labels == {("ddim", 5), ("ddim", 8), ("dpmpp_3m:weights=published", 5), ("dpmpp_3m:weights=published", 8), ("unipc", 6)}
     assert (out / "error_vs_nfe.png").exists()
+
+
+def test_stochastic_sampling_from_the_command_line(tmp_path, capsys):
+    """``--seed`` keys the Brownian noise (sample k is the same at any --batch), ``--eta`` sets the
+    noise parameter of a preset that has one and is refused for solvers that have none."""
+    out = tmp_path / "x.npy"
+    run = ["sample", "--oracle", "gmm-d2", "--solver", "dpmpp_2m_sde", "--nfe", "8", "--out", str(out)]
+    assert main(run + ["--batch", "5", "--seed", "3", "--eta", "0.5"]) == 0
+    five = np.load(out)
+    assert main(run + ["--batch", "2", "--seed", "3", "--eta", "0.5"]) == 0
+    assert np.array_equal(np.load(out), five[:2])
+    assert main(run + ["--batch", "2", "--seed", "3", "--eta", "1.0"]) == 0
+    assert not np.allclose(np.load(out), five[:2])
+    capsys.readouterr()
+    assert main(["sample", "--oracle", "gmm-d2", "--solver", "unipc", "--eta", "0.5", "--out", str(out)]) == 2
+    assert "--eta applies to presets with an eta option" in capsys.readouterr().err
+    bench = tmp_path / "b"
+    assert main(["bench", "--oracle", "gmm-d2", "--batch", "8", "--nfe", "6", "--solvers", "ddpm", "unipc", "--eta", "0.7", "--out", str(bench)]) == 0
+    rows = {r[0]: r for r in json.loads((bench / "results.json").read_text())["rows"]}
+    assert set(rows) == {"ddpm:eta=0.7", "unipc"}
+    assert rows["ddpm:eta=0.7"][2] == "stochastic" and isinstance(rows["unipc"][2], float)

@@ -25,7 +25,7 @@ from .sample import sample
 from .schedule_search.engine import add_budget_arguments
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule
 from .solvers.plan import SolverSchedule
-from .solvers.presets import preset_names
+from .solvers.presets import preset_names, preset_options
 from .timesteps import SPACINGS
 
 SCHEDULES = {
@@ -181,11 +181,14 @@ def compare(
             continue
         if solver is None:
             label = f"default ({info.plan.name}, {info.plan.meta.get('spacing', '?')})"
-        err = rmse(x, ref.solution)
-        rows.append([label, info.nfe, err, *target.metrics(x), ""])
-        series.setdefault(label, ([], []))
-        series[label][0].append(info.nfe)
-        series[label][1].append(err)
+        if info.plan.stochastic:  # an SDE sampler targets the distribution, not the ODE's trajectory
+            rows.append([label, info.nfe, "stochastic", *target.metrics(x), "RMSE vs the ODE reference does not apply: compare the distribution columns"])
+        else:
+            err = rmse(x, ref.solution)
+            rows.append([label, info.nfe, err, *target.metrics(x), ""])
+            series.setdefault(label, ([], []))
+            series[label][0].append(info.nfe)
+            series[label][1].append(err)
         if target.images is not None:
             grids.setdefault(label, {})[info.nfe] = target.images(x)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,8 +244,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_compare(args, solvers, [5, 10, 20, 50], "fewstep demo")
 
 
+def with_eta(solvers: list[tuple[str | SolverSchedule | None, dict[str, object]]], eta: float | None) -> list[tuple[str | SolverSchedule | None, dict[str, object]]]:
+    """``--eta``: the noise parameter of every named preset that has one (an ``eta=`` given with the
+    preset name wins); an error when none of them has one."""
+    if eta is None:
+        return solvers
+    takers = [name for name, _ in solvers if isinstance(name, str) and "eta" in preset_options(name)]
+    if not takers:
+        with_eta_option = [n for n in preset_names() if "eta" in preset_options(n)]
+        raise ArgumentError(f"--eta applies to presets with an eta option ({', '.join(with_eta_option)}); none was given")
+    return [(name, {"eta": eta, **opts} if name in takers else opts) for name, opts in solvers]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _run_compare(args, [parse_solver_arg(s) for s in args.solvers], args.nfe, "fewstep bench")
+    return _run_compare(args, with_eta([parse_solver_arg(s) for s in args.solvers], args.eta), args.nfe, "fewstep bench")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -255,7 +270,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         oracle = bundled_oracle(args.oracle)
         model = oracle.as_model(SCHEDULES[args.noise_schedule]())
         x_T = initial_noise(model.schedule, (args.batch, oracle.dim), args.seed)
-    solver, opts = parse_solver_arg(args.solver)
+    [(solver, opts)] = with_eta([parse_solver_arg(args.solver)], args.eta)
     if args.spacing and not isinstance(solver, SolverSchedule):
         opts.setdefault("spacing", args.spacing)
     x, info = sample(model, x_T, solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe, progress=True, return_info=True, seed=args.seed, **opts)
@@ -333,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a solver schedule file (e.g. from `fewstep search`) to run; a noise-schedule name here is "
                         "read as --noise-schedule (fewstep 0.1.0 spelling)")
         sp.add_argument("--batch", type=int, default=batch, help="number of samples")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of a stochastic solver's Brownian noise (sample k is the same at any --batch)")
         sp.add_argument("--spacing", default=None, choices=sorted(SPACINGS), help="time grid (default: the preset's)")
 
     d = sub.add_parser("demo", help="compare solvers at NFE 5/10/20/50 on a bundled model (or oracle); write a report")
@@ -347,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--solvers", nargs="+", default=["ddim", "dpmpp_2m", "unipc"], help=f"preset names ({', '.join(preset_names())}), optionally with options as name:key=value,key=value, or schedule .json files")
     b.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8, 10, 15, 20, 50])
     b.add_argument("--out", default="reports/bench")
+    b.add_argument("--eta", type=float, default=None, help="noise parameter of the stochastic presets given (those with an eta option); --seed keys their noise")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sample", help="draw samples with a preset or a schedule file; save them (in the data's own scale) as .npy")
@@ -355,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nfe", type=int, default=10)
     s.add_argument("--out", default="reports/samples.npy")
     s.add_argument("--save-schedule", default=None, help="also write the solver schedule used as JSON")
+    s.add_argument("--eta", type=float, default=None, help="noise parameter of a stochastic preset (one with an eta option); --seed keys its noise")
     s.set_defaults(func=cmd_sample)
 
     q = sub.add_parser("search", help="search a solver schedule (time grid and per-step strategies) for a model and NFE; resumable")
