@@ -17,9 +17,10 @@ __version__ = "0.1.0"
 from .errors import ArgumentError, FewstepError, ModelOutputError, ScheduleError, ScheduleFileError, ShapeError, SolverError, ZooError
 from .metrics import frechet_distance, likelihood_gap, rmse
 from .models import Model, Prediction, Threshold, batched_classifier_free_guidance, classifier_free_guidance
-from .noise import initial_noise, keyed_noise
+from .noise import BrownianNoise, IntervalNoise, initial_noise, keyed_noise
 from .oracle import GaussianMixture, bundled_oracle
 from .reference import check_fine_reference, check_reference, reference_solution
+from .parallel import ParallelInfo, ParallelOptions, parallel_solve
 from .sample import SampleInfo, sample
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule, VPSchedule
 from .solvers.plan import SolverSchedule
@@ -31,7 +32,7 @@ from .schedule_search import search
 from . import zoo
 
 __all__ = [
-    "ArgumentError", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
+    "ArgumentError", "BrownianNoise", "IntervalNoise", "ParallelInfo", "ParallelOptions", "parallel_solve", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
     "ModelOutputError", "NoiseSchedule", "Prediction", "SampleInfo", "ScheduleError", "ScheduleFileError",
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "ZooError", "__version__",
     "batched_classifier_free_guidance", "default_solver", "default_spacing", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import torch
 
@@ -271,6 +271,18 @@ class Model:
         tval = sigma / alpha if self.prediction == "edm" else t
         tin = torch.full((x.shape[0],), tval, dtype=self._input_dtype(x), device=x.device)
         return self._call(x, xin, tin, t)
+
+    def output_rows(self, x: torch.Tensor, t: Sequence[float], alpha: Sequence[float], sigma: Sequence[float]) -> torch.Tensor:
+        """:meth:`output` with one time per row (rows at different times in one call: parallel
+        sampling), by the same arithmetic, so a row's output is what :meth:`output` gives it."""
+        dt = self._input_dtype(x)
+        if self.prediction == "edm":
+            inv = torch.tensor([1.0 / a for a in alpha], dtype=x.dtype, device=x.device)
+            xin = x * inv.reshape(-1, *([1] * (x.ndim - 1)))
+            tin = torch.tensor([s / a for s, a in zip(sigma, alpha)], dtype=dt, device=x.device)
+        else:
+            xin, tin = x, torch.tensor([float(v) for v in t], dtype=dt, device=x.device)
+        return self._call(x, xin, tin, torch.tensor([float(v) for v in t], dtype=torch.float64))
 
     def predict(self, x: torch.Tensor, t: torch.Tensor | float) -> Prediction:
         """``(x0, eps)`` at samples ``x`` (B, ...) and times ``t`` (scalar or (B,))."""

@@ -15,6 +15,7 @@ from .noise import NoiseSource, make_noise_source
 from .solvers.compile import Combine, CompiledPlan, Evaluate, compile_plan
 from .solvers.plan import SolverSchedule, schedule_identity
 from .defaults import default_solver
+from .parallel import ParallelOptions, run_plan_parallel
 from .solvers.presets import preset
 
 __all__ = ["sample", "run_plan", "PlanRunner", "SampleInfo", "resolve_plan", "clear_plan_cache"]
@@ -112,7 +113,7 @@ class PlanRunner:
         self._programs = _expand(model, plan, self.fold)
         self._last = _last_uses(plan, self._programs)
         self._kept: dict[Key, torch.Tensor] = {("state", 0): x_T.to(self.work)}
-        self._combines = iter(self._programs)
+        self._ci = 0  # index of the next combination program
         self._k = 0  # index of the next op
         self._pending: Evaluate | None = None
 
@@ -137,9 +138,16 @@ class PlanRunner:
             if isinstance(op, Evaluate):
                 self._pending = op
                 return op
-            self._combine(op, next(self._combines))
+            self._combine(op, self._programs[self._ci])
+            self._ci += 1
             self._k += 1
         return None
+
+    @property
+    def pending_state(self) -> torch.Tensor:
+        """The pending evaluation's input in the working dtype (not a copy: do not change it in place)."""
+        assert self._pending is not None
+        return self._kept[("state", self._pending.state)]
 
     @property
     def pending_input(self) -> torch.Tensor:
@@ -171,6 +179,19 @@ class PlanRunner:
         self._release([key for key, _ in program], self._k)
         if self.callback is not None and op.grid_index is not None:
             self.callback(op.grid_index, self.plan.times[op.grid_index], x)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """The runner's position and kept tensors (a shallow copy: kept tensors are never changed in
+        place), for :meth:`restore`; parallel sampling replays the program from such a point."""
+        return dict(self._kept), self._ci, self._k, self._pending
+
+    def restore(self, snap: tuple[Any, ...]) -> None:
+        kept, self._ci, self._k, self._pending = snap
+        self._kept = dict(kept)
+
+    @property
+    def finished(self) -> bool:
+        return self._k >= len(self.plan.ops) and self._pending is None
 
     def result(self) -> torch.Tensor:
         if self._k < len(self.plan.ops) or self._pending is not None:
@@ -306,6 +327,8 @@ def sample(
     sample_indices: Sequence[int] | torch.Tensor | None = None,
     noise: NoiseSource | str | None = None,
     grad: bool = False,
+    parallel: "bool | ParallelOptions" = False,
+    warm_start: Any = None,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Sample from ``model`` starting at noise ``x_T`` (already scaled to the start time's marginal,
@@ -330,6 +353,12 @@ def sample(
     ``0..B-1``). ``noise="interval"`` is cheaper (one normal per step) but keyed by the step's
     interval; any object with an ``increment`` method may supply the noise. Without ``seed`` a random
     one is drawn and reported in the info.
+
+    ``parallel=True`` (or a :class:`~fewstep.ParallelOptions`) runs the same plan by parallel-in-time
+    iteration (:mod:`fewstep.parallel`): rounds of one batched model call over a window of steps,
+    the same samples within the tolerance, in fewer sequential rounds; the info's
+    ``extra["parallel"]`` says how many rounds and evaluations it took. ``warm_start``: a previous
+    parallel run's info (recorded with ``ParallelOptions(record=True)``) to start from.
     """
     if not isinstance(model, Model):
         raise ArgumentError(f"model must be a fewstep.Model (wrap your network: fewstep.Model(fn, schedule, prediction=...)), got {type(model).__name__}")
@@ -343,15 +372,34 @@ def sample(
         seed = int(torch.randint(0, 2**62, (1,)).item())
     if sample_indices is not None and len(sample_indices) != x_T.shape[0]:
         raise ShapeError(f"{len(sample_indices)} sample_indices for a batch of {x_T.shape[0]}")
+    popts = _parallel_options(parallel, callback, warm_start)
     calls0 = model.calls
+    extra: dict[str, Any] = {"seed": seed} if compiled.stochastic else {}
     model._sampling = True
     try:
         with torch.enable_grad() if grad else torch.no_grad():
-            out = run_plan(model, x_T, compiled, callback=callback, progress=progress, seed=seed, sample_indices=sample_indices, noise=noise)
+            if popts is not None:
+                out, extra["parallel"] = run_plan_parallel(model, x_T, compiled, popts, seed=seed, sample_indices=sample_indices, noise=noise, warm_start=warm_start)
+            else:
+                out = run_plan(model, x_T, compiled, callback=callback, progress=progress, seed=seed, sample_indices=sample_indices, noise=noise)
         model.guard.flush()  # the one host synchronisation of the NaN/Inf checks on an accelerator
     finally:
         model._sampling = False
         model.guard.discard()
     if return_info:
-        return out, SampleInfo(plan, compiled.nfe, model.calls - calls0, {"seed": seed} if compiled.stochastic else {})
+        return out, SampleInfo(plan, compiled.nfe, model.calls - calls0, extra)
     return out
+
+
+def _parallel_options(parallel: Any, callback: Any, warm_start: Any) -> "ParallelOptions | None":
+    if parallel is False or parallel is None:
+        if warm_start is not None:
+            raise ArgumentError("warm_start applies to parallel sampling: pass parallel=True (or ParallelOptions)")
+        return None
+    if callback is not None:
+        raise ArgumentError("callback is not available with parallel=True (states change from round to round)")
+    if parallel is True:
+        return ParallelOptions()
+    if isinstance(parallel, ParallelOptions):
+        return parallel
+    raise ArgumentError(f"parallel must be True/False or a fewstep.ParallelOptions, got {parallel!r}")

@@ -1,0 +1,170 @@
+"""Parallel-in-time sampling (fewstep.parallel): the fixed point is the sequential run.
+
+Properties, per preset family (multistep, singlestep, UniC corrector, stochastic, EDM churn) on the
+float64 oracle: window 1 and tolerance 0 reproduce the sequential samples (to rounding); at the
+default tolerance they match within a bound tied to the tolerance; the iteration ends within
+``M + 1`` rounds; the accelerated scheme needs no more rounds than plain Picard here; a warm start
+from a nearby problem needs fewer rounds; ``parallel_solve`` does the same for a recurrence that is
+not a sampler.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fewstep
+from fewstep import ParallelOptions, parallel_solve
+from fewstep.errors import ArgumentError, ShapeError, SolverError
+
+FAMILIES = [
+    ("ddim", 30, {}),
+    ("dpmpp_2m", 20, {}),
+    ("unipc", 15, {}),  # multistep + UniC corrector
+    ("dpmpp_3m", 15, {}),
+    ("dpm_solver_3", 15, {}),  # singlestep stages
+    ("heun", 15, {}),
+    ("deis", 12, {}),
+    ("dpmpp_2m_sde", 20, {}),  # stochastic multistep
+    ("dpmpp_sde", 16, {}),  # stochastic singlestep stages (correlated Brownian increments)
+    ("sa_solver", 15, {}),  # stochastic predictor-corrector
+    ("ddpm", 30, {}),
+    ("edm_sde", 15, {"s_churn": 10.0}),  # churn channel
+]
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    g = fewstep.GaussianMixture.random(4, 4, 2, seed=2)
+    model = g.as_model(fewstep.DiscreteVP.linear(), "eps")
+    x = fewstep.initial_noise(model.schedule, (16, 4), 0, dtype=torch.float64)
+    return model, x
+
+
+def _run(model, x, name, nfe, kw, **par):
+    out, info = fewstep.sample(model, x, name, nfe=nfe, seed=4, parallel=ParallelOptions(**par), return_info=True, **kw)
+    return out, info.extra["parallel"]
+
+
+@pytest.mark.parametrize("name,nfe,kw", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_window_one_and_tolerance_zero_are_the_sequential_run(name, nfe, kw, oracle):
+    model, x = oracle
+    seq = fewstep.sample(model, x, name, nfe=nfe, seed=4, **kw)
+    one, info = _run(model, x, name, nfe, kw, window=1)
+    assert torch.equal(one, seq) and info.rounds == info.sequential_evaluations == info.evaluations
+    for accelerate in ("picard", "taa"):
+        exact, info = _run(model, x, name, nfe, kw, tol=0.0, accelerate=accelerate)
+        assert torch.allclose(exact, seq, rtol=0, atol=1e-12), (name, accelerate, float((exact - seq).abs().max()))
+        assert info.rounds <= info.sequential_evaluations + 1
+
+
+@pytest.mark.parametrize("name,nfe,kw", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_default_tolerance_matches_the_sequential_run(name, nfe, kw, oracle):
+    """At the default tolerance (each evaluation's input settled to ``tol * sigma`` RMS) and 3x the
+    NFE above (where rounds accept many steps) the samples are within ``tol / 2`` RMS of the
+    sequential ones (data of scale ~1; measured 8e-6..1.6e-4; accepting at 50x the tolerance gives
+    7e-4..1e-2). (Few large steps gain few rounds, stochastic ones least: the benchmark measures it.)"""
+    model, x = oracle
+    nfe *= 3
+    seq = fewstep.sample(model, x, name, nfe=nfe, seed=4, **kw)
+    par, info = _run(model, x, name, nfe, kw)
+    tol = ParallelOptions().tol
+    assert fewstep.rmse(par, seq) < tol / 2, (name, fewstep.rmse(par, seq))
+    assert info.converged and info.rounds <= info.sequential_evaluations + 1
+    assert info.evaluations == sum(b - a for a, b in info.windows) and len(info.residuals) == info.rounds
+
+
+def test_acceleration_and_window_trade_rounds_for_evaluations(oracle):
+    """On 100-step DDIM: Anderson needs fewer rounds than Picard; a smaller window costs more rounds
+    but fewer model evaluations; micro-batches change nothing but the number of calls."""
+    model, x = oracle
+    _, picard = _run(model, x, "ddim", 100, {}, accelerate="picard")
+    _, taa = _run(model, x, "ddim", 100, {}, accelerate="taa")
+    assert taa.rounds < picard.rounds < 100
+    _, narrow = _run(model, x, "ddim", 100, {}, window=8)
+    assert narrow.rounds > taa.rounds and narrow.evaluations < taa.evaluations
+    full, info = _run(model, x, "ddim", 40, {})
+    split, info_split = _run(model, x, "ddim", 40, {}, max_batch=24)
+    assert torch.allclose(full, split, rtol=0, atol=1e-12) and info_split.model_calls > info.model_calls
+
+
+def test_stochastic_parallel_draws_the_sequential_noise_for_any_shard(oracle):
+    model, x = oracle
+    full, _ = _run(model, x, "dpmpp_2m_sde", 20, {}, tol=0.0)
+    rows = [3, 4, 11]
+    part, _ = fewstep.sample(model, x[rows], "dpmpp_2m_sde", nfe=20, seed=4, sample_indices=rows,
+                             parallel=ParallelOptions(tol=0.0), return_info=True)
+    assert torch.allclose(part, full[rows], rtol=0, atol=1e-12)
+
+
+def test_warm_start_from_a_nearby_problem_needs_fewer_rounds(oracle):
+    model, x = oracle
+    _, first = _run(model, x, "dpmpp_2m", 40, {}, record=True)
+    assert first.inputs is not None and len(first.inputs) == 40
+    _, same = fewstep.sample(model, x, "dpmpp_2m", nfe=40, parallel=ParallelOptions(), warm_start=first, return_info=True)
+    assert same.extra["parallel"].rounds == 1  # the same problem: every recorded input is already settled
+    # the tolerance is tol * sigma at every evaluation: on this multimodal oracle a 1e-6 change of x_T
+    # moves late inputs by ~1e-2 sigma, so "nearby" is that close here
+    nearby = x + 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    cold_out, cold = _run(model, nearby, "dpmpp_2m", 40, {})
+    warm_out, info = fewstep.sample(model, nearby, "dpmpp_2m", nfe=40, parallel=ParallelOptions(), warm_start=first, return_info=True)
+    warm = info.extra["parallel"]
+    assert warm.rounds < 0.6 * cold.rounds, (warm.rounds, cold.rounds)
+    seq = fewstep.sample(model, nearby, "dpmpp_2m", nfe=40)
+    assert fewstep.rmse(warm_out, seq) < 10 * ParallelOptions().tol
+
+
+def test_parallel_solve_on_a_recurrence_that_is_not_a_sampler():
+    """A damped nonlinear pendulum by explicit Euler, 200 steps, 5 initial conditions; steps are
+    evaluated in batches (K steps at once)."""
+    h = 0.05
+
+    def step(x, steps):  # x: (K, B, 2) = (angle, velocity); steps: (K,)
+        th, om = x[..., 0], x[..., 1]
+        forcing = 0.3 * torch.cos(0.1 * steps.to(x.dtype))[:, None]
+        return torch.stack([th + h * om, om + h * (-torch.sin(th) - 0.2 * om + forcing)], -1)
+
+    x0 = torch.tensor([[1.0, 0.0], [2.0, 0.5], [-1.0, 1.0], [0.1, -0.2], [3.0, 0.0]], dtype=torch.float64)
+    seq = x0
+    for i in range(200):
+        seq = step(seq[None], torch.tensor([i]))[0]
+    exact, info = parallel_solve(step, x0, 200, tol=0.0)
+    assert torch.allclose(exact, seq, rtol=0, atol=1e-12) and info.rounds <= 201
+    one, info1 = parallel_solve(step, x0, 200, window=1)
+    assert torch.allclose(one, seq, rtol=0, atol=1e-13) and info1.rounds == 200
+    for accelerate in ("picard", "taa"):
+        approx, info = parallel_solve(step, x0, 200, tol=1e-6, accelerate=accelerate, window=64)
+        assert float((approx - seq).abs().max()) < 1e-4 and info.rounds < 200, (accelerate, info.rounds)
+
+
+def test_parallel_refuses_bad_settings(oracle, tmp_path):
+    model, x = oracle
+    for bad in (dict(window=0), dict(tol=-1.0), dict(tol=math.nan), dict(accelerate="newton"), dict(history=0), dict(max_batch=0)):
+        with pytest.raises(ArgumentError):
+            ParallelOptions(**bad)
+    with pytest.raises(ArgumentError, match="callback"):
+        fewstep.sample(model, x, "ddim", nfe=10, parallel=True, callback=lambda *a: None)
+    with pytest.raises(ArgumentError, match="record=True"):
+        _, info = _run(model, x, "ddim", 10, {})
+        fewstep.sample(model, x, "ddim", nfe=10, parallel=True, warm_start=info)
+    _, info = _run(model, x, "ddim", 10, {}, record=True)
+    assert len(info.inputs) == 10 and info.inputs[0].shape == x.shape
+    with pytest.raises(ShapeError):
+        fewstep.sample(model, x, "ddim", nfe=12, parallel=True, warm_start=info)
+    with pytest.raises(ArgumentError, match="parallel"):
+        fewstep.sample(model, x, "ddim", nfe=10, warm_start=info)
+    with pytest.raises(SolverError, match="did not converge"):
+        _run(model, x, "ddim", 30, {}, max_rounds=3)
+
+    def nan_model(xx, tt):
+        out = torch.zeros_like(xx)
+        out[tt < 500] = math.nan
+        return out
+
+    bad_model = fewstep.Model(nan_model, fewstep.DiscreteVP.linear(), "eps")
+    with pytest.raises(fewstep.ModelOutputError):
+        fewstep.sample(bad_model, x, "ddim", nfe=10, parallel=True)
+    with pytest.raises(ShapeError):
+        parallel_solve(lambda xx, s: xx[:, :1], torch.zeros(3, 2), 5)
