@@ -66,3 +66,21 @@ def test_stochastic_sampling_from_the_command_line(tmp_path, capsys):
     rows = {r[0]: r for r in json.loads((bench / "results.json").read_text())["rows"]}
     assert set(rows) == {"ddpm:eta=0.7", "unipc"}
     assert rows["ddpm:eta=0.7"][2] == "stochastic" and isinstance(rows["unipc"][2], float)
+
+
+def test_parallel_sampling_and_bench_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "x.npy"
+    base = ["sample", "--oracle", "gmm-d2", "--solver", "ddim", "--nfe", "30", "--batch", "4"]
+    assert main(base + ["--out", str(out)]) == 0
+    seq = np.load(out)
+    assert main(base + ["--parallel", "--tol", "0", "--out", str(out)]) == 0
+    assert np.allclose(np.load(out), seq, rtol=0, atol=1e-5) and "rounds of batched model calls" in capsys.readouterr().out
+    assert main(base + ["--window", "4", "--out", str(out)]) == 2
+    assert "apply with --parallel" in capsys.readouterr().err
+    bench = tmp_path / "p"
+    assert main(["bench", "--oracle", "gmm-d2", "--batch", "8", "--nfe", "40", "--solvers", "ddim", "ddpm", "--parallel", "--out", str(bench)]) == 0
+    res = json.loads((bench / "results.json").read_text())
+    rows = {r[0]: dict(zip(res["headers"], r)) for r in res["rows"]}
+    assert set(rows) == {"ddim", "ddpm"} and res["options"]["tol"] == 1e-3
+    for r in rows.values():
+        assert r["sequential rounds (model calls)"] == 40 and r["Anderson rounds"] <= 41 and r["Picard RMS diff"] < 1e-2

@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,6 +20,7 @@ from .noise import initial_noise
 from .oracle import ORACLES, bundled_oracle
 from .reference import ReferenceCheck, check_fine_reference, check_reference
 from .models import Model
+from .parallel import ACCELERATIONS, ParallelOptions
 from .report import markdown_table, plot_error_vs_nfe, plot_image_grid
 from .sample import sample
 from .schedule_search.engine import add_budget_arguments
@@ -256,8 +257,83 @@ def with_eta(solvers: list[tuple[str | SolverSchedule | None, dict[str, object]]
     return [(name, {"eta": eta, **opts} if name in takers else opts) for name, opts in solvers]
 
 
+def parallel_options(args: argparse.Namespace, accelerate: str | None = None) -> ParallelOptions:
+    """``--window``, ``--tol``, ``--accelerate`` (defaults: :class:`fewstep.ParallelOptions`)."""
+    if not args.parallel and any(getattr(args, k) is not None for k in ("window", "tol", "accelerate")):
+        raise ArgumentError("--window, --tol and --accelerate apply with --parallel")
+    base = ParallelOptions()
+    return ParallelOptions(window=args.window if args.window is not None else base.window, tol=args.tol if args.tol is not None else base.tol,
+                           accelerate=accelerate or args.accelerate or base.accelerate)
+
+
+def compare_parallel(
+    *,
+    target: Target,
+    solvers: Sequence[tuple[str | SolverSchedule | None, dict[str, object]]],
+    nfes: Sequence[int],
+    seed: int,
+    out: Path,
+    title: str,
+    options: ParallelOptions,
+    spacing: str | None = None,
+) -> str:
+    """Sequential vs parallel-in-time sampling, side by side in one run: per solver and NFE the
+    sequential model calls and wall time, then for plain Picard and for Anderson acceleration the
+    rounds (sequential batched model calls), model evaluations per sample, wall time and the RMS
+    difference from the sequential samples; writes report.md and results.json."""
+    model, x_T = target.model, target.x_T
+    jobs = [((s, o), n) for s, o in solvers for n in (nfes if not isinstance(s, SolverSchedule) else [s.nfe])]
+    rows = []
+    for (solver, opts0), n in jobs:
+        opts = dict(opts0)
+        if spacing and not isinstance(solver, SolverSchedule):
+            opts.setdefault("spacing", spacing)
+        nfe = None if isinstance(solver, SolverSchedule) else n
+        try:
+            t0 = time.perf_counter()
+            seq, info = sample(model, x_T, solver, nfe=nfe, seed=seed, return_info=True, **opts)
+            t_seq = time.perf_counter() - t0
+            row: list[object] = [_label(solver, opts0), info.nfe, info.calls, round(t_seq, 3)]
+            for acc in ("picard", "taa"):
+                t0 = time.perf_counter()
+                par, pinfo = sample(model, x_T, solver, nfe=nfe, seed=seed, return_info=True, parallel=replace(options, accelerate=acc), **opts)
+                t_par = time.perf_counter() - t0
+                p = pinfo.extra["parallel"]
+                row += [p.rounds, round(p.evaluations / max(1, p.sequential_evaluations), 2), round(t_par, 3), rmse(par, seq)]
+        except FewstepError as exc:
+            _log(f"{_label(solver, opts0)} at NFE {n} did not run: {exc}")
+            rows.append([_label(solver, opts0), n, *["n/a"] * 11])
+            continue
+        rows.append(row)
+    headers = ["solver", "NFE", "sequential rounds (model calls)", "sequential s",
+               "Picard rounds", "Picard evals / NFE", "Picard s", "Picard RMS diff",
+               "Anderson rounds", "Anderson evals / NFE", "Anderson s", "Anderson RMS diff"]
+    table = markdown_table(headers, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join([
+        f"# {title}", "", *target.notes,
+        f"Batch {x_T.shape[0]}, seed {seed}. Parallel settings: window {options.window or 'all'}, tolerance {options.tol:g} "
+        "(RMS change of each evaluation's input / its noise level), Anderson memory "
+        f"{options.history}. A round is one batched model call (micro-batches aside); 'evals / NFE' is the model "
+        "evaluations per sample over the sequential NFE; 'RMS diff' compares with the sequential samples. "
+        f"Wall times on this machine ({_machine()}); fewstep {__version__}.", "", table, "",
+    ])
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"headers": headers, "rows": rows, "options": asdict(options)}, indent=1, default=str))
+    return table
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _run_compare(args, with_eta([parse_solver_arg(s) for s in args.solvers], args.eta), args.nfe, "fewstep bench")
+    solvers = with_eta([parse_solver_arg(s) for s in args.solvers], args.eta)
+    if not args.parallel:
+        return _run_compare(args, solvers, args.nfe, "fewstep bench")
+    out = Path(args.out)
+    target = _target(args)
+    table = compare_parallel(target=target, solvers=solvers, nfes=args.nfe, seed=args.seed, out=out, title=f"fewstep bench --parallel: {target.label}",
+                             options=parallel_options(args), spacing=args.spacing)
+    print(table)
+    print(f"\nreport written to {out / 'report.md'}")
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -273,7 +349,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     [(solver, opts)] = with_eta([parse_solver_arg(args.solver)], args.eta)
     if args.spacing and not isinstance(solver, SolverSchedule):
         opts.setdefault("spacing", args.spacing)
-    x, info = sample(model, x_T, solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe, progress=True, return_info=True, seed=args.seed, **opts)
+    par = parallel_options(args) if args.parallel else parallel_options(args) and False
+    x, info = sample(model, x_T, solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe, progress=not args.parallel, return_info=True,
+                     seed=args.seed, parallel=par, **opts)
+    if args.parallel:
+        p = info.extra["parallel"]
+        print(f"parallel: {p.rounds} rounds of batched model calls (sequential: {p.sequential_evaluations}), {p.evaluations} "
+              f"model evaluations per sample; evaluations accepted per round: {p.accepted}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
@@ -335,6 +417,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def parallel_arguments(sp: argparse.ArgumentParser, what: str) -> None:
+    base = ParallelOptions()
+    sp.add_argument("--parallel", action="store_true", help=what)
+    sp.add_argument("--window", type=int, default=None, help=f"with --parallel: evaluations per round (default: {base.window or 'all'})")
+    sp.add_argument("--tol", type=float, default=None, help=f"with --parallel: tolerance on each evaluation's input change / sigma (default {base.tol:g})")
+    sp.add_argument("--accelerate", default=None, choices=ACCELERATIONS, help=f"with --parallel (sample): {' or '.join(ACCELERATIONS)} (default {base.accelerate})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewstep", description="Fast training-free sampling for diffusion and flow models.")
     p.add_argument("--version", action="version", version=f"fewstep {__version__}")
@@ -363,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8, 10, 15, 20, 50])
     b.add_argument("--out", default="reports/bench")
     b.add_argument("--eta", type=float, default=None, help="noise parameter of the stochastic presets given (those with an eta option); --seed keys their noise")
+    parallel_arguments(b, "compare sequential sampling with parallel-in-time sampling (Picard and Anderson) instead of the error table")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sample", help="draw samples with a preset or a schedule file; save them (in the data's own scale) as .npy")
@@ -372,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="reports/samples.npy")
     s.add_argument("--save-schedule", default=None, help="also write the solver schedule used as JSON")
     s.add_argument("--eta", type=float, default=None, help="noise parameter of a stochastic preset (one with an eta option); --seed keys its noise")
+    parallel_arguments(s, "parallel-in-time sampling (rounds of one batched model call over a window of steps)")
     s.set_defaults(func=cmd_sample)
 
     q = sub.add_parser("search", help="search a solver schedule (time grid and per-step strategies) for a model and NFE; resumable")

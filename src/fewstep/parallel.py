@@ -155,7 +155,7 @@ class _Engine:
     def __init__(self, program: _Program, opts: ParallelOptions) -> None:
         self.p, self.o = program, opts
 
-    def run(self, warm: Sequence[torch.Tensor] | None, batch: int) -> ParallelInfo:
+    def run(self, warm: Sequence[torch.Tensor] | None) -> ParallelInfo:
         p, o = self.p, self.o
         m_total = p.n_evals
         width = o.window or m_total
@@ -170,7 +170,7 @@ class _Engine:
         limit = o.max_rounds or m_total + 1
         while a < m_total:
             if info.rounds >= limit:
-                return self._finish(info, rows, batch, x, converged=False)
+                return self._finish(info, rows, converged=False)
             b = a
             while b < min(a + width, m_total) and b in x:
                 b += 1
@@ -180,7 +180,8 @@ class _Engine:
             outputs = dict(zip(js, outs))
             g = p.replay(a, outputs, b)
             scales = {j: p.scale(j) for j in js}
-            res = {j: float((_rms_per_sample(g[j] - x[j]) / scales[j]).max()) for j in js}
+            # one host synchronisation per round: the window's residuals, read together
+            res = dict(zip(js, torch.stack([(_rms_per_sample(g[j] - x[j]) / scales[j]).max() for j in js]).tolist()))
             c = a
             while c < b and res[c] <= o.tol:
                 c += 1
@@ -192,7 +193,7 @@ class _Engine:
             info.accepted.append(c - a)
             p.accept(c)
             if o.record:
-                self._record(info, x, outputs, a, c)
+                info.inputs = (info.inputs or []) + [x[j] for j in range(a, c)]
             if c >= m_total:
                 break
             new_end = min(c + width, m_total)
@@ -200,14 +201,10 @@ class _Engine:
                 g.update(p.extend(new_end))
             x = self._next_iterate(x, g, hist, c, b, new_end, scales)
             a = c
-        return self._finish(info, rows, batch, x, converged=True)
+        return self._finish(info, rows, converged=True)
 
-    def _record(self, info: ParallelInfo, x: dict[int, torch.Tensor], outputs: dict[int, Any], a: int, c: int) -> None:
-        if info.inputs is None:
-            info.inputs = []
-        info.inputs.extend(x[j] for j in range(a, c))
-
-    def _finish(self, info: ParallelInfo, rows: int, batch: int, x: dict[int, torch.Tensor], converged: bool) -> ParallelInfo:
+    @staticmethod
+    def _finish(info: ParallelInfo, rows: int, converged: bool) -> ParallelInfo:
         info.evaluations = rows
         info.converged = converged
         return info
@@ -226,31 +223,32 @@ class _Engine:
         for j in open_js:
             hist.setdefault(j, deque(maxlen=m + 1)).append((x[j], g[j]))
         batch = g[c].shape[0]
-        dtype = torch.float64
-        gram_sum = torch.zeros(batch, m, m, dtype=dtype, device=g[c].device)
-        rhs_sum = torch.zeros(batch, m, dtype=dtype, device=g[c].device)
-        eye = torch.eye(m, dtype=dtype, device=g[c].device)
-        for j in open_js:
+        dtype, dev = torch.float64, g[c].device
+        grams, rhss, dgs = [], [], []
+        for j in open_js:  # per evaluation: its last differences and their Gram matrix (no host sync)
             h = list(hist[j])
             f = [(gg - xx).reshape(batch, -1).to(dtype) for xx, gg in h]
-            depth = len(h) - 1
-            if depth > 0:
-                w = 1.0 / scales[j] ** 2
-                df = torch.zeros(batch, m, f[-1].shape[1], dtype=dtype, device=f[-1].device)
-                for l in range(depth):  # l = 0: the latest difference
-                    df[:, l] = f[-1 - l] - f[-2 - l]
-                gram_sum += w * _inner(df, df)
-                rhs_sum += w * torch.einsum("bmn,bn->bm", df, f[-1])
-            if j == c or depth == 0:
-                continue  # the first open evaluation takes the exact g; no history: Picard
-            reg = ANDERSON_REG * gram_sum.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-300)[:, None, None]
-            gamma = torch.linalg.solve(gram_sum + reg * eye, rhs_sum.unsqueeze(-1)).squeeze(-1)  # (B, m)
-            if not bool(torch.isfinite(gamma).all()):
-                continue
-            dg = torch.zeros_like(g[j], dtype=dtype).reshape(batch, -1)
-            for l in range(depth):
-                dg += gamma[:, l:l + 1] * (h[-1 - l][1] - h[-2 - l][1]).reshape(batch, -1).to(dtype)
-            nxt[j] = (g[j].to(dtype) - dg.reshape(g[j].shape)).to(g[j].dtype)
+            df = torch.zeros(batch, m, f[-1].shape[1], dtype=dtype, device=dev)
+            dg = torch.zeros_like(df)
+            for l in range(len(h) - 1):  # l = 0: the latest difference
+                df[:, l] = f[-1 - l] - f[-2 - l]
+                dg[:, l] = (h[-1 - l][1] - h[-2 - l][1]).reshape(batch, -1).to(dtype)
+            w = 1.0 / scales[j] ** 2
+            grams.append(w * _inner(df, df))
+            rhss.append(w * torch.einsum("bmn,bn->bm", df, f[-1]))
+            dgs.append(dg)
+        # triangular: evaluation j solves with the prefix sums over c..j (its own and earlier steps only)
+        gram = torch.cumsum(torch.stack(grams), 0)  # (L, B, m, m)
+        rhs = torch.cumsum(torch.stack(rhss), 0)  # (L, B, m)
+        reg = ANDERSON_REG * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
+        eye = torch.eye(m, dtype=dtype, device=dev)
+        gamma = torch.linalg.solve_ex(gram + reg * eye, rhs.unsqueeze(-1))[0].squeeze(-1)  # _ex: no error check, no sync
+        gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
+        for k, j in enumerate(open_js):
+            if j == c:
+                continue  # the first open evaluation takes the exact g (its inputs are all accepted)
+            corr = torch.einsum("bm,bmn->bn", gamma[k], dgs[k]).reshape(g[j].shape)
+            nxt[j] = (g[j].to(dtype) - corr).to(g[j].dtype)
         return nxt
 
 
@@ -391,7 +389,7 @@ def run_plan_parallel(
     prog = _PlanProgram(model, x_T, plan, seed=seed, sample_indices=sample_indices, noise=noise, window=o.window or plan.nfe)
     warm = _warm_inputs(warm_start, prog.n_evals, x_T.shape)
     calls0 = model.calls
-    info = _Engine(prog, o).run(warm, x_T.shape[0])
+    info = _Engine(prog, o).run(warm)
     info.model_calls = model.calls - calls0
     if not info.converged:
         raise SolverError(f"parallel sampling did not converge in {info.rounds} rounds (max_rounds={o.max_rounds})")
@@ -501,7 +499,7 @@ def parallel_solve(
     o = ParallelOptions(window=window, tol=tol, accelerate=accelerate, history=history, max_batch=max_batch, max_rounds=max_rounds, record=record)
     prog = _RecurrenceProgram(step_fn, x0, n_steps, scale)
     warm = _warm_inputs(warm_start, n_steps, x0.shape)
-    info = _Engine(prog, o).run(warm, x0.shape[0])
+    info = _Engine(prog, o).run(warm)
     info.model_calls = prog.calls
     if not info.converged:
         raise SolverError(f"parallel_solve did not converge in {info.rounds} rounds (max_rounds={max_rounds})")
