@@ -164,7 +164,7 @@ class _Engine:
         if warm is not None:
             for j in range(1, min(width, m_total)):
                 x[j] = warm[j].to(x[0])
-        hist: dict[int, deque[tuple[torch.Tensor, torch.Tensor]]] = {}
+        hist: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=o.history + 1)  # (first row, x, g) per round
         a = 0
         rows = 0
         limit = o.max_rounds or m_total + 1
@@ -209,46 +209,54 @@ class _Engine:
         info.converged = converged
         return info
 
-    def _next_iterate(self, x: dict[int, torch.Tensor], g: dict[int, torch.Tensor], hist: dict[int, deque[tuple[torch.Tensor, torch.Tensor]]],
+    def _next_iterate(self, x: dict[int, torch.Tensor], g: dict[int, torch.Tensor], hist: deque[tuple[int, torch.Tensor, torch.Tensor]],
                       c: int, b: int, new_end: int, scales: dict[int, float]) -> dict[int, torch.Tensor]:
         """Inputs of the next round's window ``[c, new_end)``: ``g`` (Picard; the first one exact, the
-        entrants from holding the last output), or its Anderson-corrected form."""
-        for k in [k for k in hist if k < c]:
-            del hist[k]
+        entrants from holding the last output), or its Anderson-corrected form, computed for the
+        whole window at once (a few batched kernels per round, whatever the window)."""
         nxt = {j: g[j] for j in range(c, new_end)}
-        if self.o.accelerate == "picard" or b - c < 2:
+        if self.o.accelerate == "picard":
+            return nxt
+        n_open = b - c
+        if n_open > 0:
+            hist.append((c, torch.stack([x[j] for j in range(c, b)]), torch.stack([g[j] for j in range(c, b)])))
+        if n_open < 2 or len(hist) < 2:
             return nxt
         m = self.o.history
-        open_js = list(range(c, b))
-        for j in open_js:
-            hist.setdefault(j, deque(maxlen=m + 1)).append((x[j], g[j]))
-        batch = g[c].shape[0]
-        dtype, dev = torch.float64, g[c].device
-        grams, rhss, dgs = [], [], []
-        for j in open_js:  # per evaluation: its last differences and their Gram matrix (no host sync)
-            h = list(hist[j])
-            f = [(gg - xx).reshape(batch, -1).to(dtype) for xx, gg in h]
-            df = torch.zeros(batch, m, f[-1].shape[1], dtype=dtype, device=dev)
-            dg = torch.zeros_like(df)
-            for l in range(len(h) - 1):  # l = 0: the latest difference
-                df[:, l] = f[-1 - l] - f[-2 - l]
-                dg[:, l] = (h[-1 - l][1] - h[-2 - l][1]).reshape(batch, -1).to(dtype)
-            w = 1.0 / scales[j] ** 2
-            grams.append(w * _inner(df, df))
-            rhss.append(w * torch.einsum("bmn,bn->bm", df, f[-1]))
-            dgs.append(dg)
+        dtype = torch.float64
+        shape = g[c].shape
+        dev = g[c].device
+
+        def aligned(entry: tuple[int, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """A past round's (x, g) on the rows c..b-1 (zeros where it had no such row) and the row mask."""
+            start, xs, gs = entry
+            lo, hi = max(c, start), min(b, start + xs.shape[0])
+            xa = torch.zeros((n_open, *shape), dtype=dtype, device=dev)
+            ga = torch.zeros_like(xa)
+            mask = torch.zeros(n_open, dtype=dtype, device=dev)
+            if hi > lo:
+                xa[lo - c:hi - c] = xs[lo - start:hi - start].to(dtype)
+                ga[lo - c:hi - c] = gs[lo - start:hi - start].to(dtype)
+                mask[lo - c:hi - c] = 1.0
+            return xa.reshape(n_open, shape[0], -1), ga.reshape(n_open, shape[0], -1), mask
+
+        rounds = [aligned(e) for e in list(hist)[-(m + 1):]]  # oldest first
+        f = [ga - xa for xa, ga, _ in rounds]
+        depth = len(rounds) - 1
+        df = torch.stack([(f[-1 - l] - f[-2 - l]) * (rounds[-1 - l][2] * rounds[-2 - l][2])[:, None, None] for l in range(depth)], 2)  # (L, B, d, n)
+        dg = torch.stack([(rounds[-1 - l][1] - rounds[-2 - l][1]) * (rounds[-1 - l][2] * rounds[-2 - l][2])[:, None, None] for l in range(depth)], 2)
+        w = torch.tensor([1.0 / scales[j] ** 2 for j in range(c, b)], dtype=dtype, device=dev)[:, None, None]
         # triangular: evaluation j solves with the prefix sums over c..j (its own and earlier steps only)
-        gram = torch.cumsum(torch.stack(grams), 0)  # (L, B, m, m)
-        rhs = torch.cumsum(torch.stack(rhss), 0)  # (L, B, m)
+        gram = torch.cumsum(w[..., None] * torch.einsum("lbmn,lbkn->lbmk", df, df), 0)
+        rhs = torch.cumsum(w * torch.einsum("lbmn,lbn->lbm", df, f[-1]), 0)
         reg = ANDERSON_REG * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
-        eye = torch.eye(m, dtype=dtype, device=dev)
+        eye = torch.eye(depth, dtype=dtype, device=dev)
         gamma = torch.linalg.solve_ex(gram + reg * eye, rhs.unsqueeze(-1))[0].squeeze(-1)  # _ex: no error check, no sync
         gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
-        for k, j in enumerate(open_js):
-            if j == c:
-                continue  # the first open evaluation takes the exact g (its inputs are all accepted)
-            corr = torch.einsum("bm,bmn->bn", gamma[k], dgs[k]).reshape(g[j].shape)
-            nxt[j] = (g[j].to(dtype) - corr).to(g[j].dtype)
+        gamma[0] = 0.0  # the first open evaluation takes the exact g (its inputs are all accepted)
+        new = rounds[-1][1] - torch.einsum("lbm,lbmn->lbn", gamma, dg)
+        for k, j in enumerate(range(c + 1, b), start=1):
+            nxt[j] = new[k].reshape(shape).to(g[j].dtype)
         return nxt
 
 
