@@ -1,0 +1,144 @@
+"""Parallel-in-time sampling (issue 16): sequential steps vs Picard rounds vs Anderson (TAA) rounds,
+model evaluations, agreement with the sequential samples, and wall-clock time, in one run.
+
+Part 1, rounds: on the bundled digits networks, DDIM, DPM-Solver++(2M), UniPC and DPM-Solver++(2M)
+SDE at N = 25, 50, 100, 1000 steps, batch 64: the rounds of batched model calls each scheme needs
+at the default tolerance (``fewstep.ParallelOptions``), the model evaluations per sample over N, and
+the RMS difference from the sequential samples (with the sequential solver's own RMSE against a
+NFE-300 UniPC solve for scale).
+
+Part 2, wall clock on this CPU: 100-step DDIM on digits-vp-eps at batch 1 and 8, sequential vs
+parallel (Anderson, default settings), median of repeats, the two alternating. A CPU has little
+idle width: a batched call costs about as much as the calls it replaces, so the speed-up that
+matters is measured on a GPU (``benchmarks/gpu_parallel.py``).
+
+    python benchmarks/parallel.py            # -> reports/parallel.md (+ .json)
+    python benchmarks/parallel.py --quick    # digits-vp-eps, N 25 50, DDIM and DPM-Solver++(2M) -> reports/parallel_quick.md
+
+Nothing is asserted; the tests (tests/test_parallel.py) hold the properties.
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+import fewstep
+from fewstep.report import markdown_table
+
+from _common import REPORTS, log, machine_lines, set_threads, write_text_atomic
+
+SOLVERS = ("ddim", "dpmpp_2m", "unipc", "dpmpp_2m_sde")
+STEPS = (25, 50, 100, 1000)
+TARGETS = ("digits-vp-eps", "digits-flow")
+BATCH = 64
+
+
+def rounds_rows(target: str, solvers: tuple[str, ...], steps: tuple[int, ...], batch: int, seed: int) -> list[dict]:
+    model = fewstep.zoo.load(target)
+    x = fewstep.initial_noise(model.schedule, (batch, *model.sample_shape), seed)
+    ref = fewstep.sample(model, x, "unipc", nfe=300)
+    rows = []
+    for name in solvers:
+        for n in steps:
+            opts = fewstep.ParallelOptions()
+            t0 = time.perf_counter()
+            seq = fewstep.sample(model, x, name, nfe=n, seed=seed)
+            row = {"target": target, "solver": name, "N": n, "window": min(opts.window or n, n), "sequential_s": time.perf_counter() - t0,
+                   "solver_rmse_vs_unipc300": fewstep.rmse(seq, ref)}
+            for acc in ("picard", "taa"):
+                t0 = time.perf_counter()
+                par, info = fewstep.sample(model, x, name, nfe=n, seed=seed, parallel=replace(opts, accelerate=acc), return_info=True)
+                p = info.extra["parallel"]
+                row[acc] = {"rounds": p.rounds, "evals_per_N": p.evaluations / n, "s": time.perf_counter() - t0,
+                            "rms_diff": fewstep.rmse(par, seq), "accepted": p.accepted}
+            log(f"{target} {name} N={n}: Picard {row['picard']['rounds']} rounds, Anderson {row['taa']['rounds']} rounds")
+            rows.append(row)
+    return rows
+
+
+def wall_clock(target: str, n: int, batches: tuple[int, ...], repeats: int) -> list[dict]:
+    model = fewstep.zoo.load(target)
+    out = []
+    for batch in batches:
+        x = fewstep.initial_noise(model.schedule, (batch, *model.sample_shape), 0)
+        seq_t, par_t = [], []
+        info = None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fewstep.sample(model, x, "ddim", nfe=n)
+            seq_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _, info = fewstep.sample(model, x, "ddim", nfe=n, parallel=True, return_info=True)
+            par_t.append(time.perf_counter() - t0)
+        p = info.extra["parallel"]
+        s, q = statistics.median(seq_t), statistics.median(par_t)
+        out.append({"batch": batch, "N": n, "sequential_s": s, "parallel_s": q, "speedup": s / q, "rounds": p.rounds, "evals_per_N": p.evaluations / n})
+        log(f"wall clock batch {batch}: sequential {s * 1e3:.0f} ms, parallel {q * 1e3:.0f} ms ({s / q:.2f}x), {p.rounds} rounds")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    out = Path(args.out) if args.out else REPORTS / ("parallel_quick.md" if args.quick else "parallel.md")
+    t_all = time.perf_counter()
+    targets = TARGETS[:1] if args.quick else TARGETS
+    solvers = SOLVERS[:2] if args.quick else SOLVERS
+    steps = STEPS[:2] if args.quick else STEPS
+    rows = [r for t in targets for r in rounds_rows(t, solvers, steps, BATCH, 0)]
+    clock = wall_clock("digits-vp-eps", 100, (1, 8), 3 if args.quick else 7)
+    wall = time.perf_counter() - t_all
+
+    table = markdown_table(
+        ["target", "solver", "N", "window", "solver RMSE (vs UniPC-300)", "Picard rounds", "Picard evals / N", "Picard RMS diff",
+         "Anderson rounds", "Anderson evals / N", "Anderson RMS diff", "rounds saved (Anderson vs N)"],
+        [[r["target"], r["solver"], r["N"], r["window"], f"{r['solver_rmse_vs_unipc300']:.2e}",
+          r["picard"]["rounds"], f"{r['picard']['evals_per_N']:.1f}", f"{r['picard']['rms_diff']:.1e}",
+          r["taa"]["rounds"], f"{r['taa']['evals_per_N']:.1f}", f"{r['taa']['rms_diff']:.1e}", f"{r['N'] / r['taa']['rounds']:.1f}x"] for r in rows])
+    clock_table = markdown_table(["batch", "N", "sequential ms", "parallel ms", "speed-up", "rounds", "evals / N"],
+                                 [[c["batch"], c["N"], f"{c['sequential_s'] * 1e3:.0f}", f"{c['parallel_s'] * 1e3:.0f}", f"{c['speedup']:.2f}x",
+                                   c["rounds"], f"{c['evals_per_N']:.1f}"] for c in clock])
+    ddim100 = [r for r in rows if r["solver"] == "ddim" and r["N"] == 100]
+    headline = ", ".join(f"{r['target']}: {r['taa']['rounds']} rounds (Picard {r['picard']['rounds']})" for r in ddim100)
+    opts = fewstep.ParallelOptions()
+    text = "\n".join([
+        "# Parallel-in-time sampling: rounds, evaluations, agreement, wall clock", "",
+        f"Generated by `python benchmarks/parallel.py{' --quick' if args.quick else ''}` in {wall:.0f} s ({time.strftime('%Y-%m-%d %H:%M')}).", "",
+        "Machine:", *machine_lines(), "",
+        f"Settings: `fewstep.ParallelOptions()` defaults (tolerance {opts.tol:g} on each evaluation's input change / its noise level, "
+        f"window {opts.window}, Anderson memory {opts.history}); batch {BATCH}, seed 0. A round is one "
+        "batched model call: the sequential run needs N. 'evals / N': model evaluations per sample over N (the compute price). "
+        "'RMS diff': parallel vs sequential samples (float32 networks); the solver's own RMSE against a NFE-300 UniPC solve is "
+        "given for scale.", "",
+        table, "",
+        f"100-step DDIM (target of issue 16: <= 8 rounds with acceleration; ParaTAA reports about 7 on Stable Diffusion with "
+        f"early stopping on image similarity): {headline or 'not run in this mode'}.", "",
+        "## Wall clock on this CPU", "",
+        "100-step DDIM on digits-vp-eps, median of repeats. On a CPU a batched call of k states costs about k single calls, "
+        "so little is gained here; the GPU figure is `benchmarks/gpu_parallel.py`'s.", "",
+        clock_table, "",
+    ])
+    write_text_atomic(out, text)
+    write_text_atomic(out.with_suffix(".json"), json.dumps({"machine": machine_lines(), "wall_s": wall, "options": asdict(opts),
+                                                            "rows": rows, "wall_clock": clock}, indent=1, default=str))
+    log(f"wrote {out} ({wall:.0f} s)")
+    print(table)
+    print(clock_table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
