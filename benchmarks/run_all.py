@@ -3,8 +3,10 @@
     python benchmarks/run_all.py            # full: overhead (~1 min), the default call vs the peers (~36 min,
                                             # ~3 min with its peer cache), quality on the oracles (~15 min on
                                             # 2 CPU cores), quality on the digits networks (~60 min)
-                                            # and the solver-schedule search (see benchmarks/README.md)
-    python benchmarks/run_all.py --quick    # quick modes of all five (~5 min)
+                                            # the solver-schedule search (see benchmarks/README.md) and the
+                                            # stochastic presets' quality and grids (~33 min beside other jobs),
+                                            # parallel-in-time sampling (see benchmarks/README.md)
+    python benchmarks/run_all.py --quick    # quick modes of all seven (~6 min)
 
 The overhead benchmark runs first so that its timings are taken on an otherwise idle machine.
 Nothing here asserts on timings; the exit status is non-zero only if a benchmark crashes.
@@ -19,7 +21,9 @@ import time
 
 import defaults
 import overhead
+import parallel
 import quality
+import sde_quality
 import search
 from _common import log
 
@@ -27,7 +31,7 @@ from _common import log
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the quick mode of every benchmark")
-    ap.add_argument("--only", choices=["overhead", "defaults", "quality", "digits", "search"], default=None, help="run one benchmark")
+    ap.add_argument("--only", choices=["overhead", "defaults", "quality", "digits", "search", "sde", "parallel"], default=None, help="run one benchmark")
     args = ap.parse_args(argv)
     flags = ["--quick"] if args.quick else []
     t0 = time.perf_counter()
@@ -47,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "search"):
         log("== solver-schedule search ==")
         status |= search.main(flags or ["--screen"])
+    if args.only in (None, "sde"):
+        log("== stochastic presets: quality and grids ==")
+        status |= sde_quality.main(flags)
+    if args.only in (None, "parallel"):
+        log("== parallel-in-time sampling ==")
+        status |= parallel.main(flags)
     log(f"all benchmarks done in {time.perf_counter() - t0:.0f} s; reports in {_common.REPORTS}")
     return status
 
