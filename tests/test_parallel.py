@@ -169,3 +169,16 @@ def test_parallel_refuses_bad_settings(oracle, tmp_path):
         fewstep.sample(bad_model, x, "ddim", nfe=10, parallel=True)
     with pytest.raises(ShapeError):
         parallel_solve(lambda xx, s: xx[:, :1], torch.zeros(3, 2), 5)
+
+
+@pytest.mark.parametrize("name,nfe", [("ddim", 50), ("dpmpp_2m_sde", 30)])
+def test_default_tolerance_on_a_bundled_network(name, nfe):
+    """digits-vp-eps (float32 network): parallel samples within ``tol / 2`` RMS (model space, data of
+    scale ~1) of the sequential ones, in fewer rounds than steps for DDIM."""
+    model = fewstep.zoo.load("digits-vp-eps")
+    x = fewstep.initial_noise(model.schedule, (8, *model.sample_shape), 0)
+    seq = fewstep.sample(model, x, name, nfe=nfe, seed=2)
+    par, info = fewstep.sample(model, x, name, nfe=nfe, seed=2, parallel=True, return_info=True)
+    p = info.extra["parallel"]
+    assert fewstep.rmse(par, seq) < ParallelOptions().tol / 2, fewstep.rmse(par, seq)
+    assert p.rounds < nfe if name == "ddim" else p.rounds <= nfe + 1
