@@ -75,8 +75,8 @@ def test_callback_sees_each_grid_state_once_in_its_final_form(solver):
 def test_unknown_option_lists_the_valid_ones():
     model = _gmm().as_model(VP)
     x = torch.randn(2, 4, dtype=torch.float64)
-    with pytest.raises(fewstep.ArgumentError, match=r"unknown option\(s\) \['parallel'\] for preset 'ddim'.*valid options: \[.*'spacing'"):
-        fewstep.sample(model, x, "ddim", nfe=5, parallel=True)
+    with pytest.raises(fewstep.ArgumentError, match=r"unknown option\(s\) \['paralel'\] for preset 'ddim'.*valid options: \[.*'spacing'"):
+        fewstep.sample(model, x, "ddim", nfe=5, paralel=True)
     with pytest.raises(fewstep.ArgumentError, match="'ordr'.*'order'"):
         fewstep.preset("unipc", 5, VP, ordr=2)
 

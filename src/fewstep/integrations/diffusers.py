@@ -1,0 +1,200 @@
+"""fewstep solvers inside diffusers pipelines: :class:`FewstepScheduler` (issue 17, part 1).
+
+``pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "dpmpp_2m")`` (or a
+:class:`fewstep.SolverSchedule`): the pipeline's loop (``set_timesteps``, then per time step
+``scale_model_input``, the model, ``step``) runs a fewstep solver schedule. The noise schedule is
+the pipeline's own: its scheduler class is rebuilt from its config and its ``alphas_cumprod`` become
+a :class:`fewstep.DiscreteVP` (the very numbers the model was trained with); ``prediction_type``
+(epsilon, v_prediction, sample) becomes the fewstep parameterisation.
+
+Each ``step`` answers the plan's pending model evaluation with the pipeline's model output and runs
+the plan's affine combinations up to the next evaluation; ``prev_sample`` is that evaluation's input
+(or the final sample). ``timesteps`` lists the model times of the plan's evaluations, so a pipeline
+makes exactly ``nfe`` model calls. ``set_timesteps`` starts afresh: nothing carries over between
+calls. The sample the pipeline passes to ``step`` is used as the evaluation's input, so pipelines
+that edit latents between steps (inpainting) keep working.
+
+diffusers is imported only here (``pip install fewstep[diffusers]``); the core never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+try:
+    from diffusers import ConfigMixin, SchedulerMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+except ImportError as exc:  # pragma: no cover - the extra is not installed
+    raise ImportError("fewstep.integrations.diffusers needs diffusers: pip install 'fewstep[diffusers]'") from exc
+
+from ..errors import ArgumentError, SolverError
+from ..models import Model
+from ..sample import PlanRunner
+from ..schedules import DiscreteVP
+from ..solvers.compile import CompiledPlan, compile_plan
+from ..solvers.plan import SolverSchedule
+from ..solvers.presets import preset
+
+__all__ = ["FewstepScheduler", "PREDICTION_TYPES"]
+
+#: diffusers' prediction_type -> fewstep's parameterisation
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def _no_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - the pipeline calls its model
+    raise SolverError("FewstepScheduler's model is the pipeline's: it answers through step()")
+
+
+class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
+    """A diffusers scheduler that runs a fewstep solver (a preset name with options, or a solver
+    schedule saved as JSON) on the pipeline's DDPM-style noise schedule.
+
+    Config: the pipeline scheduler's betas (``num_train_timesteps``, ``beta_start``, ``beta_end``,
+    ``beta_schedule``, ``trained_betas``, ``rescale_betas_zero_snr``), its ``prediction_type``,
+    ``timestep_spacing`` / ``steps_offset`` (used by ``spacing="diffusers"``), the class it came
+    from (``base_scheduler``), and fewstep's ``solver`` (preset name), ``solver_options`` (preset
+    and grid options; ``spacing="diffusers"`` takes the base scheduler's own time steps for the
+    NFE, ending at sigma = 0), ``schedule_json`` (a solver schedule instead of a preset) and ``seed``
+    (stochastic presets)."""
+
+    order = 1
+    _compatibles: list[str] = []
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        rescale_betas_zero_snr: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        base_scheduler: str = "DDIMScheduler",
+        solver: str = "unipc",
+        solver_options: dict[str, Any] | None = None,
+        schedule_json: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ArgumentError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {prediction_type!r}")
+        self.schedule = DiscreteVP(self._base().alphas_cumprod.to(torch.float64), name=f"{base_scheduler}:{beta_schedule}")
+        self.model = Model(_no_model, self.schedule, PREDICTION_TYPES[prediction_type], check_finite=False, name="pipeline model")
+        self.init_noise_sigma = 1.0
+        self.plan: SolverSchedule | None = None
+        self._compiled: CompiledPlan | None = None
+        self._runner: PlanRunner | None = None
+        self.timesteps = torch.zeros(0)
+        self.num_inference_steps: int | None = None
+
+    # ---- construction ----------------------------------------------------------------------------
+    def _base(self) -> Any:
+        """The pipeline's original scheduler class, rebuilt from this config (its noise levels)."""
+        import diffusers
+
+        cfg = {k: v for k, v in self.config.items() if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                                               "trained_betas", "rescale_betas_zero_snr", "prediction_type",
+                                                               "timestep_spacing", "steps_offset")}
+        cls = getattr(diffusers, self.config.base_scheduler, None)
+        if cls is None:
+            raise ArgumentError(f"unknown diffusers scheduler class {self.config.base_scheduler!r}")
+        return cls.from_config(cfg)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, solver: str | SolverSchedule = "unipc", *, seed: int | None = None, **options: Any) -> "FewstepScheduler":
+        """A scheduler for ``pipe`` (its ``scheduler.config`` gives the noise schedule and
+        parameterisation) running ``solver``: a preset name with ``options``, or a
+        :class:`fewstep.SolverSchedule` (made for this noise schedule; its NFE is fixed)."""
+        base = pipe.scheduler
+        cfg = dict(base.config)
+        base_name = cfg["base_scheduler"] if isinstance(base, FewstepScheduler) else type(base).__name__  # already swapped: its base
+        if not isinstance(base, FewstepScheduler) and ("alphas_cumprod" not in dir(base) or "beta_schedule" not in cfg):
+            raise ArgumentError(f"{type(base).__name__} is not a DDPM-style (betas) scheduler; flow-matching pipelines are not supported yet")
+        keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                                    "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset") if k in cfg}
+        if isinstance(solver, SolverSchedule):
+            if options:
+                raise ArgumentError("options apply to presets, not to a ready solver schedule")
+            return cls(**keep, base_scheduler=base_name, schedule_json=solver.to_json(), seed=seed)
+        if not isinstance(solver, str):
+            raise ArgumentError(f"solver must be a preset name or a SolverSchedule, got {type(solver).__name__}")
+        return cls(**keep, base_scheduler=base_name, solver=solver, solver_options=dict(options), seed=seed)
+
+    # ---- the diffusers scheduler interface ---------------------------------------------------------
+    def _diffusers_grid(self, nfe: int) -> list[float]:
+        base = self._base()
+        base.set_timesteps(nfe)
+        return [float(t) for t in base.timesteps] + [float(self.schedule.t_clean)]
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, **kwargs: Any) -> None:
+        """Build the plan for ``num_inference_steps`` model evaluations (a schedule file: its own NFE,
+        which must match) and reset every state from a previous call."""
+        if self.config.schedule_json is not None:
+            plan = SolverSchedule.from_json(self.config.schedule_json)
+            if num_inference_steps != plan.nfe:
+                raise SolverError(f"the solver schedule {plan.name!r} makes {plan.nfe} model evaluations; "
+                                  f"the pipeline asked for num_inference_steps={num_inference_steps}")
+        else:
+            opts = dict(self.config.solver_options or {})
+            if opts.get("spacing") == "diffusers":
+                opts["spacing"] = self._diffusers_grid(num_inference_steps)
+            plan = preset(self.config.solver, num_inference_steps, self.schedule, **opts)
+        self.plan = plan
+        self._compiled = compile_plan(plan, self.schedule)
+        from ..solvers.compile import Evaluate
+
+        times = [op.t for op in self._compiled.ops if isinstance(op, Evaluate)]
+        self.timesteps = torch.tensor(times, dtype=torch.float64, device=device)
+        self.num_inference_steps = len(times)
+        self._runner = None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, generator: Any = None,
+             return_dict: bool = True, **kwargs: Any) -> SchedulerOutput | tuple[torch.Tensor]:
+        """Answer the pending evaluation (at ``timestep``) with ``model_output`` and advance to the next."""
+        if self._compiled is None:
+            raise SolverError("call set_timesteps before step")
+        if self._runner is None:
+            seed = self.config.seed
+            if self._compiled.stochastic and seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if isinstance(generator, torch.Generator) else 0
+            self._runner = PlanRunner(self.model, sample, self._compiled, seed=seed)
+            self._op = self._runner.request()
+        runner, op = self._runner, self._op
+        if op is None:
+            raise SolverError("step called after the last model evaluation of the plan")
+        t = float(timestep)
+        if abs(t - op.t) > 1e-6 * max(1.0, abs(op.t)):
+            raise SolverError(f"step got timestep {t:g}; the plan's next evaluation is at {op.t:g} (use scheduler.timesteps in order)")
+        runner._kept[("state", op.state)] = sample.to(runner.work)  # the pipeline's latents are the evaluation's input
+        runner.answer(model_output)
+        self._op = runner.request()
+        prev = runner.result() if self._op is None else runner.pending_input
+        prev = prev.to(sample.dtype)
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``alpha_t x0 + sigma_t noise`` at the (per-sample) ``timesteps`` (img2img, training)."""
+        t = torch.as_tensor(timesteps, dtype=torch.float64).to(original_samples.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(original_samples.shape[0])
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        return (a.reshape(shape) * original_samples.double() + s.reshape(shape) * noise.double()).to(original_samples.dtype)
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+    def describe(self) -> str:
+        return json.dumps({"solver": self.config.solver, "options": self.config.solver_options,
+                           "plan": None if self.plan is None else self.plan.name})

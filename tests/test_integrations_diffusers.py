@@ -1,0 +1,136 @@
+"""FewstepScheduler inside real diffusers pipelines built locally with tiny random weights (no download).
+
+A ``DDPMPipeline`` with a small ``UNet2DModel``: the DDIM and DPM-Solver++(2M) presets through the
+adapter (on the base scheduler's own time steps, ``spacing="diffusers"``) reproduce diffusers'
+DDIMScheduler / DPMSolverMultistepScheduler to <= 1e-4 (float32 images in [0, 1]); any preset or a
+schedule file through the pipeline equals ``fewstep.sample`` on the same network and noise; a
+pipeline called twice with other settings equals fresh pipelines (no state carried over).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fewstep
+
+diffusers = pytest.importorskip("diffusers")
+from fewstep.integrations.diffusers import FewstepScheduler  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+TOL = 1e-4
+
+
+def _unet() -> "diffusers.UNet2DModel":
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                                 norm_num_groups=4).eval()
+
+
+def _pipe(scheduler) -> "diffusers.DDPMPipeline":
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.DDPMPipeline(unet=_UNET, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_UNET = _unet()
+
+
+def _run(pipe, n, seed=1):
+    return pipe(batch_size=2, num_inference_steps=n, generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+
+def _base(prediction_type="epsilon"):
+    return diffusers.DDIMScheduler(set_alpha_to_one=True, clip_sample=False, prediction_type=prediction_type)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("n", [6, 12])
+def test_ddim_and_dpmpp_2m_reproduce_diffusers(n, prediction_type):
+    base = _base(prediction_type)
+    pipe = _pipe(base)
+    ref = _run(pipe, n)
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "ddim", spacing="diffusers")
+    assert abs(_run(pipe, n) - ref).max() <= TOL
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(base.config)
+    ref2 = _run(pipe, n)
+    assert abs(ref2 - ref).max() > 10 * TOL  # a different sampler: the comparison can tell them apart
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "dpmpp_2m", spacing="diffusers", final_order=1)
+    assert abs(_run(pipe, n) - ref2).max() <= TOL
+
+
+def _fewstep_direct(plan_or_name, n, seed=1, **opts):
+    """fewstep.sample on the same network, noise schedule and initial noise as the pipeline."""
+    sch = FewstepScheduler.from_pipeline(_pipe(_base()), "ddim")
+    model = fewstep.Model(lambda x, t: _UNET(x, t).sample, sch.schedule, "eps")
+    x_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        x = fewstep.sample(model, x_T, plan_or_name, nfe=None if isinstance(plan_or_name, fewstep.SolverSchedule) else n, seed=3, **opts)
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("name,n,opts", [("unipc", 8, {}), ("heun", 9, {}), ("dpmpp_3m", 8, {"spacing": "karras"}), ("dpmpp_2m_sde", 10, {})])
+def test_any_preset_through_the_pipeline_equals_fewstep_sample(name, n, opts):
+    pipe = _pipe(_base())
+    calls = []
+    hook = _UNET.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pipe.scheduler = FewstepScheduler.from_pipeline(pipe, name, seed=3, **opts)
+        out = _run(pipe, n)
+    finally:
+        hook.remove()
+    assert len(calls) == n  # exactly the NFE asked for
+    assert abs(out - _fewstep_direct(name, n, **opts)).max() <= TOL
+
+
+def test_a_schedule_file_runs_at_its_own_nfe(tmp_path):
+    pipe = _pipe(_base())
+    sch = FewstepScheduler.from_pipeline(pipe, "ddim")
+    plan = fewstep.preset("deis", 7, sch.schedule)
+    path = plan.save(tmp_path / "deis7.json")
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, fewstep.SolverSchedule.load(path))
+    assert abs(_run(pipe, 7) - _fewstep_direct(plan, 7)).max() <= TOL
+    with pytest.raises(fewstep.SolverError, match="7 model evaluations"):
+        _run(pipe, 9)
+
+
+def test_no_state_carries_over_between_calls(tmp_path):
+    pipe = _pipe(_base())
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "unipc")
+    first = _run(pipe, 8)
+    second = _run(pipe, 5, seed=2)  # the same scheduler object, another NFE
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "dpmpp_2m")
+    third = _run(pipe, 6, seed=3)
+    for n, seed, solver, got in ((8, 1, "unipc", first), (5, 2, "unipc", second), (6, 3, "dpmpp_2m", third)):
+        fresh = _pipe(_base())
+        fresh.scheduler = FewstepScheduler.from_pipeline(fresh, solver)
+        assert (got == _run(fresh, n, seed)).all()
+    # the config round-trips (save_pretrained / from_pretrained, from_config)
+    pipe.scheduler.save_pretrained(tmp_path / "sched")
+    again = FewstepScheduler.from_pretrained(tmp_path / "sched")
+    settings = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731  (diffusers' bookkeeping aside)
+    assert settings(again.config) == settings(pipe.scheduler.config)
+    pipe.scheduler = FewstepScheduler.from_config(again.config)
+    assert (_run(pipe, 6, seed=3) == third).all()
+
+
+def test_misuse_is_refused():
+    pipe = _pipe(_base())
+    sch = FewstepScheduler.from_pipeline(pipe, "ddim")
+    x = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(fewstep.SolverError, match="set_timesteps"):
+        sch.step(x, 999, x)
+    sch.set_timesteps(4)
+    with pytest.raises(fewstep.SolverError, match="next evaluation"):
+        sch.step(x, 5, x)
+    with pytest.raises(fewstep.ArgumentError):
+        FewstepScheduler.from_pipeline(pipe, fewstep.preset("ddim", 4, sch.schedule), spacing="karras")
+    with pytest.raises(fewstep.ArgumentError, match="not a DDPM-style"):
+        flow = _pipe(_base())
+        flow.scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+        FewstepScheduler.from_pipeline(flow, "ddim")
