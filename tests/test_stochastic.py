@@ -98,9 +98,14 @@ STRONG_ORDER = 1.0  # additive noise through Brownian increments: strong order 1
 @pytest.mark.parametrize("spec", [s for s in SDE_PRESETS if s not in NOT_CONVERGENT])
 def test_strong_convergence_against_a_fine_solve_of_the_same_path(spec):
     """The RMS distance to the same preset on a 16x finer grid driven by the same Brownian path falls
-    at least at the stated strong order (fitted slope > order - 0.3; multistep ones are faster pre-asymptotically); with noise keyed per interval (no
-    Brownian consistency) it does not fall at all."""
-    g = fewstep.GaussianMixture.random(3, 4, 1, seed=1)
+    at least at the stated strong order (fitted slope > order - 0.3; multistep ones are faster
+    pre-asymptotically); with noise keyed per interval (no Brownian consistency) it does not fall at
+    all. The target is one Gaussian with a low-rank factor: on a multimodal mixture a few paths
+    that switch modes dominate the RMS and the fitted slope moved by +-0.5 between Brownian seeds
+    (measured 0.2-1.8 locally); here it moves by < 0.1 (ancestral 0.97, DPM-Solver++ SDE 0.87-0.93 at
+    NFE 64-256, the multistep and SA-Solver ones 1.3-1.6)."""
+    g = fewstep.GaussianMixture(torch.tensor([1.0]), torch.tensor([[0.8, -0.5, 0.2]]), torch.tensor([[0.3, 0.1, 0.5]]),
+                                factors=0.3 * torch.ones(1, 3, 1, dtype=torch.float64))
     sched = fewstep.LinearVP()
     model = g.as_model(sched)
     name, kw = _preset(spec)
@@ -109,7 +114,7 @@ def test_strong_convergence_against_a_fine_solve_of_the_same_path(spec):
     t_end = float(sched.t_of_lambda(torch.tensor(2.0, dtype=torch.float64)))  # stop at sigma/alpha = e^-2
     kw.update(spacing="uniform_lambda", t_end=t_end)
     x = fewstep.initial_noise(sched, (128, 3), 0, dtype=torch.float64)
-    nfes = [16, 32, 64] if name != "dpmpp_sde" else [32, 64, 128]
+    nfes = [16, 32, 64] if name != "dpmpp_sde" else [64, 128, 256]
     ref = fewstep.sample(model, x, name, nfe=16 * nfes[-1], seed=3, **kw)
     errs = [float((fewstep.sample(model, x, name, nfe=n, seed=3, **kw) - ref).pow(2).sum(1).mean().sqrt()) for n in nfes]
     slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
