@@ -130,7 +130,65 @@ def test_misuse_is_refused():
         sch.step(x, 5, x)
     with pytest.raises(fewstep.ArgumentError):
         FewstepScheduler.from_pipeline(pipe, fewstep.preset("ddim", 4, sch.schedule), spacing="karras")
-    with pytest.raises(fewstep.ArgumentError, match="not a DDPM-style"):
-        flow = _pipe(_base())
-        flow.scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
-        FewstepScheduler.from_pipeline(flow, "ddim")
+    with pytest.raises(fewstep.ArgumentError, match="neither a DDPM-style"):
+        ve = _pipe(_base())
+        ve.scheduler = diffusers.ScoreSdeVeScheduler()
+        FewstepScheduler.from_pipeline(ve, "ddim")
+
+
+# ---- flow matching: a tiny SD3 transformer with classifier-free guidance, driven as StableDiffusion3Pipeline does ----
+class _FlowPipe:
+    """The denoising loop of diffusers' flow pipelines (StableDiffusion3Pipeline / Flux) with
+    precomputed prompt embeddings (no text encoders needed): ``set_timesteps(n, mu=...)``, then per
+    time step the transformer on the doubled batch, classifier-free guidance, ``scheduler.step``."""
+
+    def __init__(self, scheduler, guidance=3.0):
+        torch.manual_seed(0)
+        self.transformer = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                                           num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                                           pooled_projection_dim=8, out_channels=4).eval()
+        self.scheduler, self.guidance = scheduler, guidance
+        g = torch.Generator().manual_seed(5)
+        self.embeds = torch.cat([torch.zeros(2, 5, 16), torch.randn(2, 5, 16, generator=g)])
+        self.pooled = torch.cat([torch.zeros(2, 8), torch.randn(2, 8, generator=g)])
+
+    def velocity(self, latents, t):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(latents.shape[0])  # a pipeline's scalar or fewstep's per-row times
+        with torch.no_grad():
+            out = self.transformer(hidden_states=torch.cat([latents] * 2), timestep=torch.cat([t, t]),
+                                   encoder_hidden_states=self.embeds, pooled_projections=self.pooled).sample
+        uncond, cond = out.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+    def __call__(self, n, seed=1, mu=None):
+        latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+        self.scheduler.set_timesteps(n, **({} if mu is None else {"mu": mu}))
+        for t in self.scheduler.timesteps:
+            latents = self.scheduler.step(self.velocity(latents, t), t, latents).prev_sample
+        return latents
+
+
+@pytest.mark.parametrize("n", [5, 10])
+def test_flow_matching_with_guidance_reproduces_flow_match_euler(n):
+    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref = _FlowPipe(base)(n)
+    pipe = _FlowPipe(base)
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "ddim", spacing="diffusers")  # DDIM = Euler on a flow
+    assert float((pipe(n) - ref).abs().max()) <= TOL
+    # any other preset through the loop equals fewstep.sample on the guided transformer
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "unipc")
+    got = pipe(n)
+    model = fewstep.Model(lambda x, t: pipe.velocity(x, t * 1000.0), fewstep.FlowMatching(shift=3.0), "flow")
+    x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    assert float((got - fewstep.sample(model, x_T, "unipc", nfe=n)).abs().max()) <= TOL
+
+
+def test_flow_dynamic_shifting_takes_mu():
+    base = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    ref = _FlowPipe(base)(6, mu=0.8)
+    pipe = _FlowPipe(base)
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "ddim", spacing="diffusers")
+    assert float((pipe(6, mu=0.8) - ref).abs().max()) <= TOL
+    assert abs(pipe.scheduler.schedule.shift - 2.225540928492468) < 1e-12  # e^0.8
+    with pytest.raises(fewstep.ArgumentError, match="mu"):
+        pipe(6)

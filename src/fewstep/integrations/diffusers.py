@@ -1,5 +1,8 @@
 """fewstep solvers inside diffusers pipelines: :class:`FewstepScheduler` (issue 17, part 1).
 
+DDPM-style pipelines (betas) and flow-matching ones (``FlowMatchEulerDiscreteScheduler`` configs:
+``shift``, dynamic shifting with ``mu``; the model time is ``sigma * num_train_timesteps``).
+
 ``pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "dpmpp_2m")`` (or a
 :class:`fewstep.SolverSchedule`): the pipeline's loop (``set_timesteps``, then per time step
 ``scale_model_input``, the model, ``step``) runs a fewstep solver schedule. The noise schedule is
@@ -20,6 +23,7 @@ diffusers is imported only here (``pip install fewstep[diffusers]``); the core n
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -34,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
 from ..errors import ArgumentError, SolverError
 from ..models import Model
 from ..sample import PlanRunner
-from ..schedules import DiscreteVP
+from ..schedules import DiscreteVP, FlowMatching, NoiseSchedule
 from ..solvers.compile import CompiledPlan, compile_plan
 from ..solvers.plan import SolverSchedule
 from ..solvers.presets import preset
@@ -42,7 +46,13 @@ from ..solvers.presets import preset
 __all__ = ["FewstepScheduler", "PREDICTION_TYPES"]
 
 #: diffusers' prediction_type -> fewstep's parameterisation
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+#: config keys read from a pipeline's DDPM-style scheduler
+VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+           "prediction_type", "timestep_spacing", "steps_offset")
+#: config keys read from a pipeline's flow-matching scheduler (FlowMatchEulerDiscreteScheduler)
+FLOW_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+             "max_image_seq_len", "time_shift_type")
 
 
 def _no_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - the pipeline calls its model
@@ -77,15 +87,28 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
         base_scheduler: str = "DDIMScheduler",
+        kind: str = "vp",
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
         solver: str = "unipc",
         solver_options: dict[str, Any] | None = None,
         schedule_json: str | None = None,
         seed: int | None = None,
     ) -> None:
+        if kind not in ("vp", "flow"):
+            raise ArgumentError(f"kind must be 'vp' or 'flow', got {kind!r}")
+        if kind == "flow":
+            prediction_type = "flow_prediction"
         if prediction_type not in PREDICTION_TYPES:
             raise ArgumentError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {prediction_type!r}")
-        self.schedule = DiscreteVP(self._base().alphas_cumprod.to(torch.float64), name=f"{base_scheduler}:{beta_schedule}")
-        self.model = Model(_no_model, self.schedule, PREDICTION_TYPES[prediction_type], check_finite=False, name="pipeline model")
+        self._prediction = PREDICTION_TYPES[prediction_type]
+        self._set_schedule(FlowMatching(shift=shift) if kind == "flow" else
+                           DiscreteVP(self._base().alphas_cumprod.to(torch.float64), name=f"{base_scheduler}:{beta_schedule}"))
         self.init_noise_sigma = 1.0
         self.plan: SolverSchedule | None = None
         self._compiled: CompiledPlan | None = None
@@ -94,13 +117,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.num_inference_steps: int | None = None
 
     # ---- construction ----------------------------------------------------------------------------
+    def _set_schedule(self, schedule: NoiseSchedule) -> None:
+        self.schedule = schedule
+        self.model = Model(_no_model, schedule, self._prediction, check_finite=False, name="pipeline model")
+
+    @property
+    def _time_scale(self) -> float:
+        """Model time per fewstep time: flow pipelines pass ``sigma * num_train_timesteps``."""
+        return float(self.config.num_train_timesteps) if self.config.kind == "flow" else 1.0
+
     def _base(self) -> Any:
         """The pipeline's original scheduler class, rebuilt from this config (its noise levels)."""
         import diffusers
 
-        cfg = {k: v for k, v in self.config.items() if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                                                               "trained_betas", "rescale_betas_zero_snr", "prediction_type",
-                                                               "timestep_spacing", "steps_offset")}
+        keys = FLOW_KEYS if self.config.kind == "flow" else VP_KEYS
+        cfg = {k: v for k, v in self.config.items() if k in keys}
         cls = getattr(diffusers, self.config.base_scheduler, None)
         if cls is None:
             raise ArgumentError(f"unknown diffusers scheduler class {self.config.base_scheduler!r}")
@@ -113,28 +144,45 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         :class:`fewstep.SolverSchedule` (made for this noise schedule; its NFE is fixed)."""
         base = pipe.scheduler
         cfg = dict(base.config)
-        base_name = cfg["base_scheduler"] if isinstance(base, FewstepScheduler) else type(base).__name__  # already swapped: its base
-        if not isinstance(base, FewstepScheduler) and ("alphas_cumprod" not in dir(base) or "beta_schedule" not in cfg):
-            raise ArgumentError(f"{type(base).__name__} is not a DDPM-style (betas) scheduler; flow-matching pipelines are not supported yet")
-        keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                                    "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset") if k in cfg}
+        if isinstance(base, FewstepScheduler):  # already swapped: keep its base
+            base_name, kind = cfg["base_scheduler"], cfg["kind"]
+        else:
+            base_name = type(base).__name__
+            kind = "flow" if "shift" in cfg and "beta_schedule" not in cfg else "vp"
+            if kind == "vp" and ("alphas_cumprod" not in dir(base) or "beta_schedule" not in cfg):
+                raise ArgumentError(f"{base_name} is neither a DDPM-style (betas) nor a flow-matching scheduler")
+        keep = {k: cfg[k] for k in (FLOW_KEYS if kind == "flow" else VP_KEYS) if k in cfg}
+        common = dict(base_scheduler=base_name, kind=kind, seed=seed)
         if isinstance(solver, SolverSchedule):
             if options:
                 raise ArgumentError("options apply to presets, not to a ready solver schedule")
-            return cls(**keep, base_scheduler=base_name, schedule_json=solver.to_json(), seed=seed)
+            return cls(**keep, **common, schedule_json=solver.to_json())
         if not isinstance(solver, str):
             raise ArgumentError(f"solver must be a preset name or a SolverSchedule, got {type(solver).__name__}")
-        return cls(**keep, base_scheduler=base_name, solver=solver, solver_options=dict(options), seed=seed)
+        return cls(**keep, **common, solver=solver, solver_options=dict(options))
 
     # ---- the diffusers scheduler interface ---------------------------------------------------------
-    def _diffusers_grid(self, nfe: int) -> list[float]:
+    def _diffusers_grid(self, nfe: int, mu: float | None) -> list[float]:
         base = self._base()
+        if self.config.kind == "flow":
+            base.set_timesteps(nfe, mu=mu)
+            return [float(v) for v in base.sigmas.double()]  # fewstep's flow time is sigma; diffusers ends at 0
         base.set_timesteps(nfe)
         return [float(t) for t in base.timesteps] + [float(self.schedule.t_clean)]
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, **kwargs: Any) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None, **kwargs: Any) -> None:
         """Build the plan for ``num_inference_steps`` model evaluations (a schedule file: its own NFE,
-        which must match) and reset every state from a previous call."""
+        which must match) and reset every state from a previous call. Flow pipelines with dynamic
+        shifting pass ``mu`` (the shift is ``e^mu``)."""
+        if self.config.kind == "flow":
+            shift = float(self.config.shift)
+            if self.config.use_dynamic_shifting:
+                if mu is None:
+                    raise ArgumentError("this flow scheduler shifts dynamically: set_timesteps needs mu (as the pipeline passes it)")
+                if self.config.time_shift_type != "exponential":
+                    raise ArgumentError(f"time_shift_type {self.config.time_shift_type!r} is not supported (exponential is)")
+                shift = math.exp(mu)
+            self._set_schedule(FlowMatching(shift=shift))
         if self.config.schedule_json is not None:
             plan = SolverSchedule.from_json(self.config.schedule_json)
             if num_inference_steps != plan.nfe:
@@ -143,14 +191,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         else:
             opts = dict(self.config.solver_options or {})
             if opts.get("spacing") == "diffusers":
-                opts["spacing"] = self._diffusers_grid(num_inference_steps)
+                opts["spacing"] = self._diffusers_grid(num_inference_steps, mu)
             plan = preset(self.config.solver, num_inference_steps, self.schedule, **opts)
         self.plan = plan
         self._compiled = compile_plan(plan, self.schedule)
         from ..solvers.compile import Evaluate
 
-        times = [op.t for op in self._compiled.ops if isinstance(op, Evaluate)]
+        times = [op.t * self._time_scale for op in self._compiled.ops if isinstance(op, Evaluate)]
         self.timesteps = torch.tensor(times, dtype=torch.float64, device=device)
+        self.sigmas = torch.tensor([float(self.schedule.sigma(t)) for t in plan.times], dtype=torch.float64)
         self.num_inference_steps = len(times)
         self._runner = None
 
@@ -171,9 +220,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         runner, op = self._runner, self._op
         if op is None:
             raise SolverError("step called after the last model evaluation of the plan")
-        t = float(timestep)
+        t = float(timestep) / self._time_scale
         if abs(t - op.t) > 1e-6 * max(1.0, abs(op.t)):
-            raise SolverError(f"step got timestep {t:g}; the plan's next evaluation is at {op.t:g} (use scheduler.timesteps in order)")
+            raise SolverError(f"step got timestep {float(timestep):g}; the plan's next evaluation is at {op.t * self._time_scale:g} "
+                              "(use scheduler.timesteps in order)")
         runner._kept[("state", op.state)] = sample.to(runner.work)  # the pipeline's latents are the evaluation's input
         runner.answer(model_output)
         self._op = runner.request()
@@ -185,7 +235,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``alpha_t x0 + sigma_t noise`` at the (per-sample) ``timesteps`` (img2img, training)."""
-        t = torch.as_tensor(timesteps, dtype=torch.float64).to(original_samples.device).reshape(-1)
+        t = torch.as_tensor(timesteps, dtype=torch.float64).to(original_samples.device).reshape(-1) / self._time_scale
         if t.numel() == 1:
             t = t.expand(original_samples.shape[0])
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
