@@ -192,3 +192,38 @@ def test_flow_dynamic_shifting_takes_mu():
     assert abs(pipe.scheduler.schedule.shift - 2.225540928492468) < 1e-12  # e^0.8
     with pytest.raises(fewstep.ArgumentError, match="mu"):
         pipe(6)
+
+
+# ---- the direct path: the pipeline's denoiser as a fewstep model (parallel sampling, any preset) ----
+def test_direct_path_on_a_ddpm_pipeline_equals_the_scheduler_and_runs_in_parallel():
+    from fewstep.integrations.diffusers import sample as pipe_sample
+
+    pipe = _pipe(_base())
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "unipc")
+    via_scheduler = _run(pipe, 8)
+    x_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    direct = pipe_sample(pipe, solver="unipc", nfe=8, latents=x_T)
+    assert abs((direct / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() - via_scheduler).max() <= TOL
+    seq = pipe_sample(pipe, solver="ddim", nfe=40, latents=x_T)
+    par, info = pipe_sample(pipe, solver="ddim", nfe=40, latents=x_T, parallel=True, return_info=True)
+    assert fewstep.rmse(par, seq) < fewstep.ParallelOptions().tol and info.extra["parallel"].rounds < 40
+
+
+def test_direct_path_with_guidance_on_a_flow_transformer():
+    from fewstep.integrations.diffusers import pipeline_model, sample as pipe_sample
+
+    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = _FlowPipe(base)
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "dpmpp_2m")
+    via_scheduler = pipe(8)
+    cond = dict(guidance_scale=3.0, prompt_embeds=pipe.embeds[2:], negative_prompt_embeds=pipe.embeds[:2],
+                pooled_prompt_embeds=pipe.pooled[2:], negative_pooled_prompt_embeds=pipe.pooled[:2])
+    x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    direct = pipe_sample(pipe, solver="dpmpp_2m", nfe=8, latents=x_T, **cond)
+    assert float((direct - via_scheduler).abs().max()) <= TOL
+    seq = pipe_sample(pipe, solver="dpmpp_2m", nfe=30, latents=x_T, **cond)
+    par = pipe_sample(pipe, solver="dpmpp_2m", nfe=30, latents=x_T, parallel=True, **cond)
+    assert fewstep.rmse(par, seq) < fewstep.ParallelOptions().tol
+    assert pipeline_model(pipe, **cond).prediction == "flow"
+    with pytest.raises(fewstep.ArgumentError, match="prompt_embeds"):
+        pipeline_model(pipe, guidance_scale=3.0)

@@ -43,7 +43,7 @@ from ..solvers.compile import CompiledPlan, compile_plan
 from ..solvers.plan import SolverSchedule
 from ..solvers.presets import preset
 
-__all__ = ["FewstepScheduler", "PREDICTION_TYPES"]
+__all__ = ["FewstepScheduler", "PREDICTION_TYPES", "pipeline_model", "pipeline_schedule", "sample"]
 
 #: diffusers' prediction_type -> fewstep's parameterisation
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
@@ -248,3 +248,107 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     def describe(self) -> str:
         return json.dumps({"solver": self.config.solver, "options": self.config.solver_options,
                            "plan": None if self.plan is None else self.plan.name})
+
+
+# ---- the direct path: a pipeline's denoiser as a fewstep model ------------------------------------------
+def pipeline_schedule(pipe: Any, mu: float | None = None) -> NoiseSchedule:
+    """The noise schedule of ``pipe``'s scheduler config as a fewstep schedule (``mu``: a flow
+    pipeline's dynamic shift, when its config asks for one)."""
+    sch = FewstepScheduler.from_pipeline(pipe, "ddim")
+    if sch.config.kind == "flow" and sch.config.use_dynamic_shifting:
+        if mu is None:
+            raise ArgumentError("this flow pipeline shifts its schedule dynamically: pass mu")
+        return FlowMatching(shift=math.exp(mu))
+    return sch.schedule
+
+
+def pipeline_model(
+    pipe: Any,
+    *,
+    guidance_scale: float = 1.0,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    mu: float | None = None,
+) -> Model:
+    """``pipe``'s denoiser (``pipe.unet``: ``UNet2DModel`` or ``UNet2DConditionModel``;
+    ``pipe.transformer``: ``SD3Transformer2DModel``-style) as a :class:`fewstep.Model` on the
+    pipeline's own schedule and parameterisation, with classifier-free guidance
+    ``u + guidance_scale (c - u)`` in one doubled call when ``guidance_scale != 1`` (the negative
+    embeddings default to zeros). Embeddings are per sample of the batch (``B`` rows); when the model
+    is called on ``k B`` rows (parallel sampling: ``k`` time steps at once) they repeat ``k`` times.
+    Prompts are given as embeddings (``pipe.encode_prompt(...)`` makes them)."""
+    sch = FewstepScheduler.from_pipeline(pipe, "ddim")
+    schedule = pipeline_schedule(pipe, mu)
+    scale = float(sch._time_scale)
+    net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if net is None:
+        raise ArgumentError("the pipeline has neither a transformer nor a unet")
+    is_transformer = getattr(pipe, "transformer", None) is not None
+    guided = guidance_scale != 1.0
+    if prompt_embeds is None and (guided or is_transformer):
+        raise ArgumentError("give prompt_embeds (pipe.encode_prompt makes them) for a conditional or guided model")
+
+    def cond(x_rows: int, pos: torch.Tensor | None, neg: torch.Tensor | None) -> torch.Tensor | None:
+        if pos is None:
+            return None
+        neg = torch.zeros_like(pos) if neg is None else neg
+        rep = x_rows // pos.shape[0]
+        pos_r, neg_r = pos.repeat(rep, *([1] * (pos.ndim - 1))), neg.repeat(rep, *([1] * (neg.ndim - 1)))
+        return torch.cat([neg_r, pos_r]) if guided else pos_r
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = (t * scale).to(x.dtype)
+        xin, tin = (torch.cat([x, x]), torch.cat([tt, tt])) if guided else (x, tt)
+        emb = cond(x.shape[0], prompt_embeds, negative_prompt_embeds)
+        with torch.no_grad():
+            if is_transformer:
+                out = net(hidden_states=xin, timestep=tin, encoder_hidden_states=emb,
+                          pooled_projections=cond(x.shape[0], pooled_prompt_embeds, negative_pooled_prompt_embeds)).sample
+            elif emb is not None:
+                out = net(xin, tin, encoder_hidden_states=emb).sample
+            else:
+                out = net(xin, tin).sample
+        if guided:
+            u, c = out.chunk(2)
+            out = u + guidance_scale * (c - u)
+        return out.to(x.dtype)
+
+    return Model(fn, schedule, sch._prediction, name=f"{type(pipe).__name__}.{type(net).__name__}")
+
+
+def sample(
+    pipe: Any,
+    *,
+    solver: str | SolverSchedule | None = None,
+    nfe: int | None = None,
+    latents: torch.Tensor | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+    parallel: Any = False,
+    guidance_scale: float = 1.0,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    mu: float | None = None,
+    return_info: bool = False,
+    **options: Any,
+) -> Any:
+    """Sample a pipeline's latents with fewstep directly (no scheduler loop): any preset or solver
+    schedule, ``parallel=True`` (parallel-in-time sampling), stochastic presets keyed by ``seed``.
+    ``latents``: the initial noise (default: ``fewstep.initial_noise`` of the pipeline's sample shape,
+    keyed by ``seed``). Returns the final latents (decode them as the pipeline would, e.g. with its
+    VAE); ``options`` go to the preset (``spacing="diffusers"`` is not available here: pass a grid)."""
+    from ..noise import initial_noise
+    from ..sample import sample as fewstep_sample
+
+    model = pipeline_model(pipe, guidance_scale=guidance_scale, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                           pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, mu=mu)
+    if latents is None:
+        net = getattr(pipe, "transformer", None) or pipe.unet
+        size = net.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        latents = initial_noise(model.schedule, (batch_size, net.config.in_channels, *size), seed)
+    return fewstep_sample(model, latents, solver, nfe=nfe, seed=seed, parallel=parallel, return_info=return_info, **options)
