@@ -318,6 +318,10 @@ def pipeline_model(
     return Model(fn, schedule, sch._prediction, name=f"{type(pipe).__name__}.{type(net).__name__}")
 
 
+#: keyword arguments of :func:`sample` that go to :func:`pipeline_model`
+CONDITIONING = ("guidance_scale", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "mu")
+
+
 def sample(
     pipe: Any,
     *,
@@ -327,28 +331,23 @@ def sample(
     batch_size: int = 1,
     seed: int = 0,
     parallel: Any = False,
-    guidance_scale: float = 1.0,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    pooled_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    mu: float | None = None,
     return_info: bool = False,
-    **options: Any,
+    **kwargs: Any,
 ) -> Any:
     """Sample a pipeline's latents with fewstep directly (no scheduler loop): any preset or solver
     schedule, ``parallel=True`` (parallel-in-time sampling), stochastic presets keyed by ``seed``.
-    ``latents``: the initial noise (default: ``fewstep.initial_noise`` of the pipeline's sample shape,
-    keyed by ``seed``). Returns the final latents (decode them as the pipeline would, e.g. with its
-    VAE); ``options`` go to the preset (``spacing="diffusers"`` is not available here: pass a grid)."""
+    The conditioning keywords (:data:`CONDITIONING`) go to :func:`pipeline_model`, the others to the
+    preset (``spacing="diffusers"`` is not available here: pass a grid). ``latents``: the initial
+    noise (default: ``fewstep.initial_noise`` of the pipeline's sample shape, keyed by ``seed``).
+    Returns the final latents (decode them as the pipeline would, e.g. with its VAE)."""
     from ..noise import initial_noise
     from ..sample import sample as fewstep_sample
 
-    model = pipeline_model(pipe, guidance_scale=guidance_scale, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                           pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, mu=mu)
+    cond = {k: kwargs.pop(k) for k in CONDITIONING if k in kwargs}
+    model = pipeline_model(pipe, **cond)
     if latents is None:
         net = getattr(pipe, "transformer", None) or pipe.unet
         size = net.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         latents = initial_noise(model.schedule, (batch_size, net.config.in_channels, *size), seed)
-    return fewstep_sample(model, latents, solver, nfe=nfe, seed=seed, parallel=parallel, return_info=return_info, **options)
+    return fewstep_sample(model, latents, solver, nfe=nfe, seed=seed, parallel=parallel, return_info=return_info, **kwargs)
