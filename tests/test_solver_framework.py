@@ -8,7 +8,7 @@ import torch
 import fewstep
 from fewstep import SolverSchedule, Step
 from fewstep.errors import SolverError
-from fewstep.solvers.coefficients import point, update_weights
+from fewstep.solvers.coefficients import node_weights, point
 from fewstep.solvers.compile import Combine, Evaluate, compile_plan
 from fewstep.solvers.phi import phis
 
@@ -32,7 +32,7 @@ def test_exact_weights_integrate_polynomials_exactly():
     prev = [point(SCHED, 800.0), point(SCHED, 900.0)]
     nodes = [s] + prev
     taus = [(p.lam - s.lam) / h for p in nodes]
-    a, w = update_weights("data", "lambda", "phi", SCHED, s, t, taus)
+    a, w, _ = node_weights("data", "lambda", "phi", SCHED, s, t, taus)
     f = lambda lam: 0.3 - 0.7 * lam + 0.2 * lam**2  # noqa: E731
     # sigma_t * int e^lam f(lam) dlam, by fine quadrature
     import numpy as np
@@ -214,7 +214,7 @@ def test_weights_integrate_polynomials_in_the_interpolation_variable_exactly(int
         nodes = nodes[:1] + nodes[2:]  # eps at alpha = 0 is not a noise-form node
     try:
         taus = node_positions(interp, prediction, sched, s, t, nodes)
-        a, w = update_weights(prediction, interp, "phi", sched, s, t, taus)
+        a, w, _ = node_weights(prediction, interp, "phi", sched, s, t, taus)
     except SolverError:
         # only variables that are infinite at an end may refuse: lambda at both, sigma/flat at alpha = 0
         inf_somewhere = not all(math.isfinite(coordinate(interp, prediction, p)) for p in nodes + [t])

@@ -29,7 +29,7 @@ from ..schedules import NoiseSchedule
 from .phi import phis
 from .registry import StepTerms, noise_rule, weight_variant
 
-__all__ = ["Point", "point", "points", "coordinate", "update_weights", "node_weights", "node_positions", "step_terms",
+__all__ = ["Point", "point", "points", "coordinate", "node_weights", "node_positions", "step_terms",
            "exponential_moments", "kernel_moments", "base_terms"]
 
 _GAUSS_NODES = 48
@@ -210,23 +210,6 @@ def step_terms(prediction: str, interp: str, variant: str, schedule: NoiseSchedu
     terms = noise_rule(noise).terms(prediction, interp, schedule, s, t, eta, n)
     moments = weight_variant(variant)(terms, prediction, s, t, list(terms.moments)) if n > 1 else list(terms.moments)
     return StepTerms(terms.a, moments, terms.noise, terms.rate)
-
-
-def update_weights(
-    prediction: str,
-    interp: str,
-    variant: str,
-    schedule: NoiseSchedule,
-    s: Point,
-    t: Point,
-    taus: list[float],
-    noise: str = "none",
-    eta: float = 0.0,
-) -> tuple[float, list[float]]:
-    """``(a, [w_j])`` such that ``x_t = a x_s + sum_j w_j m_j`` (plus the rule's noise term, see
-    :func:`node_weights`) for nodes at ``taus`` (taus[0] = 0)."""
-    a, w, _ = node_weights(prediction, interp, variant, schedule, s, t, taus, noise, eta)
-    return a, w
 
 
 def node_weights(
