@@ -20,7 +20,8 @@ at the queried point. So a finer grid refines *the same* path (strong convergenc
 a stochastic sampler compared with a fine-grid reference, a stochastic schedule searched), steps
 over disjoint intervals get independent standard normal ``z``, and two intervals that overlap get
 exactly the Brownian correlation (the stage and the whole step of a stochastic singlestep method).
-Each new grid point costs ``depth + 2`` keyed normals; :class:`IntervalNoise` costs one per step
+A new grid point costs the keyed normals of the tree nodes below its lowest common ancestor with
+the previous point (about ``depth - log2(N) + 1`` on an ``N``-step grid); :class:`IntervalNoise` costs one per step
 but is keyed by the interval, so two different grids see unrelated paths.
 """
 
@@ -96,15 +97,15 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def _normals_of_keys(keys: torch.Tensor, coefs: torch.Tensor, n: int) -> torch.Tensor:
-    """``sum_k coefs[k] z(keys[:, k])`` with ``z(key)_j`` standard normal of element ``j`` (float64).
+def keyed_normal_stack(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, K, n)`` float32: ``[b, k]`` is the vector of ``n`` standard normals of the int64 key
+    ``keys[b, k]``.
 
     The 64-bit key is split into 32-bit words ``(a, b)``; pair ``p`` of elements gets the hashes
     ``x1 = h(h(p ^ a) ^ b)`` and ``x2 = h(x1 ^ a')`` (``h`` = :func:`_hash32`, ``a' = a ^ const``), whose
     top 24 bits give the uniforms ``u1 = (x1' + 1/2) 2^-24`` in (0, 1) and ``theta = 2 pi x2' 2^-24``;
-    the Box-Muller transform in float32 (a quarter of the cost of float64 here; normals to float32
-    precision, tails to |z| = 5.9) gives element ``p`` (cosine) and element ``m + p`` (sine),
-    ``m = ceil(n / 2)``; the weighted sum over keys is float64."""
+    the Box-Muller transform in float32 (a quarter of the cost of float64 here; tails to |z| = 5.9)
+    gives element ``p`` (cosine) and element ``m + p`` (sine), ``m = ceil(n / 2)``."""
     m = (n + 1) // 2
     a = (keys & 0xFFFFFFFF).to(torch.int32)[:, :, None]
     b = _srl(keys, 32).to(torch.int32)[:, :, None]
@@ -114,12 +115,18 @@ def _normals_of_keys(keys: torch.Tensor, coefs: torch.Tensor, n: int) -> torch.T
     u1 = (((x1 >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * 2.0**-24
     theta = ((x2 >> 8) & 0xFFFFFF).to(torch.float32) * (2.0 * math.pi * 2.0**-24)
     r = torch.sqrt(-2.0 * torch.log(u1))
-    c = coefs[None, :, None]
-    if keys.shape[1] == 1:  # one key: no sum to accumulate
-        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=2)[:, 0].to(torch.float64) * coefs[0]
-    else:
-        z = torch.cat([((r * torch.cos(theta)).to(torch.float64) * c).sum(1), ((r * torch.sin(theta)).to(torch.float64) * c).sum(1)], dim=1)
-    return z[:, :n]
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=2)[:, :, :n]
+
+
+def _normals_of_keys(keys: torch.Tensor, coefs: torch.Tensor, n: int) -> torch.Tensor:
+    """``sum_k coefs[k] z(keys[:, k])`` (float64) of :func:`keyed_normal_stack`'s normals, summed in float64."""
+    z = keyed_normal_stack(keys, n)
+    if keys.shape[1] == 1:
+        return z[:, 0].to(torch.float64) * coefs[0]
+    out = torch.zeros((keys.shape[0], n), dtype=torch.float64, device=keys.device)
+    for k in range(keys.shape[1]):
+        out.add_(z[:, k], alpha=float(coefs[k]))
+    return out
 
 
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
@@ -247,7 +254,9 @@ class BrownianNoise:
     down to ~1e-3 near lambda = 0 and ~6e-3 at |lambda| = 12). A step whose two ends fall in one cell
     is refused (a finer tree is needed: its increments would not be independent of its neighbours').
     ``channel`` selects an independent path (e.g. EDM's churn noise beside the main one).
-    Values of ``W`` at the last grid points are kept, so a run costs ``depth + 2`` normals per point."""
+    Values of ``W`` at the last grid points and the node normals of their chains are kept, so a run
+    costs the nodes below each point's common ancestor with its neighbour: ``depth + 2`` normals for
+    the first point, about ``depth - log2(N) + 1`` for each further point of an ``N``-step grid."""
 
     def __init__(self, seed: int, *, depth: int = 14, channel: int = 0) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -256,6 +265,8 @@ class BrownianNoise:
             raise ArgumentError(f"depth must be an integer in 1..40, got {depth!r}")
         self.seed, self.depth, self.channel = seed, depth, int(channel)
         self._values: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+        self._nodes: OrderedDict[int, torch.Tensor] = OrderedDict()  # tag -> the node's keyed normals (float32)
+        self._nodes_key: tuple[Any, ...] | None = None
 
     def __repr__(self) -> str:
         return f"BrownianNoise(seed={self.seed}, depth={self.depth}, channel={self.channel})"
@@ -265,23 +276,42 @@ class BrownianNoise:
 
     def value(self, u: float, shape: Sequence[int], *, indices: Sequence[int] | torch.Tensor | None = None,
               device: torch.device | str | None = None) -> torch.Tensor:
-        """``W(u)`` for every sample, float64 of ``shape`` (kept for the next few queries)."""
+        """``W(u)`` for every sample, float64 of ``shape`` (kept for the next few queries).
+
+        The keyed normals of the tree's nodes are kept for the last points' chains: a point shares
+        every node above its lowest common ancestor with its neighbour on the grid, so only the
+        nodes below it (and its leaf) are drawn (about ``depth - log2(N) + 1`` normals per point of
+        an ``N``-step grid instead of ``depth + 2``). ``W`` is the same sum in the same order
+        whichever nodes were kept, so the values do not depend on the order of the queries."""
         shape = tuple(int(s) for s in shape)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         idx = _row_indices(shape[0], indices, dev)
-        key = (u, shape, str(dev), hash(tuple(idx.tolist())) if idx.numel() <= 4096 else id(indices))
+        rows_key = (shape, str(dev), hash(tuple(idx.tolist())) if idx.numel() <= 4096 else id(indices))
+        key = (u, *rows_key)
         hit = self._values.get(key)
         if hit is not None:
             self._values.move_to_end(key)
             return hit
+        if rows_key != self._nodes_key:  # another batch: the kept node normals belong to other rows
+            self._nodes.clear()
+            self._nodes_key = rows_key
         tags, coefs = _path_point(u, self.depth)
         n = math.prod(shape[1:])
-        if not tags:
-            w = torch.zeros((shape[0], n), dtype=torch.float64, device=dev)
-        else:
+        w = torch.zeros((shape[0], n), dtype=torch.float64, device=dev)
+        missing = [t for t in tags if t not in self._nodes]
+        if missing:
             rows = _sample_keys(self.seed, idx, 2 * self.channel)
-            keys = _mix(rows[:, None] + torch.tensor(tags, dtype=torch.int64, device=dev))
-            w = counter_normals(keys, coefs, n)
+            keys = _mix(rows[:, None] + torch.tensor(missing, dtype=torch.int64, device=dev))
+            per = max(1, _CHUNK_ELEMS // max(1, shape[0] * n))  # bounded memory for large batches
+            for k0 in range(0, len(missing), per):
+                fresh = keyed_normal_stack(keys[:, k0:k0 + per], n)
+                for k, tag in enumerate(missing[k0:k0 + per]):
+                    self._nodes[tag] = fresh[:, k]
+        for tag, c in zip(tags, coefs):
+            self._nodes.move_to_end(tag)
+            w.add_(self._nodes[tag], alpha=c)
+        while len(self._nodes) > 3 * (self.depth + 2):  # the last few chains
+            self._nodes.popitem(last=False)
         w = w.reshape(shape)
         self._values[key] = w
         if len(self._values) > 4:
