@@ -227,3 +227,70 @@ def test_direct_path_with_guidance_on_a_flow_transformer():
     assert pipeline_model(pipe, **cond).prediction == "flow"
     with pytest.raises(fewstep.ArgumentError, match="prompt_embeds"):
         pipeline_model(pipe, guidance_scale=3.0)
+
+
+# ---- a conditional Stable Diffusion pipeline: UNet2DConditionModel, a tiny CLIP text encoder, CFG ----
+def _sd_pipe():
+    import json
+    import tempfile
+    from pathlib import Path
+
+    transformers = pytest.importorskip("transformers")
+    folder = Path(tempfile.mkdtemp())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "c</w>": 4, "a": 5, "b": 6, "c": 7}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+    torch.manual_seed(0)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                                  num_attention_heads=2, max_position_embeddings=8, projection_dim=16,
+                                                                  bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                          cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+                                  norm_num_groups=4, layers_per_block=1, sample_size=16).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=_base(),
+                                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _rel_max(a, b):
+    """Largest difference relative to the largest value (the random tiny UNet under guidance 3 drives
+    the latents to ~1e2)."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _sd_run(pipe, n, prompt="a b", seed=1):
+    return pipe(prompt, num_inference_steps=n, guidance_scale=3.0, height=16, width=16, output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+def test_stable_diffusion_pipeline_with_guidance():
+    """A real StableDiffusionPipeline (tiny UNet2DConditionModel, CLIP text encoder, VAE; prompts, CFG
+    3): DDIM and DPM-Solver++(2M) through FewstepScheduler reproduce diffusers' schedulers; the
+    direct path with the prompt string equals the scheduler loop and runs in parallel."""
+    from fewstep.integrations.diffusers import sample as pipe_sample
+
+    pipe = _sd_pipe()
+    base = pipe.scheduler
+    ref = _sd_run(pipe, 6)
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "ddim", spacing="diffusers")
+    assert _rel_max(_sd_run(pipe, 6), ref) <= TOL
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(base.config)
+    ref2 = _sd_run(pipe, 6)
+    assert _rel_max(ref2, ref) > 10 * TOL
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "dpmpp_2m", spacing="diffusers", final_order=1)
+    assert _rel_max(_sd_run(pipe, 6), ref2) <= TOL
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "unipc")
+    loop = _sd_run(pipe, 8)
+    x_T = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    direct = pipe_sample(pipe, solver="unipc", nfe=8, latents=x_T, prompt="a b", guidance_scale=3.0)
+    assert _rel_max(direct, loop) <= TOL
+    seq = pipe_sample(pipe, solver="ddim", nfe=40, latents=x_T, prompt="a b", guidance_scale=3.0)
+    par = pipe_sample(pipe, solver="ddim", nfe=40, latents=x_T, prompt="a b", guidance_scale=3.0, parallel=True)
+    assert _rel_max(par, seq) < fewstep.ParallelOptions().tol

@@ -43,7 +43,7 @@ from ..solvers.compile import CompiledPlan, compile_plan
 from ..solvers.plan import SolverSchedule
 from ..solvers.presets import preset
 
-__all__ = ["FewstepScheduler", "PREDICTION_TYPES", "pipeline_model", "pipeline_schedule", "sample"]
+__all__ = ["FewstepScheduler", "PREDICTION_TYPES", "encode_prompt", "pipeline_model", "pipeline_schedule", "sample"]
 
 #: diffusers' prediction_type -> fewstep's parameterisation
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
@@ -318,6 +318,25 @@ def pipeline_model(
     return Model(fn, schedule, sch._prediction, name=f"{type(pipe).__name__}.{type(net).__name__}")
 
 
+def encode_prompt(pipe: Any, prompt: Any, negative_prompt: Any, batch: int) -> dict[str, torch.Tensor]:
+    """Prompt embeddings by the pipeline's own ``encode_prompt`` (Stable Diffusion: two tensors;
+    SD3: four), one row per sample of the batch, as :func:`pipeline_model`'s keywords."""
+    import inspect
+
+    params = inspect.signature(pipe.encode_prompt).parameters
+    kw: dict[str, Any] = {"prompt": prompt, "device": getattr(pipe, "device", None), "num_images_per_prompt": 1,
+                          "do_classifier_free_guidance": True, "negative_prompt": negative_prompt}
+    kw.update({k: None for k in ("prompt_2", "prompt_3") if k in params})
+    with torch.no_grad():
+        out = pipe.encode_prompt(**{k: v for k, v in kw.items() if k in params})
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")[: len(out)]
+    emb = dict(zip(names, out))
+    rows = emb["prompt_embeds"].shape[0]
+    if batch % rows:
+        raise ArgumentError(f"{rows} prompts for a batch of {batch}: give one prompt, or one per sample")
+    return {k: v.repeat(batch // rows, *([1] * (v.ndim - 1))) for k, v in emb.items() if v is not None}
+
+
 #: keyword arguments of :func:`sample` that go to :func:`pipeline_model`
 CONDITIONING = ("guidance_scale", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "mu")
 
@@ -336,7 +355,8 @@ def sample(
 ) -> Any:
     """Sample a pipeline's latents with fewstep directly (no scheduler loop): any preset or solver
     schedule, ``parallel=True`` (parallel-in-time sampling), stochastic presets keyed by ``seed``.
-    The conditioning keywords (:data:`CONDITIONING`) go to :func:`pipeline_model`, the others to the
+    ``prompt`` (and ``negative_prompt``) are encoded by the pipeline's ``encode_prompt``; the
+    conditioning keywords (:data:`CONDITIONING`) go to :func:`pipeline_model`, the others to the
     preset (``spacing="diffusers"`` is not available here: pass a grid). ``latents``: the initial
     noise (default: ``fewstep.initial_noise`` of the pipeline's sample shape, keyed by ``seed``).
     Returns the final latents (decode them as the pipeline would, e.g. with its VAE)."""
@@ -344,6 +364,8 @@ def sample(
     from ..sample import sample as fewstep_sample
 
     cond = {k: kwargs.pop(k) for k in CONDITIONING if k in kwargs}
+    if "prompt" in kwargs:
+        cond.update(encode_prompt(pipe, kwargs.pop("prompt"), kwargs.pop("negative_prompt", None), batch_size if latents is None else latents.shape[0]))
     model = pipeline_model(pipe, **cond)
     if latents is None:
         net = getattr(pipe, "transformer", None) or pipe.unet
