@@ -27,6 +27,7 @@ import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
 import argparse
 import json
+import math
 import statistics
 import time
 import warnings
@@ -41,15 +42,21 @@ from fewstep.report import markdown_table
 from fewstep.sample import clear_plan_cache, run_plan
 from fewstep.solvers.compile import compile_plan
 
-from _common import REPORTS, log, machine_lines, quiet_diffusers
+from _common import REPORTS, log, machine_lines, quiet_diffusers, write_text_atomic
 
 SHAPE = (4, 3, 64, 64)
-#: (label, fewstep preset, preset options, diffusers class, diffusers options): the same method on both sides
+#: (label, fewstep preset, preset options, diffusers class, diffusers options, fewstep sample options): the same
+#: method on both sides; the stochastic rows draw their own noise (fewstep: keyed Brownian or interval noise on
+#: the device; diffusers: torch.randn), so their outputs are not compared
 CASES = (
-    ("DDIM", "ddim", {}, "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
-    ("DPM-Solver++(2M)", "dpmpp_2m", {}, "DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
-    ("UniPC order 2 (bh2)", "unipc", {"order": 2}, "UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}),
-    ("UniPC order 3 (bh2)", "unipc", {"order": 3}, "UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh2"}),
+    ("DDIM", "ddim", {}, "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}, {}),
+    ("DPM-Solver++(2M)", "dpmpp_2m", {}, "DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}, {}),
+    ("UniPC order 2 (bh2)", "unipc", {"order": 2}, "UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}, {}),
+    ("UniPC order 3 (bh2)", "unipc", {"order": 3}, "UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh2"}, {}),
+    ("DPM-Solver++(2M) SDE, Brownian noise", "dpmpp_2m_sde", {}, "DPMSolverMultistepScheduler",
+     {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}, {"seed": 0}),
+    ("DPM-Solver++(2M) SDE, interval noise", "dpmpp_2m_sde", {}, "DPMSolverMultistepScheduler",
+     {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}, {"seed": 0, "noise": "interval"}),
 )
 NFES = (10, 25, 50)
 
@@ -86,7 +93,7 @@ def median_time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def bench_case(label: str, preset: str, popts: dict[str, Any], cls_name: str, dopts: dict[str, Any], n: int,
+def bench_case(label: str, preset: str, popts: dict[str, Any], cls_name: str, dopts: dict[str, Any], skw: dict[str, Any], n: int,
                x: torch.Tensor, eps: torch.Tensor, repeats: int) -> dict[str, Any]:
     sched = fewstep.DiscreteVP.linear()
     const = lambda x_, t_: eps  # noqa: E731  the near-zero-cost model
@@ -95,7 +102,7 @@ def bench_case(label: str, preset: str, popts: dict[str, Any], cls_name: str, do
     opts = {"spacing": "trailing", **popts}
 
     def fs_sample() -> None:
-        fewstep.sample(model, x, preset, nfe=n, **opts)
+        fewstep.sample(model, x, preset, nfe=n, **skw, **opts)
 
     def fs_sample_cold() -> None:  # the first call for this solver: build and compile the plan too
         clear_plan_cache()
@@ -107,7 +114,7 @@ def bench_case(label: str, preset: str, popts: dict[str, Any], cls_name: str, do
     compiled = fs_compile()
 
     def fs_run() -> None:
-        run_plan(model, x, compiled)
+        run_plan(model, x, compiled, **skw)
 
     def df_run() -> None:
         diffusers_loop(sch, const, x, n)
@@ -129,12 +136,14 @@ def bench_case(label: str, preset: str, popts: dict[str, Any], cls_name: str, do
             samples["model"].append(median_time(model_only))
     med = {k: statistics.median(v) for k, v in samples.items()}
     # the same numbers on both sides? (a sanity check that the two loops do the same job)
-    with torch.no_grad():
-        a = fewstep.sample(model, x, preset, nfe=n, **opts)
-        b = diffusers_loop(make_scheduler(cls_name, dopts), const, x, n)
-    rel = float((a.double() - b.double()).norm() / b.double().norm())
+    rel = math.nan  # stochastic: each side draws its own noise
+    if not compiled.stochastic:
+        with torch.no_grad():
+            a = fewstep.sample(model, x, preset, nfe=n, **opts)
+            b = diffusers_loop(make_scheduler(cls_name, dopts), const, x, n)
+        rel = float((a.double() - b.double()).norm() / b.double().norm())
     return {"label": label, "preset": preset, "preset_options": popts, "diffusers": cls_name, "nfe": n, "repeats": repeats,
-            "median_s": med, "rel_diff_outputs": rel}
+            "median_s": med, "rel_diff_outputs": rel, "stochastic": compiled.stochastic}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"conv net forward: {t_net * 1e3:.2f} ms")
 
     results = []
-    for label, preset, popts, cls_name, dopts in CASES:
+    for label, preset, popts, cls_name, dopts, skw in CASES:
         for n in args.nfe:
-            r = bench_case(label, preset, popts, cls_name, dopts, n, x, eps, repeats)
+            r = bench_case(label, preset, popts, cls_name, dopts, skw, n, x, eps, repeats)
             results.append(r)
             m = r["median_s"]
             log(f"{label} NFE {n}: fewstep sample {m['sample'] / n * 1e6:.0f} us/step, run {m['run'] / n * 1e6:.0f} us/step, "
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([
             r["label"], n, f"{fs_step * 1e6:.0f}", f"{run_step * 1e6:.0f}", f"{m['compile'] * 1e3:.2f}", f"{df_step * 1e6:.0f}",
             f"{fs_step / df_step:.2f}", f"{cold_step / df_step:.2f}", f"{run_step / df_step:.2f}", f"{fs_step / t_net:.3f}", f"{df_step / t_net:.3f}",
-            f"{model_us:.1f}", f"{r['rel_diff_outputs']:.1e}",
+            f"{model_us:.1f}", "own noise" if r["stochastic"] else f"{r['rel_diff_outputs']:.1e}",
         ])
     headers = ["solver", "NFE", "fewstep `sample` us/step", "fewstep `run_plan` us/step", "fewstep compile ms/call",
                "diffusers us/step", "ratio sample / diffusers", "ratio first sample (incl. compile) / diffusers", "ratio run_plan / diffusers", "sample step / conv fwd",
@@ -208,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     def ratio(r: dict[str, Any], key: str) -> float:
         return (r["median_s"][key] - r["median_s"]["model"]) / (r["median_s"]["diffusers"] - r["median_s"]["model"])
 
-    ratios = [ratio(r, "sample") for r in results]
-    cold = [ratio(r, "cold") for r in results]
+    ratios = [ratio(r, "sample") for r in results if not r["stochastic"]]
+    cold = [ratio(r, "cold") for r in results if not r["stochastic"]]
+    sde = {lab: [ratio(r, "sample") for r in results if r["label"] == lab] for lab in dict.fromkeys(r["label"] for r in results if r["stochastic"])}
+    sde_lines = [f"* {lab}: ratio to diffusers' SDE step (torch.randn noise) {min(v):.2f}-{max(v):.2f} over NFE {', '.join(map(str, args.nfe))}."
+                 for lab, v in sde.items()]
     text = [
         "# Solver overhead per step: fewstep vs diffusers", "",
         f"Generated by `python benchmarks/overhead.py{' --quick' if args.quick else ''}` in {wall:.0f} s wall time "
@@ -223,9 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         "before every call, so it includes building and compiling the plan (the 'compile' column, also timed on its own). "
         "`run_plan` runs an already compiled plan. diffusers includes `set_timesteps` (its scheduler object is built once).", "",
         markdown_table(headers, rows), "",
-        f"Ratio fewstep `sample` / diffusers over all rows: median {statistics.median(ratios):.2f}, "
+        f"Ratio fewstep `sample` / diffusers over the deterministic rows: median {statistics.median(ratios):.2f}, "
         f"range {min(ratios):.2f}-{max(ratios):.2f} (target: <= 0.5); first call including the compile: median "
         f"{statistics.median(cold):.2f}, range {min(cold):.2f}-{max(cold):.2f}.", "",
+        "## Stochastic steps: the cost of keyed, batch-independent noise", "",
+        "The SDE rows add one fresh noise draw per step. diffusers draws `torch.randn` (not reproducible across batch sizes); "
+        "fewstep draws each sample's Brownian increment from a counter-based generator keyed by (seed, sample index), "
+        "identical at any batch size or split ([noise_cost.md](noise_cost.md) times the generators alone):", "",
+        *sde_lines, "",
         "The last column checks that both sides compute the same thing: the relative difference of the final outputs "
         "(float32; the constant-eps model is not a real denoiser, so only agreement matters).", "",
         "## Scale: a small conv net", "",
@@ -236,10 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         f"End to end with this net as the eps model, DPM-Solver++(2M), NFE 10: fewstep `sample` {e2e['fewstep_s'] * 1e3:.1f} ms, "
         f"diffusers loop {e2e['diffusers_s'] * 1e3:.1f} ms, 10 bare forward passes {10 * t_net * 1e3:.1f} ms.", "",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(text))
-    out.with_suffix(".json").write_text(json.dumps({"machine": dict(l[2:].split(": ", 1) for l in machine_lines()), "wall_s": wall,
-                                                    "conv_forward_s": t_net, "end_to_end": e2e, "results": results}, indent=1))
+    write_text_atomic(out, "\n".join(text))
+    write_text_atomic(out.with_suffix(".json"), json.dumps({"machine": dict(l[2:].split(": ", 1) for l in machine_lines()), "wall_s": wall,
+                                                            "conv_forward_s": t_net, "end_to_end": e2e, "results": results}, indent=1, default=str))
     log(f"wrote {out} ({wall:.0f} s)")
     print(markdown_table(headers, rows))
     return 0
