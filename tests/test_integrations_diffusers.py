@@ -294,3 +294,39 @@ def test_stable_diffusion_pipeline_with_guidance():
     seq = pipe_sample(pipe, solver="ddim", nfe=40, latents=x_T, prompt="a b", guidance_scale=3.0)
     par = pipe_sample(pipe, solver="ddim", nfe=40, latents=x_T, prompt="a b", guidance_scale=3.0, parallel=True)
     assert _rel_max(par, seq) < fewstep.ParallelOptions().tol
+
+
+def test_a_real_stable_diffusion_3_pipeline():
+    """diffusers' StableDiffusion3Pipeline itself (tiny SD3 transformer, precomputed prompt embeddings,
+    no text encoders or VAE needed for latents): DDIM through FewstepScheduler =
+    FlowMatchEulerDiscreteScheduler (fixed and dynamic shift), DPM-Solver++(2M) =
+    DPMSolverMultistepScheduler on flow sigmas (whose model times are integers: the adapter passes
+    the base scheduler's own); UniPC runs with exactly the NFE asked."""
+    pytest.importorskip("transformers")
+    flow = _FlowPipe(None)
+    dpm = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    for base, preset, opts in ((diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), "ddim", {}),
+                               (diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), "ddim", {}),
+                               (dpm, "dpmpp_2m", {"final_order": 1})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = diffusers.StableDiffusion3Pipeline(transformer=flow.transformer, scheduler=base, vae=None, text_encoder=None, tokenizer=None,
+                                                      text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        pipe.set_progress_bar_config(disable=True)
+
+        def run(n):
+            return pipe(prompt_embeds=flow.embeds[2:], pooled_prompt_embeds=flow.pooled[2:], negative_prompt_embeds=flow.embeds[:2],
+                        negative_pooled_prompt_embeds=flow.pooled[:2], guidance_scale=3.0, num_inference_steps=n, height=64, width=64,
+                        output_type="latent", generator=torch.Generator().manual_seed(1)).images
+
+        ref = run(6)
+        pipe.scheduler = FewstepScheduler.from_pipeline(pipe, preset, spacing="diffusers", **opts)
+        assert _rel_max(run(6), ref) <= TOL, (type(base).__name__, _rel_max(run(6), ref))
+        pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "unipc")
+        calls = []
+        hook = flow.transformer.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            run(7)
+        finally:
+            hook.remove()
+        assert len(calls) == 7

@@ -97,6 +97,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         time_shift_type: str = "exponential",
         solver: str = "unipc",
         solver_options: dict[str, Any] | None = None,
+        base_config: dict[str, Any] | None = None,
         schedule_json: str | None = None,
         seed: int | None = None,
     ) -> None:
@@ -127,11 +128,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return float(self.config.num_train_timesteps) if self.config.kind == "flow" else 1.0
 
     def _base(self) -> Any:
-        """The pipeline's original scheduler class, rebuilt from this config (its noise levels)."""
+        """The pipeline's original scheduler, rebuilt from its config (its noise levels and time steps)."""
         import diffusers
 
         keys = FLOW_KEYS if self.config.kind == "flow" else VP_KEYS
-        cfg = {k: v for k, v in self.config.items() if k in keys}
+        cfg = dict(self.config.base_config) if self.config.base_config else {k: v for k, v in self.config.items() if k in keys}
         cls = getattr(diffusers, self.config.base_scheduler, None)
         if cls is None:
             raise ArgumentError(f"unknown diffusers scheduler class {self.config.base_scheduler!r}")
@@ -145,14 +146,19 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         base = pipe.scheduler
         cfg = dict(base.config)
         if isinstance(base, FewstepScheduler):  # already swapped: keep its base
-            base_name, kind = cfg["base_scheduler"], cfg["kind"]
+            base_name, kind, base_cfg = cfg["base_scheduler"], cfg["kind"], cfg.get("base_config")
+            keep = {k: cfg[k] for k in (FLOW_KEYS if kind == "flow" else VP_KEYS) if k in cfg}
         else:
             base_name = type(base).__name__
-            kind = "flow" if "shift" in cfg and "beta_schedule" not in cfg else "vp"
+            base_cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+            flow_dpm = bool(cfg.get("use_flow_sigmas"))  # DPMSolverMultistep & co. on flow sigmas
+            kind = "flow" if flow_dpm or ("shift" in cfg and "beta_schedule" not in cfg) else "vp"
             if kind == "vp" and ("alphas_cumprod" not in dir(base) or "beta_schedule" not in cfg):
                 raise ArgumentError(f"{base_name} is neither a DDPM-style (betas) nor a flow-matching scheduler")
-        keep = {k: cfg[k] for k in (FLOW_KEYS if kind == "flow" else VP_KEYS) if k in cfg}
-        common = dict(base_scheduler=base_name, kind=kind, seed=seed)
+            keep = {k: cfg[k] for k in (FLOW_KEYS if kind == "flow" else VP_KEYS) if k in cfg}
+            if flow_dpm:
+                keep["shift"] = float(cfg.get("flow_shift", 1.0))
+        common = dict(base_scheduler=base_name, kind=kind, seed=seed, base_config=base_cfg)
         if isinstance(solver, SolverSchedule):
             if options:
                 raise ArgumentError("options apply to presets, not to a ready solver schedule")
@@ -162,13 +168,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return cls(**keep, **common, solver=solver, solver_options=dict(options))
 
     # ---- the diffusers scheduler interface ---------------------------------------------------------
-    def _diffusers_grid(self, nfe: int, mu: float | None) -> list[float]:
+    def _diffusers_grid(self, nfe: int, mu: float | None) -> tuple[list[float], list[float]]:
+        """The base scheduler's grid for ``nfe`` (fewstep times, ending at sigma = 0) and the model
+        times it passes (flow schedulers of the DPM family round them to integers)."""
         base = self._base()
         if self.config.kind == "flow":
-            base.set_timesteps(nfe, mu=mu)
-            return [float(v) for v in base.sigmas.double()]  # fewstep's flow time is sigma; diffusers ends at 0
+            base.set_timesteps(nfe, **({"mu": mu} if mu is not None else {}))
+            return [float(v) for v in base.sigmas.double()], [float(t) for t in base.timesteps]  # flow time = sigma
         base.set_timesteps(nfe)
-        return [float(t) for t in base.timesteps] + [float(self.schedule.t_clean)]
+        return [float(t) for t in base.timesteps] + [float(self.schedule.t_clean)], [float(t) for t in base.timesteps]
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None, **kwargs: Any) -> None:
         """Build the plan for ``num_inference_steps`` model evaluations (a schedule file: its own NFE,
@@ -188,20 +196,25 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             if num_inference_steps != plan.nfe:
                 raise SolverError(f"the solver schedule {plan.name!r} makes {plan.nfe} model evaluations; "
                                   f"the pipeline asked for num_inference_steps={num_inference_steps}")
-        else:
+        model_times: list[float] | None = None
+        if self.config.schedule_json is None:
             opts = dict(self.config.solver_options or {})
             if opts.get("spacing") == "diffusers":
-                opts["spacing"] = self._diffusers_grid(num_inference_steps, mu)
+                opts["spacing"], model_times = self._diffusers_grid(num_inference_steps, mu)
             plan = preset(self.config.solver, num_inference_steps, self.schedule, **opts)
         self.plan = plan
         self._compiled = compile_plan(plan, self.schedule)
         from ..solvers.compile import Evaluate
 
-        times = [op.t * self._time_scale for op in self._compiled.ops if isinstance(op, Evaluate)]
+        evals = [op.t for op in self._compiled.ops if isinstance(op, Evaluate)]
+        times = [t * self._time_scale for t in evals]
+        if model_times is not None and len(model_times) == len(evals) and all(abs(e - g) <= 1e-9 * max(1.0, abs(g)) for e, g in zip(evals, plan.times)):
+            times = model_times  # one evaluation per step start: the model sees the base scheduler's own time steps
         self.timesteps = torch.tensor(times, dtype=torch.float64, device=device)
         self.sigmas = torch.tensor([float(self.schedule.sigma(t)) for t in plan.times], dtype=torch.float64)
         self.num_inference_steps = len(times)
         self._runner = None
+        self._k = 0
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample
@@ -220,10 +233,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         runner, op = self._runner, self._op
         if op is None:
             raise SolverError("step called after the last model evaluation of the plan")
-        t = float(timestep) / self._time_scale
-        if abs(t - op.t) > 1e-6 * max(1.0, abs(op.t)):
-            raise SolverError(f"step got timestep {float(timestep):g}; the plan's next evaluation is at {op.t * self._time_scale:g} "
+        expected = float(self.timesteps[self._k])
+        if abs(float(timestep) - expected) > 1e-6 * max(1.0, abs(expected)):
+            raise SolverError(f"step got timestep {float(timestep):g}; the plan's next evaluation is at {expected:g} "
                               "(use scheduler.timesteps in order)")
+        self._k += 1
         runner._kept[("state", op.state)] = sample.to(runner.work)  # the pipeline's latents are the evaluation's input
         runner.answer(model_output)
         self._op = runner.request()
