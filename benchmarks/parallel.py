@@ -29,8 +29,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 import fewstep
 from fewstep.report import markdown_table
 

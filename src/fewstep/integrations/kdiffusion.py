@@ -80,11 +80,11 @@ def sampler(solver: str | SolverSchedule, **options: Any) -> Callable[..., torch
             raise ArgumentError("sigmas must be decreasing noise levels (k-diffusion appends a final 0)")
         wrapped = from_denoiser(model, sigma_min=min(positive) if grid[-1] == 0.0 else min(positive) / 2, sigma_max=grid[0], **(extra_args or {}))
         plan = solver if isinstance(solver, SolverSchedule) else plan_for_sigmas(solver, grid, wrapped.schedule, **options)
-        cb = None
-        if callback is not None:
-            def cb(i: int, t: float, xi: torch.Tensor) -> None:
-                callback({"x": xi, "i": i - 1, "sigma": t, "sigma_hat": t})
-        return sample(wrapped, x, plan, callback=cb, progress=disable is False, seed=seed)  # type: ignore[return-value]
+        def relay(i: int, t: float, xi: torch.Tensor) -> None:
+            assert callback is not None
+            callback({"x": xi, "i": i - 1, "sigma": t, "sigma_hat": t})
+
+        return sample(wrapped, x, plan, callback=relay if callback is not None else None, progress=disable is False, seed=seed)  # type: ignore[return-value]
 
     sample_fn.__name__ = f"sample_fewstep_{solver if isinstance(solver, str) else solver.name}"
     return sample_fn
