@@ -330,3 +330,37 @@ def test_a_real_stable_diffusion_3_pipeline():
         finally:
             hook.remove()
         assert len(calls) == 7
+
+
+def test_a_real_flux_pipeline():
+    """diffusers' FluxPipeline (tiny FluxTransformer2DModel with the guidance embedding, packed latents,
+    its own sigmas and dynamic shift passed to set_timesteps): DDIM through FewstepScheduler =
+    FlowMatchEulerDiscreteScheduler; UniPC with exactly the NFE asked."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tr = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                          num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True,
+                                          axes_dims_rope=(2, 2, 4)).eval()
+    base = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.FluxPipeline(scheduler=base, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    pe, ppe = torch.randn(1, 5, 16, generator=g), torch.randn(1, 8, generator=g)
+
+    def run(n):
+        return pipe(prompt_embeds=pe, pooled_prompt_embeds=ppe, num_inference_steps=n, height=64, width=64, guidance_scale=3.5,
+                    output_type="latent", generator=torch.Generator().manual_seed(1)).images
+
+    ref = run(6)
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "ddim", spacing="diffusers")
+    assert _rel_max(run(6), ref) <= TOL
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "unipc")
+    calls = []
+    hook = tr.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = run(5)
+    finally:
+        hook.remove()
+    assert len(calls) == 5 and bool(torch.isfinite(out).all())

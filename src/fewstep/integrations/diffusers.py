@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -173,15 +173,27 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         times it passes (flow schedulers of the DPM family round them to integers)."""
         base = self._base()
         if self.config.kind == "flow":
-            base.set_timesteps(nfe, **({"mu": mu} if mu is not None else {}))
+            kw: dict[str, Any] = {"mu": mu} if mu is not None else {}
+            if getattr(self, "_pipeline_sigmas", None) is not None:
+                base.set_timesteps(sigmas=self._pipeline_sigmas, **kw)
+            else:
+                base.set_timesteps(nfe, **kw)
             return [float(v) for v in base.sigmas.double()], [float(t) for t in base.timesteps]  # flow time = sigma
         base.set_timesteps(nfe)
         return [float(t) for t in base.timesteps] + [float(self.schedule.t_clean)], [float(t) for t in base.timesteps]
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None, **kwargs: Any) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None, mu: float | None = None,
+                      sigmas: Sequence[float] | None = None, **kwargs: Any) -> None:
         """Build the plan for ``num_inference_steps`` model evaluations (a schedule file: its own NFE,
         which must match) and reset every state from a previous call. Flow pipelines with dynamic
-        shifting pass ``mu`` (the shift is ``e^mu``)."""
+        shifting pass ``mu`` (the shift is ``e^mu``). A pipeline's own ``sigmas`` (Flux passes them)
+        set the NFE (their count) and, with ``spacing="diffusers"``, the grid; a preset's own grid
+        ignores them."""
+        if num_inference_steps is None:
+            if sigmas is None:
+                raise ArgumentError("set_timesteps needs num_inference_steps (or the pipeline's sigmas)")
+            num_inference_steps = len(sigmas)
+        self._pipeline_sigmas = None if sigmas is None else [float(v) for v in sigmas]
         if self.config.kind == "flow":
             shift = float(self.config.shift)
             if self.config.use_dynamic_shifting:
@@ -218,6 +230,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """img2img pipelines start part-way; fewstep plans start at their first time (only 0 is supported)."""
+        if begin_index != 0:
+            raise ArgumentError("FewstepScheduler runs its plan from the start (begin_index 0); for img2img build a preset with t_start=")
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, generator: Any = None,
              return_dict: bool = True, **kwargs: Any) -> SchedulerOutput | tuple[torch.Tensor]:
