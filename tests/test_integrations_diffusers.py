@@ -181,6 +181,9 @@ def test_flow_matching_with_guidance_reproduces_flow_match_euler(n):
     model = fewstep.Model(lambda x, t: pipe.velocity(x, t * 1000.0), fewstep.FlowMatching(shift=3.0), "flow")
     x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
     assert float((got - fewstep.sample(model, x_T, "unipc", nfe=n)).abs().max()) <= TOL
+    plan = fewstep.preset("dpmpp_3m", n, model.schedule, spacing="uniform_t")  # a schedule file's plan
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, fewstep.SolverSchedule.from_json(plan.to_json()))
+    assert float((pipe(n) - fewstep.sample(model, x_T, plan)).abs().max()) <= TOL
 
 
 def test_flow_dynamic_shifting_takes_mu():
@@ -294,6 +297,9 @@ def test_stable_diffusion_pipeline_with_guidance():
     seq = pipe_sample(pipe, solver="ddim", nfe=40, latents=x_T, prompt="a b", guidance_scale=3.0)
     par = pipe_sample(pipe, solver="ddim", nfe=40, latents=x_T, prompt="a b", guidance_scale=3.0, parallel=True)
     assert _rel_max(par, seq) < fewstep.ParallelOptions().tol
+    plan = fewstep.SolverSchedule.from_json(fewstep.preset("deis", 7, pipe.scheduler.schedule).to_json())  # a schedule file
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, plan)
+    assert _rel_max(_sd_run(pipe, 7), pipe_sample(pipe, solver=plan, latents=x_T, prompt="a b", guidance_scale=3.0)) <= TOL
 
 
 def test_a_real_stable_diffusion_3_pipeline():
