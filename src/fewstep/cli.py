@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -368,6 +369,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Sharded, resumable generation (``fewstep.generate``); under ``torchrun`` each process takes its shards."""
+    from .generate import generate
+
+    model = _search_model(args)
+    solver, opts = parse_solver_arg(args.solver)
+    if args.spacing and not isinstance(solver, SolverSchedule):
+        opts.setdefault("spacing", args.spacing)
+    info = generate(model, num=args.num, out=args.out, solver=solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe,
+                    seed=args.seed, batch_size=args.batch, progress=True, **opts)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{info.num} samples in {info.shards} shards at {info.out}: {info.generated} generated, {info.reused} already complete, "
+              f"{info.repaired} damaged and regenerated; {info.world_size} worker(s), {info.wall_s:.1f} s, "
+              f"{info.samples_per_s:.1f} samples/s ({info.samples_per_s / info.world_size:.1f} per worker), "
+              f"{info.model_evaluations} model evaluations")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Digits metrics of a generation folder (samples in the model space of the digits networks)."""
+    from .generate import load_samples
+    from .zoo.evaluate import DigitsEvaluator
+
+    x = load_samples(args.folder)
+    metrics = DigitsEvaluator().evaluate(x)
+    print(json.dumps({"folder": str(args.folder), "samples": int(x.shape[0]), **metrics}, indent=1))
+    return 0
+
+
 def _search_model(args: argparse.Namespace) -> Model:
     if _use_zoo(args):
         from . import zoo
@@ -465,6 +495,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=None, help="noise parameter of a stochastic preset (one with an eta option); --seed keys its noise")
     parallel_arguments(s, "parallel-in-time sampling (rounds of one batched model call over a window of steps)")
     s.set_defaults(func=cmd_sample)
+
+    gp = sub.add_parser("generate", help="generate samples 0..num-1 as resumable safetensors shards (torchrun: one process per worker)")
+    common(gp, 256)
+    gp.add_argument("--solver", default="default", help="as for sample")
+    gp.add_argument("--nfe", type=int, default=10)
+    gp.add_argument("--num-samples", "--num", dest="num", type=int, required=True,
+                    help="number of samples (under torchrun write --num-samples: torchrun reads --num as its own --numa-binding)")
+    gp.add_argument("--out", required=True, help="the folder of shards and manifest (re-running the same command resumes)")
+    gp.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="digits metrics (feature / pixel Frechet distance, confidence) of a generation folder of a digits network")
+    ev.add_argument("folder")
+    ev.add_argument("--model", default=None, help="the digits network that generated it (informational; the metrics use the bundled classifier)")
+    ev.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("search", help="search a solver schedule (time grid and per-step strategies) for a model and NFE; resumable")
     common(q, 256)
