@@ -20,6 +20,7 @@ import argparse
 import time
 
 import defaults
+import generate
 import overhead
 import parallel
 import quality
@@ -31,7 +32,7 @@ from _common import log
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the quick mode of every benchmark")
-    ap.add_argument("--only", choices=["overhead", "defaults", "quality", "digits", "search", "sde", "parallel"], default=None, help="run one benchmark")
+    ap.add_argument("--only", choices=["overhead", "defaults", "quality", "digits", "search", "sde", "parallel", "generate"], default=None, help="run one benchmark")
     args = ap.parse_args(argv)
     flags = ["--quick"] if args.quick else []
     t0 = time.perf_counter()
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "parallel"):
         log("== parallel-in-time sampling ==")
         status |= parallel.main(flags)
+    if args.only in (None, "generate"):
+        log("== generation at scale ==")
+        status |= generate.main(["--num", "5000"] if args.quick else [])
     log(f"all benchmarks done in {time.perf_counter() - t0:.0f} s; reports in {_common.REPORTS}")
     return status
 
