@@ -377,8 +377,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     solver, opts = parse_solver_arg(args.solver)
     if args.spacing and not isinstance(solver, SolverSchedule):
         opts.setdefault("spacing", args.spacing)
+    par = parallel_options(args) if args.parallel else parallel_options(args) and False
     info = generate(model, num=args.num, out=args.out, solver=solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe,
-                    seed=args.seed, batch_size=args.batch, progress=True, **opts)
+                    seed=args.seed, batch_size=args.batch, progress=True, parallel=par, **opts)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{info.num} samples in {info.shards} shards at {info.out}: {info.generated} generated, {info.reused} already complete, "
               f"{info.repaired} damaged and regenerated; {info.world_size} worker(s), {info.wall_s:.1f} s, "
@@ -503,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--num-samples", "--num", dest="num", type=int, required=True,
                     help="number of samples (under torchrun write --num-samples: torchrun reads --num as its own --numa-binding)")
     gp.add_argument("--out", required=True, help="the folder of shards and manifest (re-running the same command resumes)")
+    parallel_arguments(gp, "each shard by parallel-in-time sampling (the same samples within the tolerance)")
     gp.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("evaluate", help="digits metrics (feature / pixel Frechet distance, confidence) of a generation folder of a digits network")
