@@ -390,12 +390,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Digits metrics of a generation folder (samples in the model space of the digits networks)."""
-    from .generate import load_samples
-    from .zoo.evaluate import DigitsEvaluator
+    from .generate import evaluate_folder
 
-    x = load_samples(args.folder)
-    metrics = DigitsEvaluator().evaluate(x)
-    print(json.dumps({"folder": str(args.folder), "samples": int(x.shape[0]), **metrics}, indent=1))
+    print(json.dumps({"folder": str(args.folder), **evaluate_folder(args.folder)}, indent=1))
     return 0
 
 

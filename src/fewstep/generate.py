@@ -34,7 +34,7 @@ from .noise import initial_noise
 from .sample import resolve_plan, sample
 from .solvers.plan import SolverSchedule
 
-__all__ = ["generate", "load_samples", "GenerateInfo", "MANIFEST", "shard_path"]
+__all__ = ["generate", "load_samples", "iter_shards", "evaluate_folder", "GenerateInfo", "MANIFEST", "shard_path"]
 
 MANIFEST = "manifest.json"
 FORMAT = "fewstep.samples"
@@ -212,9 +212,8 @@ def generate(
     return GenerateInfo(out, num, n_shards, generated, int(counts[1]), int(counts[2]), wall, done / wall if wall > 0 else 0.0, world, int(evals))
 
 
-def load_samples(folder: str | Path) -> torch.Tensor:
-    """All samples of a generation folder, in index order (every shard checked against its SHA-256;
-    a missing or damaged shard is an error naming it)."""
+def iter_shards(folder: str | Path) -> Any:
+    """The samples of a generation folder shard by shard, in index order (each checked)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -223,12 +222,48 @@ def load_samples(folder: str | Path) -> torch.Tensor:
     except (OSError, ValueError) as exc:
         raise FewstepError(f"{folder} is not a generation folder ({exc})") from None
     num, size = int(man["num"]), int(man["shard_size"])
-    parts = []
     for s in range((num + size - 1) // size):
         lo, hi = s * size, min(num, (s + 1) * size)
         path = shard_path(folder, s)
         if not _valid_shard(path, lo, hi):
             raise FewstepError(f"shard {path.name} (samples {lo}..{hi - 1}) is missing or damaged: re-run the generate command to finish it")
         with safe_open(str(path), framework="pt") as fh:
-            parts.append(fh.get_tensor("samples"))
-    return torch.cat(parts)
+            yield fh.get_tensor("samples")
+
+
+def evaluate_folder(folder: str | Path, *, features: Any = None, reference: torch.Tensor | None = None) -> dict[str, Any]:
+    """Metrics of a generation folder, streamed shard by shard (memory of one shard).
+
+    Default: the digits metrics of the bundled classifier (feature and pixel Fréchet distances to the
+    held-out digits, mean confidence), for samples in the digits networks' model space. With
+    ``features(x) -> (n, d)`` (any feature extractor) and ``reference`` (reference features, (m, d)):
+    the Fréchet distance of the samples' features to the reference's."""
+    from .metrics import StreamingGaussian, frechet_of_fits, gaussian_fit
+
+    if features is not None:
+        if reference is None:
+            raise ArgumentError("a feature extractor needs reference features (reference=)")
+        acc = StreamingGaussian()
+        for x in iter_shards(folder):
+            acc.add(features(x))
+        mr, sr = gaussian_fit(reference)
+        return {"samples": acc.n, "fd": frechet_of_fits(*acc.fit(), mr, sr)}
+    from .zoo.evaluate import DigitsEvaluator
+
+    ev = DigitsEvaluator()
+    feats, pix = StreamingGaussian(), StreamingGaussian()
+    conf = 0.0
+    for x in iter_shards(folder):
+        emb = ev._embed(x)
+        feats.add(emb.features)
+        pix.add(emb.pixels)
+        conf += float(emb.probabilities.max(-1).values.sum())
+    held = ev._heldout
+    return {"samples": feats.n, "fd_features": frechet_of_fits(*feats.fit(), *gaussian_fit(held.features)),
+            "fd_pixels": frechet_of_fits(*pix.fit(), *gaussian_fit(held.pixels)), "confidence": conf / feats.n}
+
+
+def load_samples(folder: str | Path) -> torch.Tensor:
+    """All samples of a generation folder, in index order (every shard checked against its SHA-256;
+    a missing or damaged shard is an error naming it)."""
+    return torch.cat(list(iter_shards(folder)))
