@@ -77,6 +77,8 @@ def test_parallel_sampling_and_bench_from_the_command_line(tmp_path, capsys):
     assert np.allclose(np.load(out), seq, rtol=0, atol=1e-5) and "rounds of batched model calls" in capsys.readouterr().out
     assert main(base + ["--window", "4", "--out", str(out)]) == 2
     assert "apply with --parallel" in capsys.readouterr().err
+    assert main(["bench", "--oracle", "gmm-d2", "--batch", "8", "--nfe", "5", "--tol", "0.1", "--out", str(tmp_path / "b0")]) == 2
+    assert "apply with --parallel" in capsys.readouterr().err
     bench = tmp_path / "p"
     assert main(["bench", "--oracle", "gmm-d2", "--batch", "8", "--nfe", "40", "--solvers", "ddim", "ddpm", "--parallel", "--out", str(bench)]) == 0
     res = json.loads((bench / "results.json").read_text())

@@ -307,7 +307,8 @@ def test_a_real_stable_diffusion_3_pipeline():
     no text encoders or VAE needed for latents): DDIM through FewstepScheduler =
     FlowMatchEulerDiscreteScheduler (fixed and dynamic shift), DPM-Solver++(2M) =
     DPMSolverMultistepScheduler on flow sigmas (whose model times are integers: the adapter passes
-    the base scheduler's own); UniPC runs with exactly the NFE asked."""
+    the base scheduler's own); UniPC runs with exactly the NFE asked and, with a fixed shift, equals
+    the direct path on the pipeline's transformer."""
     pytest.importorskip("transformers")
     flow = _FlowPipe(None)
     dpm = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
@@ -332,10 +333,18 @@ def test_a_real_stable_diffusion_3_pipeline():
         calls = []
         hook = flow.transformer.register_forward_hook(lambda *a: calls.append(1))
         try:
-            run(7)
+            got = run(7)
         finally:
             hook.remove()
         assert len(calls) == 7
+        if not base.config.get("use_dynamic_shifting"):  # the pipeline's loop = the direct path on its transformer
+            from fewstep.integrations.diffusers import sample as pipe_sample
+
+            x_T = torch.randn((2, 16 // 4, 8, 8), generator=torch.Generator().manual_seed(1))
+            direct = pipe_sample(pipe, solver="unipc", nfe=7, latents=x_T, guidance_scale=3.0, prompt_embeds=flow.embeds[2:],
+                                 negative_prompt_embeds=flow.embeds[:2], pooled_prompt_embeds=flow.pooled[2:],
+                                 negative_pooled_prompt_embeds=flow.pooled[:2])
+            assert _rel_max(got, direct) <= TOL
 
 
 def test_a_real_flux_pipeline():

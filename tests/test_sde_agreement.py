@@ -233,20 +233,25 @@ def test_euler_ancestral(n, spacing, small_gmm, monkeypatch):
 
 
 # ---- DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") ---------------------------
+def _drive_dpm_sde(n, small_gmm, **config):
+    """diffusers' DPMSolverMultistep ``sde-dpmsolver++`` (``lower_order_final``) on the oracle with the
+    stored draws: ``(sched, model, z, grid, draws, x_diffusers)``."""
+    ds = _make(diffusers.DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", lower_order_final=True, **config)
+    sched, model, z = _setup(ds, small_gmm, n)
+    ds.set_timesteps(n)
+    grid = _exact_vp_sigmas(ds)
+    draws = _draws(n, z.shape, n)
+    xd = _drive(ds, model, z.clone(), grid[:-1], DiffusersNoise(draws), variance_noise=True)
+    return sched, model, z, grid, draws, xd
+
+
 @pytest.mark.parametrize("n", NFES)
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
 def test_dpmpp_2m_sde(n, solver_type, final, small_gmm):
     """DPM-Solver++(2M) SDE; to sigma = 0 the last step is x0 (order 1, its noise term 0), to
     sigma_min (t = 0) it is stochastic, of order 1 below 15 steps (lower_order_final)."""
-    ds = _make(diffusers.DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", solver_order=2,
-               solver_type=solver_type, lower_order_final=True, final_sigmas_type=final)
-    sched, model, z = _setup(ds, small_gmm, n)
-    ds.set_timesteps(n)
-    grid = _exact_vp_sigmas(ds)
-    draws = _draws(n, z.shape, n)
-    rn = DiffusersNoise(draws)
-    xd = _drive(ds, model, z.clone(), grid[:-1], rn, variance_noise=True)
+    sched, model, z, grid, draws, xd = _drive_dpm_sde(n, small_gmm, solver_order=2, solver_type=solver_type, final_sigmas_type=final)
     plan = fewstep.preset("dpmpp_2m_sde", n, sched, spacing=grid, solver_type=solver_type)
     assert [s.order for s in plan.steps] == _dpm_multistep_orders(n, 2, True, final == "zero")
     src = ReplayNoise.on_grid(sched, grid, draws)
@@ -279,14 +284,7 @@ def _restore_published_d2(monkeypatch):
 
 
 def _dpmpp_3m_sde_case(n, small_gmm):
-    ds = _make(diffusers.DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", solver_order=3,
-               solver_type="heun", lower_order_final=True, final_sigmas_type="zero")
-    sched, model, z = _setup(ds, small_gmm, n)
-    ds.set_timesteps(n)
-    grid = _exact_vp_sigmas(ds)
-    draws = _draws(n, z.shape, n)
-    rn = DiffusersNoise(draws)
-    xd = _drive(ds, model, z.clone(), grid[:-1], rn, variance_noise=True)
+    sched, model, z, grid, draws, xd = _drive_dpm_sde(n, small_gmm, solver_order=3, solver_type="heun", final_sigmas_type="zero")
     # the order-2 warm-up uses exact phi weights (diffusers' solver_type="heun")
     plan = fewstep.preset("dpmpp_3m_sde", n, sched, spacing=grid, weights="published")
     assert [s.order for s in plan.steps] == _dpm_multistep_orders(n, 3, True, True)

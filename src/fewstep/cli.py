@@ -258,13 +258,15 @@ def with_eta(solvers: list[tuple[str | SolverSchedule | None, dict[str, object]]
     return [(name, {"eta": eta, **opts} if name in takers else opts) for name, opts in solvers]
 
 
-def parallel_options(args: argparse.Namespace, accelerate: str | None = None) -> ParallelOptions:
-    """``--window``, ``--tol``, ``--accelerate`` (defaults: :class:`fewstep.ParallelOptions`)."""
-    if not args.parallel and any(getattr(args, k) is not None for k in ("window", "tol", "accelerate")):
-        raise ArgumentError("--window, --tol and --accelerate apply with --parallel")
-    base = ParallelOptions()
-    return ParallelOptions(window=args.window if args.window is not None else base.window, tol=args.tol if args.tol is not None else base.tol,
-                           accelerate=accelerate or args.accelerate or base.accelerate)
+def parallel_setting(args: argparse.Namespace) -> ParallelOptions | bool:
+    """``--parallel`` with ``--window``, ``--tol``, ``--accelerate`` (defaults: :class:`fewstep.ParallelOptions`);
+    ``False`` without ``--parallel`` (then those flags are an error)."""
+    flags = {k: getattr(args, k) for k in ("window", "tol", "accelerate") if getattr(args, k, None) is not None}
+    if not args.parallel:
+        if flags:
+            raise ArgumentError("--window, --tol and --accelerate apply with --parallel")
+        return False
+    return replace(ParallelOptions(), **flags)
 
 
 def compare_parallel(
@@ -326,12 +328,13 @@ def compare_parallel(
 
 def cmd_bench(args: argparse.Namespace) -> int:
     solvers = with_eta([parse_solver_arg(s) for s in args.solvers], args.eta)
-    if not args.parallel:
+    par = parallel_setting(args)
+    if not isinstance(par, ParallelOptions):
         return _run_compare(args, solvers, args.nfe, "fewstep bench")
     out = Path(args.out)
     target = _target(args)
     table = compare_parallel(target=target, solvers=solvers, nfes=args.nfe, seed=args.seed, out=out, title=f"fewstep bench --parallel: {target.label}",
-                             options=parallel_options(args), spacing=args.spacing)
+                             options=par, spacing=args.spacing)
     print(table)
     print(f"\nreport written to {out / 'report.md'}")
     return 0
@@ -350,7 +353,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     [(solver, opts)] = with_eta([parse_solver_arg(args.solver)], args.eta)
     if args.spacing and not isinstance(solver, SolverSchedule):
         opts.setdefault("spacing", args.spacing)
-    par = parallel_options(args) if args.parallel else parallel_options(args) and False
+    par = parallel_setting(args)
     x, info = sample(model, x_T, solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe, progress=not args.parallel, return_info=True,
                      seed=args.seed, parallel=par, **opts)
     if args.parallel:
@@ -377,7 +380,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     solver, opts = parse_solver_arg(args.solver)
     if args.spacing and not isinstance(solver, SolverSchedule):
         opts.setdefault("spacing", args.spacing)
-    par = parallel_options(args) if args.parallel else parallel_options(args) and False
+    par = parallel_setting(args)
     info = generate(model, num=args.num, out=args.out, solver=solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe,
                     seed=args.seed, batch_size=args.batch, progress=True, parallel=par, **opts)
     if int(os.environ.get("RANK", "0")) == 0:

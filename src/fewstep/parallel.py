@@ -378,7 +378,7 @@ class _PlanProgram:
 
     def result(self) -> torch.Tensor:
         self.runner.restore(self.start)
-        if self.runner._pending is not None or self.runner.request() is not None:  # pragma: no cover - accept(M) ends the plan
+        if not self.runner.finished:  # pragma: no cover - accept(M) ends the plan
             raise SolverError("parallel sampling stopped before the end of the plan")
         return self.runner.result()
 

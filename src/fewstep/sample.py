@@ -149,6 +149,12 @@ class PlanRunner:
         assert self._pending is not None
         return self._kept[("state", self._pending.state)]
 
+    def set_pending_input(self, x: torch.Tensor) -> None:
+        """Replace the pending evaluation's input (a caller that edits the state between steps, as
+        diffusers pipelines may; the combinations read the new state from here on)."""
+        assert self._pending is not None
+        self._kept[("state", self._pending.state)] = x.to(self.work)
+
     @property
     def pending_input(self) -> torch.Tensor:
         assert self._pending is not None

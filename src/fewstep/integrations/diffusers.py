@@ -22,7 +22,6 @@ diffusers is imported only here (``pip install fewstep[diffusers]``); the core n
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Sequence
 
@@ -255,7 +254,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             raise SolverError(f"step got timestep {float(timestep):g}; the plan's next evaluation is at {expected:g} "
                               "(use scheduler.timesteps in order)")
         self._k += 1
-        runner._kept[("state", op.state)] = sample.to(runner.work)  # the pipeline's latents are the evaluation's input
+        runner.set_pending_input(sample)  # the pipeline's latents are the evaluation's input
         runner.answer(model_output)
         self._op = runner.request()
         prev = runner.result() if self._op is None else runner.pending_input
@@ -276,16 +275,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
 
-    def describe(self) -> str:
-        return json.dumps({"solver": self.config.solver, "options": self.config.solver_options,
-                           "plan": None if self.plan is None else self.plan.name})
 
 
 # ---- the direct path: a pipeline's denoiser as a fewstep model ------------------------------------------
 def pipeline_schedule(pipe: Any, mu: float | None = None) -> NoiseSchedule:
     """The noise schedule of ``pipe``'s scheduler config as a fewstep schedule (``mu``: a flow
     pipeline's dynamic shift, when its config asks for one)."""
-    sch = FewstepScheduler.from_pipeline(pipe, "ddim")
+    return _schedule_of(FewstepScheduler.from_pipeline(pipe, "ddim"), mu)
+
+
+def _schedule_of(sch: FewstepScheduler, mu: float | None) -> NoiseSchedule:
     if sch.config.kind == "flow" and sch.config.use_dynamic_shifting:
         if mu is None:
             raise ArgumentError("this flow pipeline shifts its schedule dynamically: pass mu")
@@ -311,7 +310,7 @@ def pipeline_model(
     is called on ``k B`` rows (parallel sampling: ``k`` time steps at once) they repeat ``k`` times.
     Prompts are given as embeddings (``pipe.encode_prompt(...)`` makes them)."""
     sch = FewstepScheduler.from_pipeline(pipe, "ddim")
-    schedule = pipeline_schedule(pipe, mu)
+    schedule = _schedule_of(sch, mu)
     scale = float(sch._time_scale)
     net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     if net is None:
