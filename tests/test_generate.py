@@ -128,3 +128,54 @@ def test_streaming_evaluation_equals_the_whole_set(tmp_path):
     feats = lambda s: s.reshape(s.shape[0], -1)[:, :3].double()  # noqa: E731  (a user's feature extractor)
     got = evaluate_folder(tmp_path / "d", features=feats, reference=ref)
     assert got["samples"] == 40 and abs(got["fd"] - fewstep.frechet_distance(feats(x), ref)) < 1e-8
+
+
+def test_memory_mapped_loading_serves_the_samples_from_the_files(tmp_path):
+    """load_samples(mmap=True): views of the shard files (nothing copied up front) that index,
+    slice across shard borders and iterate exactly like the loaded tensor; a damaged shard is still
+    caught (verify) and a truncated one even without it."""
+    from fewstep.sample_folder import MappedSamples
+
+    oracle = fewstep.bundled_oracle("gmm-d2")
+    model = oracle.as_model(fewstep.DiscreteVP.linear())
+    model.sample_shape = (oracle.dim,)
+    fewstep.generate(model, num=21, out=tmp_path / "g", solver="ddim", nfe=4, seed=2, batch_size=8, progress=False)
+    full = fewstep.load_samples(tmp_path / "g")
+    m = fewstep.load_samples(tmp_path / "g", mmap=True)
+    assert isinstance(m, MappedSamples) and len(m) == 21 and m.shape == full.shape and m.dtype == full.dtype
+    sizes = [shard_path(tmp_path / "g", s).stat().st_size for s in range(3)]
+    assert [x.untyped_storage().nbytes() for x in m.shards] == sizes  # each shard: a view of its whole file's map
+    assert torch.equal(m[5], full[5]) and torch.equal(m[-1], full[-1]) and torch.equal(m[3:19], full[3:19])
+    assert torch.equal(m[::4], full[::4]) and torch.equal(m[[20, 0, 8]], full[[20, 0, 8]]) and torch.equal(m[7:7], full[7:7])
+    assert torch.equal(torch.cat(list(m.batches(6))), full)
+    with pytest.raises(IndexError):
+        m[21]
+    damaged = shard_path(tmp_path / "g", 2)
+    data = bytearray(damaged.read_bytes())
+    data[-2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(fewstep.FewstepError, match="shard-000002"):
+        fewstep.load_samples(tmp_path / "g", mmap=True)
+    assert not torch.equal(fewstep.load_samples(tmp_path / "g", mmap=True, verify=False)[16:], full[16:])
+    damaged.write_bytes(bytes(data[:-4]))  # cut short: no valid safetensors file
+    with pytest.raises(fewstep.FewstepError, match="shard-000002"):
+        fewstep.load_samples(tmp_path / "g", verify=False)
+
+
+def test_rank_0_progress_counts_every_workers_shards_on_disk(tmp_path):
+    """The bar counts the samples in finished shard files, whoever wrote them (temporary files of
+    writes in flight and other files are not counted); under torchrun it reaches the total."""
+    from fewstep.generate import _FolderProgress
+
+    oracle = fewstep.bundled_oracle("gmm-d2")
+    model = oracle.as_model(fewstep.DiscreteVP.linear())
+    model.sample_shape = (oracle.dim,)
+    out = tmp_path / "g"
+    fewstep.generate(model, num=21, out=out, solver="ddim", nfe=4, batch_size=8, progress=False)
+    shard_path(out, 0).unlink()
+    (out / ".shard-000000.safetensors.x1y2.tmp").write_bytes(b"in flight")
+    bar = _FolderProgress(out, 21, 8, "test", enabled=True)
+    assert bar.on_disk() == 8 + 5 and bar.bar.n == 13
+    bar.close()
+    r = _torchrun([*RUN, "--solver", "ddim", "--num-samples", "45", "--out", str(tmp_path / "t")])
+    assert r.returncode == 0 and "45/45" in r.stderr, r.stderr[-2000:]

@@ -22,6 +22,7 @@ from .oracle import GaussianMixture, bundled_oracle
 from .reference import check_fine_reference, check_reference, reference_solution
 from .parallel import ParallelInfo, ParallelOptions, parallel_solve
 from .generate import GenerateInfo, generate, load_samples
+from .sample_folder import MappedSamples
 from .sample import SampleInfo, sample
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule, VPSchedule
 from .solvers.plan import SolverSchedule
@@ -33,7 +34,7 @@ from .schedule_search import search
 from . import zoo
 
 __all__ = [
-    "ArgumentError", "BrownianNoise", "IntervalNoise", "ParallelInfo", "ParallelOptions", "parallel_solve", "GenerateInfo", "generate", "load_samples", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
+    "ArgumentError", "BrownianNoise", "IntervalNoise", "ParallelInfo", "ParallelOptions", "parallel_solve", "GenerateInfo", "generate", "load_samples", "MappedSamples", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
     "ModelOutputError", "NoiseSchedule", "Prediction", "SampleInfo", "ScheduleError", "ScheduleFileError",
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "ZooError", "__version__",
     "batched_classifier_free_guidance", "default_solver", "default_spacing", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",

@@ -1,4 +1,4 @@
-"""Generation at scale (issue 18, part 1): sharded, resumable sample generation over torch.distributed.
+"""Generation at scale: sharded, resumable sample generation over torch.distributed.
 
 Sample ``k`` depends only on ``(seed, k)``: its initial noise and its Brownian step noise are keyed
 by the global sample index. The index range ``0..num-1`` is cut into shards of ``shard_size``
@@ -11,14 +11,17 @@ dtype, fewstep version): re-running the same command finishes the missing or dam
 another run on the same folder is refused.
 
 Workers are the processes of ``torchrun`` (``torch.distributed``: gloo on CPUs, NCCL on GPUs,
-several nodes with ``--nnodes``); without it, one process does all shards.
+several nodes with ``--nnodes``, the folder on a file system they share); without it, one process
+does all shards. Rank 0 shows one progress bar for all of them (samples in finished shards on disk).
+Reading a folder back: :mod:`fewstep.sample_folder`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +35,10 @@ from .errors import ArgumentError, FewstepError
 from .models import Model
 from .noise import initial_noise
 from .sample import resolve_plan, sample
+from .sample_folder import FORMAT, MANIFEST, MappedSamples, digest, evaluate_folder, iter_shards, load_samples, shard_path, valid_shard
 from .solvers.plan import SolverSchedule
 
-__all__ = ["generate", "load_samples", "iter_shards", "evaluate_folder", "GenerateInfo", "MANIFEST", "shard_path"]
-
-MANIFEST = "manifest.json"
-FORMAT = "fewstep.samples"
+__all__ = ["generate", "load_samples", "iter_shards", "evaluate_folder", "MappedSamples", "GenerateInfo", "MANIFEST", "shard_path"]
 
 
 @dataclass
@@ -56,14 +57,6 @@ class GenerateInfo:
     world_size: int
     model_evaluations: int
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def shard_path(out: Path, s: int) -> Path:
-    return out / f"shard-{s:06d}.safetensors"
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _dist() -> tuple[int, int, Any, bool]:
@@ -110,22 +103,53 @@ def _check_manifest(out: Path, wanted: dict[str, Any]) -> None:
         raise ArgumentError(f"{out} holds another run (differs in {', '.join(keys)}); refusing to mix samples: use another --out folder")
 
 
-def _valid_shard(path: Path, lo: int, hi: int) -> bool:
-    """Is the shard file complete and undamaged (its indices, and the samples' stored SHA-256)?"""
-    from safetensors import SafetensorError, safe_open
+_SHARD_NAME = re.compile(r"shard-(\d{6})\.safetensors")
 
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            idx = fh.get_tensor("indices")
-            x = fh.get_tensor("samples")
-    except (OSError, SafetensorError, KeyError, RuntimeError, ValueError):
-        return False
-    try:
-        stored = json.loads(meta.get("fewstep", "{}")).get("sha256")
-    except ValueError:
-        return False
-    return idx.tolist() == list(range(lo, hi)) and stored == _digest(x)
+
+class _FolderProgress:
+    """Rank 0's progress bar over all workers: a thread counts the samples in the shard files on disk
+    (every worker writes to the same folder, atomically, so a visible shard is a finished one) every
+    ``interval`` seconds; tqdm's rate is then samples per second across all ranks."""
+
+    def __init__(self, out: Path, num: int, size: int, desc: str, enabled: bool, interval: float = 0.5) -> None:
+        from tqdm.auto import tqdm
+
+        self.out, self.num, self.size, self.interval = out, num, size, interval
+        self.enabled = enabled
+        start = self.on_disk() if enabled else 0
+        self.bar = tqdm(total=num, initial=start, desc=desc, unit="sample", disable=not enabled)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True) if enabled else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def on_disk(self) -> int:
+        n = 0
+        try:
+            for entry in os.scandir(self.out):
+                m = _SHARD_NAME.fullmatch(entry.name)
+                if m:
+                    lo = int(m.group(1)) * self.size
+                    n += max(0, min(self.num, lo + self.size) - lo)
+        except OSError:
+            pass
+        return n
+
+    def refresh(self) -> None:
+        done = self.on_disk()
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.refresh()
+        self.bar.close()
 
 
 def generate(
@@ -173,19 +197,16 @@ def generate(
 
     n_shards = (num + batch_size - 1) // batch_size
     mine = list(range(rank, n_shards, world))
-    counts = torch.zeros(3, dtype=torch.int64)  # generated, reused, repaired
+    counts = torch.zeros(4, dtype=torch.int64)  # shards generated, reused, repaired; samples generated
     evals0 = model.evaluations
     t0 = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=num, desc=f"generate ({world} worker{'s' if world > 1 else ''})", unit="sample", disable=not progress or rank != 0)
+    bar = _FolderProgress(out, num, batch_size, f"generate ({world} worker{'s' if world > 1 else ''})", progress and rank == 0)
     for s in mine:
         lo, hi = s * batch_size, min(num, (s + 1) * batch_size)
         path = shard_path(out, s)
         if path.exists():
-            if _valid_shard(path, lo, hi):
+            if valid_shard(path, lo, hi):
                 counts[1] += 1
-                bar.update(min((hi - lo) * world, num - bar.n))
                 continue
             counts[2] += 1  # damaged (interrupted copy, bit rot): generated again
         idx = list(range(lo, hi))
@@ -194,76 +215,19 @@ def generate(
         from safetensors.torch import save
 
         # one metadata entry: safetensors orders several keys differently from process to process
-        blob = save({"samples": x, "indices": torch.tensor(idx, dtype=torch.int64)}, metadata={"fewstep": json.dumps({"format": FORMAT, "sha256": _digest(x)})})
+        blob = save({"samples": x, "indices": torch.tensor(idx, dtype=torch.int64)}, metadata={"fewstep": json.dumps({"format": FORMAT, "sha256": digest(x)})})
         write_atomic(path, blob)
         counts[0] += 1
-        bar.update(min((hi - lo) * world, num - bar.n))  # rank 0's view: the other workers run alongside
-    bar.close()
+        counts[3] += hi - lo
     evals = torch.tensor([model.evaluations - evals0], dtype=torch.int64)
     if dist is not None:
-        dist.all_reduce(counts)
+        dist.all_reduce(counts)  # waits for every worker: rank 0's bar runs until the last shard is written
         dist.all_reduce(evals)
+    bar.close()
+    if dist is not None:
         dist.barrier()
         if owned:  # a group started here is closed here (a worker leaving an open gloo group can abort at exit)
             dist.destroy_process_group()
     wall = time.perf_counter() - t0
-    generated = int(counts[0])
-    done = min(num, generated * batch_size)
-    return GenerateInfo(out, num, n_shards, generated, int(counts[1]), int(counts[2]), wall, done / wall if wall > 0 else 0.0, world, int(evals))
-
-
-def iter_shards(folder: str | Path) -> Any:
-    """The samples of a generation folder shard by shard, in index order (each checked)."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    try:
-        man = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise FewstepError(f"{folder} is not a generation folder ({exc})") from None
-    num, size = int(man["num"]), int(man["shard_size"])
-    for s in range((num + size - 1) // size):
-        lo, hi = s * size, min(num, (s + 1) * size)
-        path = shard_path(folder, s)
-        if not _valid_shard(path, lo, hi):
-            raise FewstepError(f"shard {path.name} (samples {lo}..{hi - 1}) is missing or damaged: re-run the generate command to finish it")
-        with safe_open(str(path), framework="pt") as fh:
-            yield fh.get_tensor("samples")
-
-
-def evaluate_folder(folder: str | Path, *, features: Any = None, reference: torch.Tensor | None = None) -> dict[str, Any]:
-    """Metrics of a generation folder, streamed shard by shard (memory of one shard).
-
-    Default: the digits metrics of the bundled classifier (feature and pixel Fréchet distances to the
-    held-out digits, mean confidence), for samples in the digits networks' model space. With
-    ``features(x) -> (n, d)`` (any feature extractor) and ``reference`` (reference features, (m, d)):
-    the Fréchet distance of the samples' features to the reference's."""
-    from .metrics import StreamingGaussian, frechet_of_fits, gaussian_fit
-
-    if features is not None:
-        if reference is None:
-            raise ArgumentError("a feature extractor needs reference features (reference=)")
-        acc = StreamingGaussian()
-        for x in iter_shards(folder):
-            acc.add(features(x))
-        mr, sr = gaussian_fit(reference)
-        return {"samples": acc.n, "fd": frechet_of_fits(*acc.fit(), mr, sr)}
-    from .zoo.evaluate import DigitsEvaluator
-
-    ev = DigitsEvaluator()
-    feats, pix = StreamingGaussian(), StreamingGaussian()
-    conf = 0.0
-    for x in iter_shards(folder):
-        emb = ev._embed(x)
-        feats.add(emb.features)
-        pix.add(emb.pixels)
-        conf += float(emb.probabilities.max(-1).values.sum())
-    held = ev._heldout
-    return {"samples": feats.n, "fd_features": frechet_of_fits(*feats.fit(), *gaussian_fit(held.features)),
-            "fd_pixels": frechet_of_fits(*pix.fit(), *gaussian_fit(held.pixels)), "confidence": conf / feats.n}
-
-
-def load_samples(folder: str | Path) -> torch.Tensor:
-    """All samples of a generation folder, in index order (every shard checked against its SHA-256;
-    a missing or damaged shard is an error naming it)."""
-    return torch.cat(list(iter_shards(folder)))
+    done = int(counts[3])
+    return GenerateInfo(out, num, n_shards, int(counts[0]), int(counts[1]), int(counts[2]), wall, done / wall if wall > 0 else 0.0, world, int(evals))
