@@ -126,7 +126,7 @@ def trace_rows(target: str, solvers: tuple[str, ...], n: int, batch: int) -> tup
     return traces, tols
 
 
-def write_trace(argv: list[str] | None, out: Path, threads: int | None) -> int:
+def write_trace(argv: list[str] | None, out: Path) -> int:
     t0 = time.perf_counter()
     traces, tols = trace_rows("digits-vp-eps", ("ddim", "unipc"), 100, 8)
     wall = time.perf_counter() - t0
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     set_threads(args.threads)
     if args.trace:
-        return write_trace(argv, Path(args.out) if args.out else REPORTS / "parallel_trace.md", args.threads)
+        return write_trace(argv, Path(args.out) if args.out else REPORTS / "parallel_trace.md")
     out = Path(args.out) if args.out else REPORTS / ("parallel_quick.md" if args.quick else "parallel.md")
     t_all = time.perf_counter()
     targets = args.targets or (TARGETS[:1] if args.quick else TARGETS)
