@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
+
 import fewstep
 from fewstep.report import markdown_table
 
@@ -43,6 +45,8 @@ SOLVERS = ("ddim", "dpmpp_2m", "unipc", "dpmpp_2m_sde")
 STEPS = (25, 50, 100, 1000)
 TARGETS = ("digits-vp-eps", "digits-flow")
 BATCH = 64
+SCHEMES = ("picard", "taa", "secant")
+LABEL = {"picard": "Picard", "taa": "Anderson", "secant": "secant"}
 
 
 def rounds_rows(target: str, solvers: tuple[str, ...], steps: tuple[int, ...], batch: int, seed: int) -> list[dict]:
@@ -57,13 +61,13 @@ def rounds_rows(target: str, solvers: tuple[str, ...], steps: tuple[int, ...], b
             seq = fewstep.sample(model, x, name, nfe=n, seed=seed)
             row = {"target": target, "solver": name, "N": n, "window": min(opts.window or n, n), "sequential_s": time.perf_counter() - t0,
                    "solver_rmse_vs_unipc300": fewstep.rmse(seq, ref)}
-            for acc in ("picard", "taa"):
+            for acc in SCHEMES:
                 t0 = time.perf_counter()
                 par, info = fewstep.sample(model, x, name, nfe=n, seed=seed, parallel=replace(opts, accelerate=acc), return_info=True)
                 p = info.extra["parallel"]
                 row[acc] = {"rounds": p.rounds, "evals_per_N": p.evaluations / n, "s": time.perf_counter() - t0,
                             "rms_diff": fewstep.rmse(par, seq), "accepted": p.accepted}
-            log(f"{target} {name} N={n}: Picard {row['picard']['rounds']} rounds, Anderson {row['taa']['rounds']} rounds")
+            log(f"{target} {name} N={n}: " + ", ".join(f"{LABEL[a]} {row[a]['rounds']} rounds" for a in SCHEMES))
             rows.append(row)
     return rows
 
@@ -100,10 +104,20 @@ def trace_rows(target: str, solvers: tuple[str, ...], n: int, batch: int) -> tup
     ends: list = []
     original = P._PlanProgram.replay
 
-    def replay(self, a, outputs, b):  # type: ignore[no-untyped-def]
-        g = original(self, a, outputs, b)
+    def replay(self, a, outputs, b, slopes=None):  # type: ignore[no-untyped-def]
+        g = original(self, a, outputs, b, slopes)
         ends.append(self.runner.result().clone() if self.runner.finished else None)
         return g
+
+    class ExactJacobian(P._SecantSlopes):
+        """Newton's method itself, for reference: the model's exact Jacobian-vector product at each
+        replay step (torch.func.jvp). Not a usable scheme: the JVPs run one after another."""
+
+        def linearised(self, j, out, x):  # type: ignore[no-untyped-def]
+            prog, (at, _) = self.prior.__self__, self._last[j]
+            ev, rows = prog.evals[j], at.shape[0]
+            fn = lambda z: prog.model.output_rows(z, [ev.t] * rows, [ev.alpha] * rows, [ev.sigma] * rows)  # noqa: E731
+            return out + torch.func.jvp(fn, (at,), ((x - at).to(at.dtype),))[1]
 
     traces, tols = [], []
     P._PlanProgram.replay = replay
@@ -111,9 +125,16 @@ def trace_rows(target: str, solvers: tuple[str, ...], n: int, batch: int) -> tup
         for name in solvers:
             seq = fewstep.sample(model, x, name, nfe=n)
             err = fewstep.rmse(seq, ref)
-            for acc in ("picard", "taa"):
+            for acc in (*SCHEMES, "newton"):
                 ends.clear()
-                _, info = fewstep.sample(model, x, name, nfe=n, parallel=fewstep.ParallelOptions(window=None, accelerate=acc), return_info=True)
+                if acc == "newton":
+                    P._SecantSlopes, secant = ExactJacobian, P._SecantSlopes
+                try:
+                    _, info = fewstep.sample(model, x, name, nfe=n, parallel=fewstep.ParallelOptions(window=None, accelerate="secant" if acc == "newton" else acc),
+                                             return_info=True)
+                finally:
+                    if acc == "newton":
+                        P._SecantSlopes = secant
                 p = info.extra["parallel"]
                 traces.append({"solver": name, "accelerate": acc, "solver_rmse": err, "rounds": p.rounds, "accepted": p.accepted,
                                "end_error_over_solver_error": [None if e is None else fewstep.rmse(e, seq) / err for e in ends]})
@@ -135,12 +156,14 @@ def write_trace(argv: list[str] | None, out: Path) -> int:
     acc_table = markdown_table(head, [[t["solver"], t["accelerate"], t["rounds"], *t["accepted"], *[""] * (longest - t["rounds"])] for t in traces])
     err_table = markdown_table(head, [[t["solver"], t["accelerate"], t["rounds"], *["-" if e is None else f"{e:.3g}" for e in t["end_error_over_solver_error"]],
                                        *[""] * (longest - t["rounds"])] for t in traces])
-    tol_table = markdown_table(["solver", "tol", "rounds (Anderson)", "RMS diff / solver RMSE"],
+    tol_table = markdown_table(["solver", "tol", f"rounds ({LABEL[fewstep.ParallelOptions().accelerate]})", "RMS diff / solver RMSE"],
                                [[r["solver"], f"{r['tol']:g}", r["rounds"], f"{r['diff_over_solver_error']:.3f}"] for r in tols])
     text = "\n".join([
         *report_header("Parallel-in-time sampling: where the rounds go", "parallel.py", argv, wall),
         "100 steps on digits-vp-eps, batch 8, window = the whole trajectory, default tolerance unless stated. A round is "
-        "one batched model call (the sequential run needs 100).", "",
+        "one batched model call (the sequential run needs 100). 'newton': for reference, Newton's method with the model's exact "
+        "Jacobian (a JVP at every replay step, one after another: not a usable scheme, a bound on what a better Jacobian "
+        "estimate could give).", "",
         "## Evaluations accepted in each round", "", acc_table, "",
         "## The current trajectory's end state after each round", "",
         "RMS distance of the end state of the round's replay to the sequential samples, divided by the solver's own RMSE "
@@ -176,22 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     clock = wall_clock("digits-vp-eps", 100, (1, 8), 3 if args.quick else 7)
     wall = time.perf_counter() - t_all
 
+    best = min(SCHEMES[1:], key=lambda a: sum(r[a]["rounds"] for r in rows))
     table = markdown_table(
-        ["target", "solver", "N", "window", "solver RMSE (vs UniPC-300)", "Picard rounds", "Picard evals / N", "Picard RMS diff",
-         "Anderson rounds", "Anderson evals / N", "Anderson RMS diff", "rounds saved (Anderson vs N)"],
-        [[r["target"], r["solver"], r["N"], r["window"], f"{r['solver_rmse_vs_unipc300']:.2e}",
-          r["picard"]["rounds"], f"{r['picard']['evals_per_N']:.1f}", f"{r['picard']['rms_diff']:.1e}",
-          r["taa"]["rounds"], f"{r['taa']['evals_per_N']:.1f}", f"{r['taa']['rms_diff']:.1e}", f"{r['N'] / r['taa']['rounds']:.1f}x"] for r in rows])
+        ["target", "solver", "N", "window", "solver RMSE (vs UniPC-300)"]
+        + [f"{LABEL[a]} {col}" for a in SCHEMES for col in ("rounds", "evals / N", "RMS diff")] + [f"rounds saved ({LABEL[best]} vs N)"],
+        [[r["target"], r["solver"], r["N"], r["window"], f"{r['solver_rmse_vs_unipc300']:.2e}"]
+         + [v for a in SCHEMES for v in (r[a]["rounds"], f"{r[a]['evals_per_N']:.1f}", f"{r[a]['rms_diff']:.1e}")]
+         + [f"{r['N'] / r[best]['rounds']:.1f}x"] for r in rows])
     clock_table = markdown_table(["batch", "N", "sequential ms", "parallel ms", "speed-up", "rounds", "evals / N"],
                                  [[c["batch"], c["N"], f"{c['sequential_s'] * 1e3:.0f}", f"{c['parallel_s'] * 1e3:.0f}", f"{c['speedup']:.2f}x",
                                    c["rounds"], f"{c['evals_per_N']:.1f}"] for c in clock])
     ddim100 = [r for r in rows if r["solver"] == "ddim" and r["N"] == 100]
-    headline = ", ".join(f"{r['target']}: {r['taa']['rounds']} rounds (Picard {r['picard']['rounds']})" for r in ddim100)
+    headline = ", ".join(f"{r['target']}: " + ", ".join(f"{LABEL[a]} {r[a]['rounds']}" for a in SCHEMES) + " rounds" for r in ddim100)
     opts = fewstep.ParallelOptions()
     text = "\n".join([
         *report_header("Parallel-in-time sampling: rounds, evaluations, agreement, wall clock", "parallel.py", argv, wall),
         f"Settings: `fewstep.ParallelOptions()` defaults (tolerance {opts.tol:g} on each evaluation's input change / its noise level, "
-        f"window {opts.window}, Anderson memory {opts.history}); batch {BATCH}, seed 0. A round is one "
+        f"window {opts.window}, Anderson memory {opts.history}) with each acceleration: Picard (none), Anderson (`taa`), the secant "
+        f"quasi-Newton replay (`secant`); batch {BATCH}, seed 0. A round is one "
         "batched model call: the sequential run needs N. 'evals / N': model evaluations per sample over N (the compute price). "
         "'RMS diff': parallel vs sequential samples (float32 networks); the solver's own RMSE against a NFE-300 UniPC solve is "
         "given for scale.", "",

@@ -269,6 +269,10 @@ def parallel_setting(args: argparse.Namespace) -> ParallelOptions | bool:
     return replace(ParallelOptions(), **flags)
 
 
+#: the accelerations `bench --parallel` compares, with their column labels
+_SCHEMES = {"picard": "Picard", "taa": "Anderson", "secant": "secant"}
+
+
 def compare_parallel(
     *,
     target: Target,
@@ -297,7 +301,7 @@ def compare_parallel(
             seq, info = sample(model, x_T, solver, nfe=nfe, seed=seed, return_info=True, **opts)
             t_seq = time.perf_counter() - t0
             row: list[object] = [_label(solver, opts0), info.nfe, info.calls, round(t_seq, 3)]
-            for acc in ("picard", "taa"):
+            for acc in _SCHEMES:
                 t0 = time.perf_counter()
                 par, pinfo = sample(model, x_T, solver, nfe=nfe, seed=seed, return_info=True, parallel=replace(options, accelerate=acc), **opts)
                 t_par = time.perf_counter() - t0
@@ -305,12 +309,11 @@ def compare_parallel(
                 row += [p.rounds, round(p.evaluations / max(1, p.sequential_evaluations), 2), round(t_par, 3), rmse(par, seq)]
         except FewstepError as exc:
             _log(f"{_label(solver, opts0)} at NFE {n} did not run: {exc}")
-            rows.append([_label(solver, opts0), n, *["n/a"] * 11])
+            rows.append([_label(solver, opts0), n, *["n/a"] * (2 + 4 * len(_SCHEMES))])
             continue
         rows.append(row)
     headers = ["solver", "NFE", "sequential rounds (model calls)", "sequential s",
-               "Picard rounds", "Picard evals / NFE", "Picard s", "Picard RMS diff",
-               "Anderson rounds", "Anderson evals / NFE", "Anderson s", "Anderson RMS diff"]
+               *[f"{_SCHEMES[acc]} {col}" for acc in _SCHEMES for col in ("rounds", "evals / NFE", "s", "RMS diff")]]
     table = markdown_table(headers, rows)
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join([

@@ -24,7 +24,15 @@ Each round (:class:`_Engine`):
    ``history`` differences of the residuals ``f = g - X`` of the window's evaluations up to ``j``
    only (so step ``j`` never looks at later steps, as the recurrence does not), weighted by
    ``1 / scale^2``, solved per sample from prefix sums of small Gram matrices. Its fixed points are
-   those of ``g``; the first open evaluation always takes the exact ``g_a``.
+   those of ``g``; the first open evaluation always takes the exact ``g_a``;
+   or the **secant quasi-Newton** replay (``"secant"``): Newton's method on the triangular system
+   ``X = g(X)`` linearises each output, ``D_j(x) ~ D_j + J_j (x - X_j)``, and solves the linear
+   system by forward substitution, which is the replay itself with the outputs ``D_j + J_j (g_j -
+   X_j)``. Each Jacobian ``J_j`` is replaced by a per-sample scalar: the secant ``<dD, dX> / |dX|^2``
+   of the last two evaluations at that step (before the second one, the value that data of unit
+   variance would give, a Gaussian prior). No extra model calls; the fixed point is unchanged
+   (at the sequential trajectory ``g_j = X_j`` and the correction vanishes). For
+   :func:`parallel_solve` the slope starts at 1, which is ParaDiGMS's cumulative-sum form.
 
 Stochastic plans draw exactly the sequential run's noise: it is keyed by each combination's
 log-SNR interval (:mod:`fewstep.noise`) and memoised across replays. :func:`parallel_solve` runs
@@ -47,13 +55,16 @@ from .solvers.compile import CompiledPlan, Evaluate
 
 __all__ = ["ParallelOptions", "ParallelInfo", "parallel_solve", "run_plan_parallel", "ACCELERATIONS"]
 
-ACCELERATIONS = ("taa", "picard")
+ACCELERATIONS = ("secant", "taa", "picard")
 #: default tolerance on ``rms(change) / sigma`` per evaluation (docs/parallel.md: measured)
 DEFAULT_TOL = 1e-3
 #: default window (evaluations per round; ``None`` = the whole trajectory): on digits-vp-eps, 100-step
 #: DDIM took 21 rounds and 5.1 evaluations per step with 32, 20 rounds and 10.4 with the whole
 #: trajectory, 29 and 2.1 with 8 (docs/parallel.md)
 DEFAULT_WINDOW: int | None = 32
+#: default acceleration of sampling (docs/parallel.md: fewer rounds than Anderson and Picard for every
+#: solver and N measured on digits-vp-eps); parallel_solve keeps Anderson (as fast on its test recurrence)
+DEFAULT_ACCELERATE = "secant"
 #: Anderson memory (differences of iterates; 1 = ParaTAA's default memory of two iterates): more
 #: measured slower on the digits and oracle targets (docs/parallel.md)
 DEFAULT_HISTORY = 1
@@ -67,8 +78,9 @@ class ParallelOptions:
 
     ``window``: evaluations per round (default 32; ``None``: all of them); ``tol``: the largest accepted change
     of an evaluation's input between rounds, as RMS over the sample's elements divided by the noise
-    level sigma at that evaluation (0: iterate to the exact fixed point); ``accelerate``: ``"taa"``
-    (triangular Anderson) or ``"picard"``; ``history``: Anderson's memory; ``max_batch``: the most
+    level sigma at that evaluation (0: iterate to the exact fixed point); ``accelerate``: ``"secant"``
+    (the secant quasi-Newton replay, the default: fewest rounds measured), ``"taa"`` (triangular
+    Anderson) or ``"picard"``; ``history``: Anderson's memory; ``max_batch``: the most
     rows (samples x evaluations) per model call (micro-batches bound memory; ``None``: no limit);
     ``max_rounds``: stop after this many rounds (``None``: never needed, the iteration ends within
     ``M + 1`` rounds); ``record``: keep every evaluation's final input in the info (for
@@ -76,7 +88,7 @@ class ParallelOptions:
 
     window: int | None = DEFAULT_WINDOW
     tol: float = DEFAULT_TOL
-    accelerate: str = "taa"
+    accelerate: str = DEFAULT_ACCELERATE
     history: int = DEFAULT_HISTORY
     max_batch: int | None = None
     max_rounds: int | None = None
@@ -128,9 +140,13 @@ class _Program(Protocol):
 
     def evaluate(self, js: Sequence[int], xs: Sequence[torch.Tensor], max_batch: int | None) -> list[Any]: ...
 
-    def replay(self, a: int, outputs: dict[int, Any], b: int) -> dict[int, torch.Tensor]:
-        """From the accepted point ``a``, answer evaluations ``a..b-1`` with ``outputs``; the inputs
-        ``g_a..g_b`` (``g_b`` only if ``b < n_evals``)."""
+    def prior_slopes(self, j: int) -> tuple[float, ...]:
+        """The secant replay's slope of each output component of evaluation ``j`` before any secant."""
+        ...
+
+    def replay(self, a: int, outputs: dict[int, Any], b: int, slopes: _SecantSlopes | None = None) -> dict[int, torch.Tensor]:
+        """From the accepted point ``a``, answer evaluations ``a..b-1`` with ``outputs`` (linearised at
+        the replay's inputs with ``slopes``); the inputs ``g_a..g_b`` (``g_b`` only if ``b < n_evals``)."""
         ...
 
     def accept(self, c: int) -> None:
@@ -153,6 +169,52 @@ def _inner(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bmn,bkn->bmk", u, v)
 
 
+def _parts(out: Any) -> tuple[torch.Tensor, ...]:
+    return (out.x0, out.eps) if isinstance(out, Prediction) else (out,)
+
+
+class _SecantSlopes:
+    """Per evaluation, sample and output component, a scalar estimate ``s`` of the model's Jacobian
+    along the last change of the evaluation's input: ``s = <D - D', X - X'> / |X - X'|^2`` from its
+    last two evaluations (a prior before the second; the last slope when the input did not move).
+    :meth:`linearised` gives ``D_j + s (x - X_j)``, the output at the replay's input ``x`` to first
+    order (the secant quasi-Newton replay, module docstring)."""
+
+    def __init__(self, prior: Callable[[int], tuple[float, ...]]) -> None:
+        self.prior = prior
+        self._last: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        self._slope: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def observe(self, js: Sequence[int], xs: Sequence[torch.Tensor], outs: Sequence[Any]) -> None:
+        for j, x, out in zip(js, xs, outs):
+            parts = _parts(out)
+            bsz = x.shape[0]
+            prev = self._last.get(j)
+            if prev is None:
+                slope = tuple(torch.full((bsz,), v, dtype=torch.float64, device=x.device) for v in self.prior(j))
+            else:
+                dx = (x - prev[0]).reshape(bsz, -1).double()
+                den = dx.square().sum(1)
+                moved = den > 0
+                slope = tuple(
+                    torch.where(moved, torch.nan_to_num((dx * (d - d0).reshape(bsz, -1).double()).sum(1) / den.clamp_min(1e-300),
+                                                        nan=0.0, posinf=0.0, neginf=0.0), old)
+                    for d, d0, old in zip(parts, prev[1], self._slope[j]))
+            self._slope[j] = slope
+            self._last[j] = (x, parts)
+
+    def linearised(self, j: int, out: Any, x: torch.Tensor) -> Any:
+        at, _ = self._last[j]
+        step = x - at
+        parts = tuple(d + s.to(d.dtype).view(-1, *[1] * (d.ndim - 1)) * step.to(d.dtype) for d, s in zip(_parts(out), self._slope[j]))
+        return Prediction(*parts) if isinstance(out, Prediction) else parts[0]
+
+    def forget(self, upto: int) -> None:
+        """Drop the evaluations before ``upto`` (accepted: never evaluated again)."""
+        for j in [k for k in self._last if k < upto]:
+            del self._last[j], self._slope[j]
+
+
 class _Engine:
     def __init__(self, program: _Program, opts: ParallelOptions) -> None:
         self.p, self.o = program, opts
@@ -170,6 +232,7 @@ class _Engine:
         a = 0
         rows = 0
         limit = o.max_rounds or m_total + 1
+        slopes = _SecantSlopes(p.prior_slopes) if o.accelerate == "secant" else None
         while a < m_total:
             if info.rounds >= limit:
                 return self._finish(info, rows, converged=False)
@@ -180,7 +243,9 @@ class _Engine:
             outs = p.evaluate(js, [x[j] for j in js], o.max_batch)
             rows += len(js)
             outputs = dict(zip(js, outs))
-            g = p.replay(a, outputs, b)
+            if slopes is not None:
+                slopes.observe(js, [x[j] for j in js], outs)
+            g = p.replay(a, outputs, b, slopes)
             scales = {j: p.scale(j) for j in js}
             # one host synchronisation per round: the window's residuals, read together
             res = dict(zip(js, torch.stack([(_rms_per_sample(g[j] - x[j]) / scales[j]).max() for j in js]).tolist()))
@@ -194,6 +259,8 @@ class _Engine:
             info.windows.append((a, b))
             info.accepted.append(c - a)
             p.accept(c)
+            if slopes is not None:
+                slopes.forget(c)
             if o.record:
                 info.inputs = (info.inputs or []) + [x[j] for j in range(a, c)]
             if c >= m_total:
@@ -219,7 +286,7 @@ class _Engine:
         entrants from holding the last output), or its Anderson-corrected form, computed for the
         whole window at once (a few batched kernels per round, whatever the window)."""
         nxt = {j: g[j] for j in range(c, new_end)}
-        if self.o.accelerate == "picard":
+        if self.o.accelerate != "taa":  # Picard, or the secant replay (its correction is in g already)
             return nxt
         n_open = b - c
         if n_open > 0:
@@ -319,6 +386,19 @@ class _PlanProgram:
     def scale(self, j: int) -> float:
         return max(self.evals[j].sigma, 1e-12)
 
+    def prior_slopes(self, j: int) -> tuple[float, ...]:
+        """The output's slope for data of unit variance: ``E[x0 | x] = k x``, ``k = alpha / (alpha^2 +
+        sigma^2)``, ``E[eps | x] = sigma / (alpha^2 + sigma^2) x``; the raw output (``x0 = p0 x + q0
+        out``) then has slope ``(k - p0) / q0``."""
+        from .models import prediction_coefficients
+
+        a, sg = self.evals[j].alpha, self.evals[j].sigma
+        n = a * a + sg * sg
+        if not self.runner.fold:
+            return a / n, sg / n
+        p0, q0, _, _ = prediction_coefficients(self.model.prediction, a, sg)
+        return ((a / n - p0) / q0 if q0 else 0.0,)
+
     def evaluate(self, js: Sequence[int], xs: Sequence[torch.Tensor], max_batch: int | None) -> list[Any]:
         model, runner = self.model, self.runner
         bsz = xs[0].shape[0]
@@ -341,7 +421,7 @@ class _PlanProgram:
         eps = torch.cat([pr.eps for pr in parts]).split(bsz)
         return [Prediction(u, v) for u, v in zip(x0, eps)]
 
-    def replay(self, a: int, outputs: dict[int, Any], b: int) -> dict[int, torch.Tensor]:
+    def replay(self, a: int, outputs: dict[int, Any], b: int, slopes: _SecantSlopes | None = None) -> dict[int, torch.Tensor]:
         runner = self.runner
         runner.restore(self.start)
         self.snaps = {}
@@ -352,8 +432,9 @@ class _PlanProgram:
             self.snaps[j] = runner.snapshot()
             if j >= b:
                 break
-            runner.answer(outputs[j])
-            self._last_out = outputs[j]
+            out = outputs[j] if slopes is None else slopes.linearised(j, outputs[j], g[j])
+            runner.answer(out)
+            self._last_out = out
             if runner.request() is None:
                 self.snaps[j + 1] = runner.snapshot()
                 break
@@ -429,7 +510,9 @@ class _RecurrenceProgram:
     """``x_(i+1) = F_i(x_i)``: evaluation ``i`` reads state ``i`` and yields state ``i + 1``. The
     replay sums increments, ``g_(j+1) = g_j + (F_j(X_j) - X_j)`` (ParaDiGMS's cumulative-sum form):
     an error in ``X_j`` reaches ``g_(j+1)`` only through ``F_j - identity``, which is small for the
-    small steps of an integrator (the plain ``g_(j+1) = F_j(X_j)`` would pass it on whole)."""
+    small steps of an integrator (the plain ``g_(j+1) = F_j(X_j)`` would pass it on whole). The
+    secant replay generalises it: ``g_(j+1) = F_j(X_j) + s_j (g_j - X_j)``, the slope ``s_j``
+    starting at 1 (this form) and then the secant of step ``j``'s last two evaluations."""
 
     def __init__(self, step_fn: StepFn, x0: torch.Tensor, n_steps: int, scale: float | Sequence[float]) -> None:
         self.fn, self.n_evals = step_fn, n_steps
@@ -445,6 +528,9 @@ class _RecurrenceProgram:
 
     def scale(self, j: int) -> float:
         return self.scales[j]
+
+    def prior_slopes(self, j: int) -> tuple[float, ...]:
+        return (1.0,)  # F_j ~ identity: the cumulative-sum form
 
     def evaluate(self, js: Sequence[int], xs: Sequence[torch.Tensor], max_batch: int | None) -> list[torch.Tensor]:
         self._inputs = dict(zip(js, xs))
@@ -464,10 +550,10 @@ class _RecurrenceProgram:
             outs.extend(out.unbind(0))
         return outs
 
-    def replay(self, a: int, outputs: dict[int, torch.Tensor], b: int) -> dict[int, torch.Tensor]:
+    def replay(self, a: int, outputs: dict[int, torch.Tensor], b: int, slopes: _SecantSlopes | None = None) -> dict[int, torch.Tensor]:
         g = {a: self.start_state}
         for j in range(a, b):
-            g[j + 1] = g[j] + (outputs[j] - self._inputs[j])
+            g[j + 1] = g[j] + (outputs[j] - self._inputs[j]) if slopes is None else slopes.linearised(j, outputs[j], g[j])
         self._g = g
         self._b = b
         return {j: v for j, v in g.items() if j < self.n_evals}
