@@ -135,6 +135,18 @@ class RecordCache:
         write_text_atomic(self.path, json.dumps({"format": self.format, "entries": self.entries}, indent=0))
 
 
+def device_or_dry_run(device: str) -> tuple["torch.device", str] | None:  # noqa: F821
+    """The device a GPU benchmark measures on and its name: ``cuda`` (None, after saying so, when no
+    CUDA device is there: nothing to measure) or ``cpu`` (a dry run of the script)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return None
+    dev = torch.device(device)
+    return dev, (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)")
+
+
 def set_threads(n: int | None = None) -> int:
     """``torch.set_num_threads``: ``n``, else ``$FEWSTEP_BENCH_THREADS``, else every CPU this process
     may run on (the project's 2-vCPU machine: 2). Returns the count set."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import fewstep
-from _common import REPORTS, log, report_header, write_text_atomic
+from _common import REPORTS, device_or_dry_run, log, report_header, write_text_atomic
 from gpu_parallel import conv_model
 
 BATCH_SIZES = (256, 512, 1024, 2048, 4096)
@@ -68,11 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfe", type=int, default=10)
     ap.add_argument("--channels", type=int, default=128, help="width of the conv model (a dry run on the CPU: 8)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure")
+    found = device_or_dry_run(args.device)
+    if found is None:
         return 0
-    dev = torch.device(args.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
+    dev, name = found
     models = [fewstep.zoo.load("digits-vp-eps", device=dev), conv_model(dev, args.channels)]
     labels = ["digits-vp-eps (1x8x8)", f"conv{args.channels} (4x32x32)"]
     rows = []
