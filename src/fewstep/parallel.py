@@ -59,8 +59,8 @@ ACCELERATIONS = ("secant", "taa", "picard")
 #: default tolerance on ``rms(change) / sigma`` per evaluation (docs/parallel.md: measured)
 DEFAULT_TOL = 1e-3
 #: default window (evaluations per round; ``None`` = the whole trajectory): on digits-vp-eps, 100-step
-#: DDIM took 21 rounds and 5.1 evaluations per step with 32, 20 rounds and 10.4 with the whole
-#: trajectory, 29 and 2.1 with 8 (docs/parallel.md)
+#: DDIM with the secant replay took 18 rounds and 4.1 evaluations per step with 32, 16 rounds and 7.0
+#: with the whole trajectory, 27 and 1.9 with 8 (docs/parallel.md)
 DEFAULT_WINDOW: int | None = 32
 #: default acceleration of sampling (docs/parallel.md: fewer rounds than Anderson and Picard for every
 #: solver and N measured on digits-vp-eps); parallel_solve keeps Anderson (as fast on its test recurrence)
