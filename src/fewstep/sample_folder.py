@@ -87,7 +87,7 @@ def _checked(path: Path, lo: int, hi: int, verify: bool = True) -> torch.Tensor 
         t, meta = map_shard(path)
         x, idx = t["samples"], t["indices"]
         stored = json.loads(meta.get("fewstep", "{}")).get("sha256")
-    except (OSError, ValueError, KeyError, RuntimeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError):  # not a (complete) shard file
         return None
     if x.shape[0] != hi - lo or idx.tolist() != list(range(lo, hi)) or (verify and stored != digest(x)):
         return None
