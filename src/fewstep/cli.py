@@ -361,7 +361,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                      seed=args.seed, parallel=par, **opts)
     if args.parallel:
         p = info.extra["parallel"]
-        print(f"parallel: {p.rounds} rounds of batched model calls (sequential: {p.sequential_evaluations}), {p.evaluations} "
+        print(f"parallel ({p.options.accelerate if p.options else 'default'}): {p.rounds} rounds of batched model calls (sequential: {p.sequential_evaluations}), {p.evaluations} "
               f"model evaluations per sample; evaluations accepted per round: {p.accepted}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
