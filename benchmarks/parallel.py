@@ -50,14 +50,14 @@ SCHEMES = ("picard", "taa", "secant")
 LABEL = {"picard": "Picard", "taa": "Anderson", "secant": "secant"}
 
 
-def rounds_rows(target: str, solvers: tuple[str, ...], steps: tuple[int, ...], batch: int, seed: int) -> list[dict]:
+def rounds_rows(target: str, solvers: tuple[str, ...], steps: tuple[int, ...], batch: int, seed: int, first_window: str) -> list[dict]:
     model = fewstep.zoo.load(target)
     x = fewstep.initial_noise(model.schedule, (batch, *model.sample_shape), seed)
     ref = fewstep.sample(model, x, "unipc", nfe=300)
     rows = []
     for name in solvers:
         for n in steps:
-            opts = fewstep.ParallelOptions()
+            opts = fewstep.ParallelOptions(first_window=first_window)
             t0 = time.perf_counter()
             seq = fewstep.sample(model, x, name, nfe=n, seed=seed)
             row = {"target": target, "solver": name, "N": n, "window": min(opts.window or n, n), "sequential_s": time.perf_counter() - t0,
@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", default=None, help=f"default: {' '.join(TARGETS)}")
     ap.add_argument("--steps", nargs="+", type=int, default=None, help=f"default: {' '.join(map(str, STEPS))}")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--first-window", default=fewstep.ParallelOptions().first_window, choices=fewstep.parallel.FIRST_WINDOWS,
+                    help="the first round's inputs (part 1; default: ParallelOptions')")
     ap.add_argument("--trace", action="store_true", help="only part 3 (where the rounds go) -> reports/parallel_trace.md")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = args.targets or (TARGETS[:1] if args.quick else TARGETS)
     solvers = SOLVERS[:2] if args.quick else SOLVERS
     steps = tuple(args.steps or (STEPS[:2] if args.quick else STEPS))
-    rows = [r for t in targets for r in rounds_rows(t, solvers, steps, BATCH, 0)]
+    rows = [r for t in targets for r in rounds_rows(t, solvers, steps, BATCH, 0, args.first_window)]
     clock = wall_clock("digits-vp-eps", 100, (1, 8), 3 if args.quick else 7)
     wall = time.perf_counter() - t_all
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         *report_header("Parallel-in-time sampling: rounds, evaluations, agreement, wall clock", "parallel.py", argv, wall),
         f"Settings: `fewstep.ParallelOptions()` defaults (tolerance {opts.tol:g} on each evaluation's input change / its noise level, "
-        f"window {opts.window}, Anderson memory {opts.history}) with each acceleration: Picard (none), Anderson (`taa`), the secant "
+        f"window {opts.window}, Anderson memory {opts.history}, first window {args.first_window!r}) with each acceleration: Picard (none), Anderson (`taa`), the secant "
         f"quasi-Newton replay (`secant`); batch {BATCH}, seed 0. A round is one "
         "batched model call: the sequential run needs N. 'evals / N': model evaluations per sample over N (the compute price). "
         "'RMS diff': parallel vs sequential samples (float32 networks); the solver's own RMSE against a NFE-300 UniPC solve is "

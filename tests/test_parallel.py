@@ -105,6 +105,12 @@ def test_secant_replay_needs_fewer_rounds_and_keeps_the_fixed_point(name, oracle
         rounds[accelerate] = info.rounds
         assert fewstep.rmse(out, seq) < ParallelOptions().tol / 2, (accelerate, fewstep.rmse(out, seq))
     assert rounds["secant"] < rounds["taa"] < rounds["picard"], rounds
+    # the first window from the unit-variance Gaussian trajectory: no more rounds than holding outputs,
+    # and tolerance 0 still gives the sequential samples
+    out, held = _run(model, x, name, 100, {}, first_window="held")
+    assert rounds["secant"] <= held.rounds and fewstep.rmse(out, seq) < ParallelOptions().tol / 2, (rounds, held.rounds)
+    exact, _ = _run(model, x, name, 100, {}, tol=0.0, first_window="held")
+    assert torch.allclose(exact, seq, rtol=0, atol=1e-12)
     clipped = fewstep.Model(model.fn, model.schedule, "eps", threshold=fewstep.Threshold("static", 3.0))
     seq = fewstep.sample(clipped, x, name, nfe=40, seed=4)
     exact, _ = fewstep.sample(clipped, x, name, nfe=40, seed=4, parallel=ParallelOptions(tol=0.0, accelerate="secant"), return_info=True)
@@ -174,7 +180,8 @@ def test_parallel_solve_on_a_recurrence_that_is_not_a_sampler():
 
 def test_parallel_refuses_bad_settings(oracle, tmp_path):
     model, x = oracle
-    for bad in (dict(window=0), dict(tol=-1.0), dict(tol=math.nan), dict(accelerate="newton"), dict(history=0), dict(max_batch=0)):
+    for bad in (dict(window=0), dict(tol=-1.0), dict(tol=math.nan), dict(accelerate="newton"), dict(history=0), dict(max_batch=0),
+                dict(first_window="zeros")):
         with pytest.raises(ArgumentError):
             ParallelOptions(**bad)
     with pytest.raises(ArgumentError, match="callback"):

@@ -70,6 +70,7 @@ DEFAULT_ACCELERATE = "secant"
 DEFAULT_HISTORY = 1
 #: Tikhonov term of the least squares, relative to the trace of its Gram matrix
 ANDERSON_REG = 1e-3
+FIRST_WINDOWS = ("gaussian", "held")
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,10 @@ class ParallelOptions:
     rows (samples x evaluations) per model call (micro-batches bound memory; ``None``: no limit);
     ``max_rounds``: stop after this many rounds (``None``: never needed, the iteration ends within
     ``M + 1`` rounds); ``record``: keep every evaluation's final input in the info (for
-    ``warm_start``)."""
+    ``warm_start``); ``first_window``: the inputs of the first round without a warm start,
+    ``"gaussian"`` (the exact trajectory for data of unit variance, a whole window evaluated in round
+    one; the default: fewer or equal rounds in every case measured) or ``"held"`` (round one evaluates
+    ``x_T`` alone, the next window holds its output)."""
 
     window: int | None = DEFAULT_WINDOW
     tol: float = DEFAULT_TOL
@@ -93,8 +97,11 @@ class ParallelOptions:
     max_batch: int | None = None
     max_rounds: int | None = None
     record: bool = False
+    first_window: str = "gaussian"
 
     def __post_init__(self) -> None:
+        if self.first_window not in FIRST_WINDOWS:
+            raise ArgumentError(f"first_window must be one of {FIRST_WINDOWS}, got {self.first_window!r}")
         if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1):
             raise ArgumentError(f"window must be a positive integer or None, got {self.window!r}")
         tol = self.tol
@@ -142,6 +149,10 @@ class _Program(Protocol):
 
     def prior_slopes(self, j: int) -> tuple[float, ...]:
         """The secant replay's slope of each output component of evaluation ``j`` before any secant."""
+        ...
+
+    def initial_guess(self, x0: torch.Tensor, js: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Guesses of the inputs ``js`` before any evaluation (may be empty)."""
         ...
 
     def replay(self, a: int, outputs: dict[int, Any], b: int, slopes: _SecantSlopes | None = None) -> dict[int, torch.Tensor]:
@@ -225,9 +236,12 @@ class _Engine:
         width = o.window or m_total
         info = ParallelInfo(0, 0, 0, m_total, False, options=o)
         x: dict[int, torch.Tensor] = {0: p.first_input()}
+        first = range(1, min(width, m_total))
         if warm is not None:
-            for j in range(1, min(width, m_total)):
+            for j in first:
                 x[j] = warm[j].to(x[0])
+        elif o.first_window == "gaussian":  # the first window from the program's prior guess (if it has one)
+            x.update(p.initial_guess(x[0], first))
         hist: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=o.history + 1)  # (first row, x, g) per round
         a = 0
         rows = 0
@@ -386,6 +400,13 @@ class _PlanProgram:
     def scale(self, j: int) -> float:
         return max(self.evals[j].sigma, 1e-12)
 
+    def initial_guess(self, x0: torch.Tensor, js: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The first window's inputs as the exact trajectory for data of unit variance: the probability
+        flow maps ``x_T`` to ``x_t = sqrt(alpha_t^2 + sigma_t^2) / sqrt(alpha_T^2 + sigma_T^2) x_T``."""
+        ev = self.evals
+        r0 = math.hypot(ev[0].alpha, ev[0].sigma)
+        return {j: x0 * (math.hypot(ev[j].alpha, ev[j].sigma) / r0) for j in js}
+
     def prior_slopes(self, j: int) -> tuple[float, ...]:
         """The output's slope for data of unit variance: ``E[x0 | x] = k x``, ``k = alpha / (alpha^2 +
         sigma^2)``, ``E[eps | x] = sigma / (alpha^2 + sigma^2) x``; the raw output (``x0 = p0 x + q0
@@ -531,6 +552,9 @@ class _RecurrenceProgram:
 
     def prior_slopes(self, j: int) -> tuple[float, ...]:
         return (1.0,)  # F_j ~ identity: the cumulative-sum form
+
+    def initial_guess(self, x0: torch.Tensor, js: Sequence[int]) -> dict[int, torch.Tensor]:
+        return {}  # nothing known of F before it is evaluated
 
     def evaluate(self, js: Sequence[int], xs: Sequence[torch.Tensor], max_batch: int | None) -> list[torch.Tensor]:
         self._inputs = dict(zip(js, xs))
