@@ -94,7 +94,7 @@ def wall_clock(target: str, n: int, batches: tuple[int, ...], repeats: int) -> l
     return out
 
 
-def trace_rows(target: str, solvers: tuple[str, ...], n: int, batch: int) -> tuple[list[dict], list[dict]]:
+def trace_rows(target: str, solvers: tuple[str, ...], n: int, batch: int, first_window: str) -> tuple[list[dict], list[dict]]:
     """Per-round end-state error (see the module docstring) and rounds per tolerance. The end state
     of each round's replay is read by wrapping the engine's private replay (measurement only)."""
     from fewstep import parallel as P
@@ -131,7 +131,7 @@ def trace_rows(target: str, solvers: tuple[str, ...], n: int, batch: int) -> tup
                 if acc == "newton":
                     P._SecantSlopes, secant = ExactJacobian, P._SecantSlopes
                 try:
-                    _, info = fewstep.sample(model, x, name, nfe=n, parallel=fewstep.ParallelOptions(window=None, accelerate="secant" if acc == "newton" else acc),
+                    _, info = fewstep.sample(model, x, name, nfe=n, parallel=fewstep.ParallelOptions(window=None, accelerate="secant" if acc == "newton" else acc, first_window=first_window),
                                              return_info=True)
                 finally:
                     if acc == "newton":
@@ -141,31 +141,31 @@ def trace_rows(target: str, solvers: tuple[str, ...], n: int, batch: int) -> tup
                                "end_error_over_solver_error": [None if e is None else fewstep.rmse(e, seq) / err for e in ends]})
                 log(f"trace {name} {acc}: {p.rounds} rounds")
             for tol in (1e-3, 3e-3, 1e-2, 3e-2):
-                par, info = fewstep.sample(model, x, name, nfe=n, parallel=fewstep.ParallelOptions(window=None, tol=tol), return_info=True)
+                par, info = fewstep.sample(model, x, name, nfe=n, parallel=fewstep.ParallelOptions(window=None, tol=tol, first_window=first_window), return_info=True)
                 tols.append({"solver": name, "tol": tol, "rounds": info.extra["parallel"].rounds, "diff_over_solver_error": fewstep.rmse(par, seq) / err})
     finally:
         P._PlanProgram.replay = original
     return traces, tols
 
 
-def long_run_windows(target: str, n: int, batch: int, windows: tuple[int | None, ...]) -> list[dict]:
+def long_run_windows(target: str, n: int, batch: int, windows: tuple[int | None, ...], first_window: str) -> list[dict]:
     """Rounds and evaluations of an N-step DDIM run per window (the window bounds long runs)."""
     model = fewstep.zoo.load(target)
     x = fewstep.initial_noise(model.schedule, (batch, *model.sample_shape), 0)
     seq = fewstep.sample(model, x, "ddim", nfe=n)
     rows = []
     for w in windows:
-        par, info = fewstep.sample(model, x, "ddim", nfe=n, parallel=fewstep.ParallelOptions(window=w), return_info=True)
+        par, info = fewstep.sample(model, x, "ddim", nfe=n, parallel=fewstep.ParallelOptions(window=w, first_window=first_window), return_info=True)
         p = info.extra["parallel"]
         rows.append({"window": w or n, "rounds": p.rounds, "evals_per_N": p.evaluations / n, "rms_diff": fewstep.rmse(par, seq)})
         log(f"{n}-step DDIM window {w or n}: {p.rounds} rounds")
     return rows
 
 
-def write_trace(argv: list[str] | None, out: Path) -> int:
+def write_trace(argv: list[str] | None, out: Path, first_window: str) -> int:
     t0 = time.perf_counter()
-    traces, tols = trace_rows("digits-vp-eps", ("ddim", "unipc"), 100, 8)
-    long = long_run_windows("digits-vp-eps", 1000, 8, (32, 128, None))
+    traces, tols = trace_rows("digits-vp-eps", ("ddim", "unipc"), 100, 8, first_window)
+    long = long_run_windows("digits-vp-eps", 1000, 8, (32, 128, None), first_window)
     wall = time.perf_counter() - t0
     longest = max(t["rounds"] for t in traces)
     head = ["solver", "scheme", "rounds"] + [str(k) for k in range(1, longest + 1)]
@@ -204,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", nargs="+", type=int, default=None, help=f"default: {' '.join(map(str, STEPS))}")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--first-window", default=fewstep.ParallelOptions().first_window, choices=fewstep.parallel.FIRST_WINDOWS,
-                    help="the first round's inputs (part 1; default: ParallelOptions')")
+                    help="the first round's inputs (default: ParallelOptions')")
     ap.add_argument("--trace", action="store_true", help="only part 3 (where the rounds go) -> reports/parallel_trace.md")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     if args.trace:
-        return write_trace(argv, Path(args.out) if args.out else REPORTS / "parallel_trace.md")
+        return write_trace(argv, Path(args.out) if args.out else REPORTS / "parallel_trace.md", args.first_window)
     out = Path(args.out) if args.out else REPORTS / ("parallel_quick.md" if args.quick else "parallel.md")
     t_all = time.perf_counter()
     targets = args.targets or (TARGETS[:1] if args.quick else TARGETS)
