@@ -359,9 +359,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     par = parallel_setting(args)
     x, info = sample(model, x_T, solver, nfe=None if isinstance(solver, SolverSchedule) else args.nfe, progress=not args.parallel, return_info=True,
                      seed=args.seed, parallel=par, **opts)
-    if args.parallel:
+    if isinstance(par, ParallelOptions):
         p = info.extra["parallel"]
-        print(f"parallel ({p.options.accelerate if p.options else 'default'}): {p.rounds} rounds of batched model calls (sequential: {p.sequential_evaluations}), {p.evaluations} "
+        print(f"parallel ({par.accelerate}): {p.rounds} rounds of batched model calls (sequential: {p.sequential_evaluations}), {p.evaluations} "
               f"model evaluations per sample; evaluations accepted per round: {p.accepted}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

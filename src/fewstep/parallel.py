@@ -70,7 +70,9 @@ DEFAULT_ACCELERATE = "secant"
 DEFAULT_HISTORY = 1
 #: Tikhonov term of the least squares, relative to the trace of its Gram matrix
 ANDERSON_REG = 1e-3
+#: the first round's inputs without a warm start; default "gaussian" (never more rounds measured, docs/parallel.md)
 FIRST_WINDOWS = ("gaussian", "held")
+DEFAULT_FIRST_WINDOW = "gaussian"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class ParallelOptions:
     max_batch: int | None = None
     max_rounds: int | None = None
     record: bool = False
-    first_window: str = "gaussian"
+    first_window: str = DEFAULT_FIRST_WINDOW
 
     def __post_init__(self) -> None:
         if self.first_window not in FIRST_WINDOWS:
@@ -254,11 +256,12 @@ class _Engine:
             while b < min(a + width, m_total) and b in x:
                 b += 1
             js = list(range(a, b))
-            outs = p.evaluate(js, [x[j] for j in js], o.max_batch)
+            xs = [x[j] for j in js]
+            outs = p.evaluate(js, xs, o.max_batch)
             rows += len(js)
             outputs = dict(zip(js, outs))
             if slopes is not None:
-                slopes.observe(js, [x[j] for j in js], outs)
+                slopes.observe(js, xs, outs)
             g = p.replay(a, outputs, b, slopes)
             scales = {j: p.scale(j) for j in js}
             # one host synchronisation per round: the window's residuals, read together
@@ -577,7 +580,10 @@ class _RecurrenceProgram:
     def replay(self, a: int, outputs: dict[int, torch.Tensor], b: int, slopes: _SecantSlopes | None = None) -> dict[int, torch.Tensor]:
         g = {a: self.start_state}
         for j in range(a, b):
-            g[j + 1] = g[j] + (outputs[j] - self._inputs[j]) if slopes is None else slopes.linearised(j, outputs[j], g[j])
+            if slopes is None:
+                g[j + 1] = g[j] + (outputs[j] - self._inputs[j])
+            else:
+                g[j + 1] = slopes.linearised(j, outputs[j], g[j])
         self._g = g
         self._b = b
         return {j: v for j, v in g.items() if j < self.n_evals}
