@@ -82,8 +82,10 @@ def test_search_improves_on_its_starting_presets_and_records_provenance(tmp_path
     assert meta["heldout"]["error"] is not None and meta["baseline"]["heldout_error"] is not None
     for key in ("model", "schedule_fingerprint", "nfe", "objective", "fewstep_version", "budget", "reference"):
         assert key in meta
-    budget = meta["budget"]  # every model evaluation accounted for: search, held-out check, references
-    assert budget["model_evaluations"] > 0 and budget["model_evaluations"] + budget["reference_evaluations"] == model.evaluations
+    budget = meta["budget"]  # every model evaluation accounted for: search, held-out check, references, the model's probe
+    assert budget["probe_evaluations"] == 6  # fewstep.identity.Probe: 2 rows at 3 times
+    assert budget["model_evaluations"] > 0
+    assert budget["model_evaluations"] + budget["reference_evaluations"] + budget["probe_evaluations"] == model.evaluations
     # the file round-trips and runs on the model (fingerprint checked)
     path = plan.save(tmp_path / "s.json")
     again = fewstep.SolverSchedule.load(path)

@@ -6,9 +6,10 @@ consecutive indices, the same whatever the number of workers; worker ``r`` of ``
 ``r, r + W, ...``. A shard is one batch (so even a float32 network sees the same batch, and its
 samples are bitwise the same whatever ``W``), saved as ``shard-NNNNNN.safetensors`` (``samples``,
 ``indices``, and the samples' SHA-256 in the metadata), written atomically. ``manifest.json`` holds
-what defines the run (model identity, solver schedule, seed, NFE, count, shard size, sample shape,
-dtype, fewstep version): re-running the same command finishes the missing or damaged shards only;
-another run on the same folder is refused.
+what defines the run (the model's key and probe, :mod:`fewstep.identity`; solver schedule, seed,
+NFE, count, shard size, sample shape, dtype, fewstep version): re-running the same command finishes
+the missing or damaged shards only; another run on the same folder is refused, and so is another
+model, even one under the same key whose probe outputs differ.
 
 Workers are the processes of ``torchrun`` (``torch.distributed``: gloo on CPUs, NCCL on GPUs,
 several nodes with ``--nnodes``, the folder on a file system they share); without it, one process
@@ -32,6 +33,7 @@ import torch
 from . import __version__
 from .atomic import write_atomic
 from .errors import ArgumentError, FewstepError
+from .identity import Probe, model_key
 from .models import Model
 from .noise import initial_noise
 from .sample import resolve_plan, sample
@@ -44,7 +46,9 @@ __all__ = ["generate", "load_samples", "iter_shards", "evaluate_folder", "Mapped
 @dataclass
 class GenerateInfo:
     """What a (possibly distributed) generation run did: shards generated here and in all, shards
-    found complete (resumed), damaged ones regenerated, wall time and samples per second."""
+    found complete (resumed), damaged ones regenerated, wall time and samples per second;
+    ``model_evaluations`` counts the sampling, ``extra["probe_evaluations"]`` this worker's probe of
+    the model (:class:`fewstep.identity.Probe`, checked against the folder's manifest)."""
 
     out: Path
     num: int
@@ -75,10 +79,11 @@ def _dist() -> tuple[int, int, Any, bool]:
     return 0, 1, None, False
 
 
-def _manifest(model: Model, plan: SolverSchedule, *, num: int, seed: int, shard_size: int, shape: Sequence[int], dtype: torch.dtype) -> dict[str, Any]:
+def _manifest(model: Model, plan: SolverSchedule, *, num: int, seed: int, shard_size: int, shape: Sequence[int], dtype: torch.dtype,
+              probe: Probe) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "model": model.identity or model.name,
+        "model": model_key(model),
         "model_schedule": model.schedule.config(),
         "prediction": model.prediction,
         "solver_schedule": plan.to_dict(),
@@ -89,18 +94,36 @@ def _manifest(model: Model, plan: SolverSchedule, *, num: int, seed: int, shard_
         "sample_shape": list(shape),
         "dtype": str(dtype).replace("torch.", ""),
         "fewstep_version": __version__,
+        "probe": probe.to_json(),
     }
 
 
-def _check_manifest(out: Path, wanted: dict[str, Any]) -> None:
+def _check_manifest(out: Path, wanted: dict[str, Any], model: Model) -> None:
+    """Refuse a folder holding another run: another setting, another model key, or a model whose
+    probe does not match (a manifest from before probes: its ``model`` must be ``model.identity``)."""
     path = out / MANIFEST
     try:
         have = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise FewstepError(f"{path} exists but cannot be read ({exc}); move the folder away or delete the manifest") from None
-    keys = [k for k in wanted if k != "fewstep_version" and have.get(k) != wanted[k]]
+    if not isinstance(have, dict):
+        raise FewstepError(f"{path} is not a JSON object; move the folder away or delete the manifest")
+    legacy = "probe" not in have
+    skip = ("fewstep_version", "probe") + (("model",) if legacy else ())
+    keys = [k for k in wanted if k not in skip and have.get(k) != wanted[k]]
+    if legacy and not (model.identity and have.get("model") == model.identity):
+        keys.insert(0, "model")  # an older manifest: only an explicit identity= (recorded as such) can vouch for the model
     if keys:
         raise ArgumentError(f"{out} holds another run (differs in {', '.join(keys)}); refusing to mix samples: use another --out folder")
+    if not legacy:
+        try:
+            stored = Probe.from_json(have["probe"])
+        except ArgumentError as exc:
+            raise FewstepError(f"{path} has a malformed model probe ({exc}); move the folder away or delete the manifest") from None
+        mine = Probe.from_json(wanted["probe"])
+        if not stored.matches(mine):
+            raise ArgumentError(f"{out} holds another run (differs in model: same key {wanted['model']!r}, but the model's probe outputs differ "
+                                f"by {stored.difference(mine):.3g} of their RMS); refusing to mix samples: use another --out folder")
 
 
 _SHARD_NAME = re.compile(r"shard-(\d{6})\.safetensors")
@@ -184,16 +207,19 @@ def generate(
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() and dist is not None else "cpu"
     out = Path(out)
     plan = resolve_plan(model, solver, nfe, options)
-    wanted = _manifest(model, plan, num=num, seed=seed, shard_size=batch_size, shape=shape, dtype=torch.float32)
+    evals_probe = model.evaluations
+    probe = Probe.take(model, shape, device=device, dtype=torch.float32)  # what the model computes, as this worker samples it
+    wanted = _manifest(model, plan, num=num, seed=seed, shard_size=batch_size, shape=shape, dtype=torch.float32, probe=probe)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if (out / MANIFEST).exists():
-            _check_manifest(out, wanted)
+            _check_manifest(out, wanted, model)
         else:
             write_atomic(out / MANIFEST, json.dumps(wanted, indent=1))
     if dist is not None:
         dist.barrier()
-    _check_manifest(out, wanted)  # every worker: the folder is this run's
+    _check_manifest(out, wanted, model)  # every worker: the folder is this run's
+    evals_probe = model.evaluations - evals_probe
 
     n_shards = (num + batch_size - 1) // batch_size
     mine = list(range(rank, n_shards, world))
@@ -230,4 +256,5 @@ def generate(
             dist.destroy_process_group()
     wall = time.perf_counter() - t0
     done = int(counts[3])
-    return GenerateInfo(out, num, n_shards, int(counts[0]), int(counts[1]), int(counts[2]), wall, done / wall if wall > 0 else 0.0, world, int(evals))
+    return GenerateInfo(out, num, n_shards, int(counts[0]), int(counts[1]), int(counts[2]), wall, done / wall if wall > 0 else 0.0, world, int(evals),
+                        extra={"probe_evaluations": evals_probe})

@@ -22,8 +22,10 @@ diffusers is imported only here (``pip install fewstep[diffusers]``); the core n
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -292,6 +294,36 @@ def _schedule_of(sch: FewstepScheduler, mu: float | None) -> NoiseSchedule:
     return sch.schedule
 
 
+def _jsonable(v: Any) -> Any:
+    """A scheduler config value as plain JSON (arrays and tensors as lists)."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+
+
+class _PipelineModel(Model):
+    """A :class:`Model` whose ``identity`` is computed when read (hashing a pipeline's weights
+    costs about a second per GB, so plain sampling never pays for it); an ``identity`` set by
+    hand replaces it."""
+
+    _given: str | None = None
+    _identity_of: Callable[[], str] | None = None
+
+    @property  # type: ignore[override]
+    def identity(self) -> str | None:
+        if self._given is not None or self._identity_of is None:
+            return self._given
+        return self._identity_of()
+
+    @identity.setter
+    def identity(self, value: str | None) -> None:
+        self._given = value
+
+
 def pipeline_model(
     pipe: Any,
     *,
@@ -308,7 +340,13 @@ def pipeline_model(
     ``u + guidance_scale (c - u)`` in one doubled call when ``guidance_scale != 1`` (the negative
     embeddings default to zeros). Embeddings are per sample of the batch (``B`` rows); when the model
     is called on ``k B`` rows (parallel sampling: ``k`` time steps at once) they repeat ``k`` times.
-    Prompts are given as embeddings (``pipe.encode_prompt(...)`` makes them)."""
+    Prompts are given as embeddings (``pipe.encode_prompt(...)`` makes them).
+
+    Its ``identity`` (what caches and resumes key it by, :func:`fewstep.identity.model_key`) is
+    ``diffusers:<pipeline>.<net>:<digest>`` of the net's weights, the four embeddings, the guidance
+    scale, ``mu`` and the noise-schedule part of the scheduler's config: two prompts or two
+    guidance scales never share an identity. It is computed each time it is read (one pass over the
+    weights), never while sampling."""
     sch = FewstepScheduler.from_pipeline(pipe, "ddim")
     schedule = _schedule_of(sch, mu)
     scale = float(sch._time_scale)
@@ -345,7 +383,22 @@ def pipeline_model(
             out = u + guidance_scale * (c - u)
         return out.to(x.dtype)
 
-    return Model(fn, schedule, sch._prediction, name=f"{type(pipe).__name__}.{type(net).__name__}")
+    kind = sch.config.kind
+    sched_cfg = {k: _jsonable(v) for k, v in sch.config.items() if k in (FLOW_KEYS if kind == "flow" else VP_KEYS)}
+
+    def identity() -> str:
+        from ..identity import digest_tensor, weights_digest
+
+        parts = {"net": [type(net).__name__, weights_digest(net)], "guidance_scale": float(guidance_scale), "mu": mu,
+                 "embeddings": [None if e is None else digest_tensor(e) for e in (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                                               negative_pooled_prompt_embeds)],
+                 "scheduler": {"kind": kind, **sched_cfg}}
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        return f"diffusers:{type(pipe).__name__}.{type(net).__name__}:{digest}"
+
+    model = _PipelineModel(fn, schedule, sch._prediction, name=f"{type(pipe).__name__}.{type(net).__name__}")
+    model._identity_of = identity
+    return model
 
 
 def encode_prompt(pipe: Any, prompt: Any, negative_prompt: Any, batch: int) -> dict[str, torch.Tensor]:

@@ -19,29 +19,37 @@ import torch
 
 from .. import __version__
 from ..errors import ArgumentError
+from ..identity import model_key, probe_for
 from ..metrics import rmse
 from ..models import Model
 from ..noise import initial_noise
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
 from .engine import SEED_PRESETS, SEED_SPACINGS, SearchConfig, SearchReport, StateError, run_search, seed_plan
 from .evaluate import evaluate_plans
-from .objective import Objective, default_cache_dir, model_identity, reference_set
+from .objective import Objective, default_cache_dir, reference_set
 from .space import Candidate, Gene, Space
 
 __all__ = ["search", "SearchConfig", "SearchReport", "StateError", "Space", "Candidate", "Gene", "Objective",
            "reference_set", "evaluate_plans", "default_cache_dir"]
 
 
-def _noises(model: Model, given: torch.Tensor | None, n: int, seed: int, start: int, what: str, t_start: float | None) -> torch.Tensor:
+def _noises(model: Model, given: torch.Tensor | None, n: int, seed: int, start: int, what: str, t_start: float | None,
+            like: torch.Tensor | None = None) -> torch.Tensor:
+    """``given``, else ``n`` keyed noises of ``seed`` (sample indices ``start..start+n-1``) at the
+    start time, shaped ``model.sample_shape``, else like ``like`` (same sample shape, dtype, device)."""
     if given is not None:
         if not isinstance(given, torch.Tensor) or given.ndim < 2 or given.shape[0] < 2:
             raise ArgumentError(f"{what} must be a tensor of noises shaped (batch >= 2, ...), got {getattr(given, 'shape', type(given).__name__)}")
         return given
-    if model.sample_shape is None:
+    if model.sample_shape is None and like is None:
         raise ArgumentError(f"the model has no sample_shape: pass {what}= noises shaped (batch, ...) at the start time")
     if not isinstance(n, int) or n < 2:
         raise ArgumentError(f"the number of {what} noises must be an integer >= 2, got {n!r}")
-    return initial_noise(model.schedule, (n, *model.sample_shape), seed, t_start=t_start, indices=range(start, start + n))
+    if model.sample_shape is not None:
+        return initial_noise(model.schedule, (n, *model.sample_shape), seed, t_start=t_start, indices=range(start, start + n))
+    assert like is not None
+    return initial_noise(model.schedule, (n, *like.shape[1:]), seed, t_start=t_start, indices=range(start, start + n),
+                         dtype=like.dtype, device=like.device)
 
 
 def search(
@@ -76,7 +84,9 @@ def search(
     """Search the time grid and per-step strategies of a solver for ``model`` at ``nfe`` evaluations.
 
     ``calibration`` / ``heldout``: noises at the start time (default: ``n_calibration`` /
-    ``n_heldout`` keyed noises of ``noise_seed``, the held-out ones with other sample indices).
+    ``n_heldout`` keyed noises of ``noise_seed``, the held-out ones with other sample indices;
+    for a model without ``sample_shape``, the held-out ones are drawn like ``calibration``: its
+    sample shape, dtype and device).
     Their references are fine solves cached under ``cache_dir`` (default
     :func:`~fewstep.schedule_search.objective.default_cache_dir`). ``metric(samples, reference)`` replaces
     the RMSE. ``state``: a JSON file written after every generation; calling again with the same
@@ -94,17 +104,20 @@ def search(
                           seed_presets=tuple((n, tuple(sorted(dict(o).items()))) for n, o in seed_presets),
                           seed_spacings=tuple(seed_spacings), screen=screen, seed_keep=seed_keep)
     cal = _noises(model, calibration, n_calibration, noise_seed, 0, "calibration", t_start)
-    held = _noises(model, heldout, n_heldout, noise_seed, cal.shape[0], "heldout", t_start)
+    held = _noises(model, heldout, n_heldout, noise_seed, cal.shape[0], "heldout", t_start, like=cal)
     if tuple(cal.shape[1:]) != tuple(held.shape[1:]):
         raise ArgumentError(f"calibration and held-out noises differ in shape: {tuple(cal.shape)} vs {tuple(held.shape)}")
+    key = model_key(model)  # once: the weights are hashed once per search
+    probe = probe_for(model, cal)  # what the model computes: checked against cached references and the state
     evaluations0 = model.evaluations
     objective = Objective(
-        calibration=reference_set(model, cal, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log),
-        heldout=reference_set(model, held, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log),
+        calibration=reference_set(model, cal, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe),
+        heldout=reference_set(model, held, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe),
         metric=metric or rmse, metric_name=metric_name or (getattr(metric, "__name__", "custom") if metric else "rmse"),
     )
     reference_evaluations = model.evaluations - evaluations0  # 0 when the references came from the cache
-    space, best, report = run_search(model, objective, config, t_start=t_start, state_path=state, on_generation=on_generation, log=log)
+    space, best, report = run_search(model, objective, config, t_start=t_start, state_path=state, on_generation=on_generation, log=log,
+                                     key=key, probe=probe)
 
     plan = space.schedule(best, name=f"searched-{model.name}-nfe{nfe}")
     base = report.baseline
@@ -115,7 +128,7 @@ def search(
     report.best_heldout = held_errors[0]
     report.baseline_heldout = held_errors[1] if base_plan is not None else None
     meta = {
-        "model": model_identity(model), "schedule_fingerprint": schedule_fingerprint(model.schedule), "nfe": nfe,
+        "model": key, "schedule_fingerprint": schedule_fingerprint(model.schedule), "nfe": nfe,
         "objective": objective.metric_name, "fewstep_version": __version__, "seed": seed,
         "calibration": {"noises": int(cal.shape[0]), "noise_seed": noise_seed if calibration is None else None, "error": report.best_calibration},
         "heldout": {"noises": int(held.shape[0]), "error": report.best_heldout},
@@ -123,7 +136,8 @@ def search(
         "baseline": {**base, "heldout_error": report.baseline_heldout} if base else None,
         "budget": {"generations": generations, "population": population, "offspring": offspring,
                    "model_calls": report.calls + cost.calls, "model_evaluations": report.evaluations + cost.evaluations,
-                   "reference_evaluations": reference_evaluations, "search_wall_s": round(report.wall_s, 2)},
+                   "reference_evaluations": reference_evaluations, "probe_evaluations": probe.evaluations,
+                   "search_wall_s": round(report.wall_s, 2)},
     }
     plan = plan.replace(meta={"search": meta})
     return (plan, report) if return_report else plan

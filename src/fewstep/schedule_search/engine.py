@@ -30,19 +30,20 @@ import numpy as np
 
 from ..atomic import write_atomic
 from ..errors import ArgumentError, FewstepError, SolverError
+from ..identity import Probe, model_key, probe_for
 from ..models import Model
 from ..schedules import DiscreteVP
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
 from ..solvers.presets import preset
 from .evaluate import BatchCost, evaluate_plans
-from .objective import Objective, model_identity, tensor_digest
+from .objective import Objective, tensor_digest
 from .space import Candidate, Gene, Space
 
 __all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "DISCRETE_SEED_SPACINGS", "StateError", "seed_plan",
            "add_budget_arguments"]
 
 STATE_FORMAT = "fewstep.search_state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: keyed by fewstep.identity.model_key, with the model's probe
 
 #: the presets a search starts from (each at every seed spacing): every deterministic preset
 #: (aliases folded: ``plms`` is ``pndm``; ``lcm`` is stochastic) and the option variants users set
@@ -64,7 +65,8 @@ def seed_plan(name: str, options: dict[str, Any], spacing: str, schedule: Any, n
 
 
 class StateError(ArgumentError):
-    """A search state file does not belong to this search (other model, noises, NFE or settings)."""
+    """A search state file does not belong to this search (other model, noises, NFE or settings), or
+    was written by a model that computes something else (its stored probe does not match)."""
 
 
 @dataclass(frozen=True)
@@ -143,16 +145,19 @@ def _rng_from_json(state: dict[str, Any]) -> np.random.Generator:
 class _Search:
     def __init__(self, model: Model, objective: Objective, config: SearchConfig, *, t_start: float | None,
                  state_path: Path | None, on_generation: Callable[[int, dict[str, Any]], None] | None,
-                 log: Callable[[str], None] | None) -> None:
+                 log: Callable[[str], None] | None, key: str | None = None, probe: Probe | None = None) -> None:
         self.model, self.objective, self.config = model, objective, config
         self.space = Space(model.schedule, config.nfe, t_start=t_start)
         self.t_start_given = t_start
         self.state_path, self.on_generation, self.log = state_path, on_generation, log
         self.identity = {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "config": config.to_json(), "model": model_identity(model),
+            "format": STATE_FORMAT, "version": STATE_VERSION, "config": config.to_json(),
+            "model": model_key(model) if key is None else key,
             "schedule": schedule_fingerprint(model.schedule), "t_start": self.space.t_start,
             "calibration": tensor_digest(objective.calibration.noises), "metric": objective.metric_name,
         }
+        # what the model computes (fewstep.identity.Probe): a state of another model under the same key is refused
+        self._probe = probe
         self.cost = BatchCost()
         self.archive: dict[str, tuple[Candidate, float]] = {}
         self.population: list[Candidate] = []
@@ -165,11 +170,18 @@ class _Search:
         self.resumed_from: int | None = None
 
     # ---- state -----------------------------------------------------------------------------
+    @property
+    def probe(self) -> Probe:
+        """The model's probe on samples like the calibration noises (taken once, when a state is used)."""
+        if self._probe is None:
+            self._probe = probe_for(self.model, self.objective.calibration.noises)
+        return self._probe
+
     def _save(self) -> None:
         if self.state_path is None:
             return
         _write_json_atomic(self.state_path, {
-            **self.identity, "generation": self.generation, "rng": _rng_state_to_json(self.rng),
+            **self.identity, "probe": self.probe.to_json(), "generation": self.generation, "rng": _rng_state_to_json(self.rng),
             "population": [c.to_dict() for c in self.population],
             "archive": [[c.to_dict(), e] for c, e in self.archive.values()],
             "presets": self.presets, "history": self.history,
@@ -195,6 +207,14 @@ class _Search:
                     what = f"{have!r:.80} in the file, {want!r:.80} now"
                 raise StateError(f"search state {str(self.state_path)!r} belongs to another search ({key} differs: {what}); "
                                  "use another state file or delete it to start over")
+        try:
+            stored = Probe.from_json(data.get("probe"))
+        except ArgumentError as exc:
+            raise StateError(f"search state {str(self.state_path)!r} has no readable model probe ({exc}); delete it to start over") from None
+        if not stored.matches(self.probe):
+            raise StateError(f"search state {str(self.state_path)!r} was written by a different model: same key {self.identity['model']!r}, "
+                             f"but its probe outputs differ by {stored.difference(self.probe):.3g} of their RMS (more than "
+                             f"{max(stored.rtol, self.probe.rtol):g}); use another state file or delete it to start over")
         try:
             self.generation = int(data["generation"])
             self.rng = _rng_from_json(data["rng"])
@@ -385,10 +405,14 @@ class _Search:
 
 def run_search(model: Model, objective: Objective, config: SearchConfig, *, t_start: float | None = None,
                state_path: str | os.PathLike[str] | None = None, on_generation: Callable[[int, dict[str, Any]], None] | None = None,
-               log: Callable[[str], None] | None = None) -> tuple[Space, Candidate, SearchReport]:
+               log: Callable[[str], None] | None = None, key: str | None = None,
+               probe: Probe | None = None) -> tuple[Space, Candidate, SearchReport]:
     """Run (or resume, when ``state_path`` holds this search's state) and return the space, the
-    best candidate and the report."""
+    best candidate and the report. ``key`` / ``probe``: the model's
+    :func:`~fewstep.identity.model_key` and :func:`~fewstep.identity.probe_for` its calibration
+    noises (taken here when not given); a state whose key differs, or whose probe does not match,
+    is refused (:class:`StateError`)."""
     s = _Search(model, objective, config, t_start=t_start, state_path=Path(state_path) if state_path else None,
-                on_generation=on_generation, log=log)
+                on_generation=on_generation, log=log, key=key, probe=probe)
     best, report = s.run()
     return s.space, best, report

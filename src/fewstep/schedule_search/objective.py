@@ -3,8 +3,10 @@ noises, on a calibration batch, with a held-out batch of other noises reported b
 
 References are very fine solves of the probability-flow ODE (UniPC at ``reference_nfe`` on the
 logistic grid, full order to the end; its change from half the NFE is recorded as its error bar),
-computed once and cached on disk as ``.npy`` files named by a hash of the model's identity, the
-noises and the reference settings. The error is the RMSE by default; any
+computed once and cached on disk as ``.npy`` files named by a hash of the model's key
+(:func:`fewstep.identity.model_key`), the noises and the reference settings; the entry's side file
+stores the model's probe (:class:`fewstep.identity.Probe`), which a read checks (an entry written by
+a model that computes something else is recomputed, with a warning). The error is the RMSE by default; any
 ``metric(samples, reference) -> float`` (lower is better) may replace it, e.g. a Fréchet distance.
 """
 
@@ -22,31 +24,21 @@ import numpy as np
 import torch
 
 from ..atomic import write_atomic
+from ..cachedir import default_cache_dir
 from ..errors import ArgumentError
+from ..identity import Probe, model_key, probe_for, warn_mismatch
 from ..metrics import rmse
 from ..models import Model
-from ..solvers.plan import schedule_fingerprint
 
 __all__ = ["Objective", "ReferenceSet", "reference_set", "model_identity", "default_cache_dir"]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
 
-def default_cache_dir() -> Path:
-    """``$FEWSTEP_CACHE``, else ``$XDG_CACHE_HOME/fewstep``, else ``~/.cache/fewstep``."""
-    if os.environ.get("FEWSTEP_CACHE"):
-        return Path(os.environ["FEWSTEP_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "fewstep"
-
-
 def model_identity(model: Model) -> str:
-    """What identifies a model's function for caching and provenance: ``model.identity`` when set
-    (the bundled models set their weights' SHA-256), else its name, prediction and schedule."""
-    ident = getattr(model, "identity", None)
-    if ident:
-        return str(ident)
-    return f"{model.name}|{model.prediction}|{schedule_fingerprint(model.schedule)}"
+    """What identifies a model for caching and provenance: :func:`fewstep.identity.model_key` (an
+    alias kept for the code that imports it from here)."""
+    return model_key(model)
 
 
 def tensor_digest(x: torch.Tensor) -> str:
@@ -75,19 +67,44 @@ def _fine_solution(model: Model, x: torch.Tensor, nfe: int, max_rows: int) -> to
 
 
 def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 200, cache_dir: str | os.PathLike[str] | None = None,
-                  max_rows: int = 4096, log: Callable[[str], None] | None = None) -> ReferenceSet:
-    """The reference solutions of ``noises`` (computed, or read from the cache)."""
+                  max_rows: int = 4096, log: Callable[[str], None] | None = None, key: str | None = None,
+                  probe: Probe | None = None) -> ReferenceSet:
+    """The reference solutions of ``noises`` (computed, or read from the cache).
+
+    The cache entry is named by ``key`` (default :func:`~fewstep.identity.model_key` of ``model``),
+    the noises and the method, and stores ``probe`` (default: :func:`~fewstep.identity.probe_for`
+    ``(model, noises)``, taken now: ``rows x 3`` model evaluations). An entry whose stored probe does
+    not match was written by a model that computes something else under the same key: it is
+    recomputed and overwritten, with an :class:`~fewstep.identity.IdentityWarning` (and ``log``)."""
     if not isinstance(reference_nfe, int) or reference_nfe < 4:
         raise ArgumentError(f"reference_nfe must be an integer >= 4, got {reference_nfe!r}")
     method = f"unipc at NFE {reference_nfe} (logistic grid, lower_order_final=False)"
-    key = hashlib.sha256(json.dumps([model_identity(model), tensor_digest(noises).split("@")[0], list(noises.shape), method]).encode()).hexdigest()[:20]
+    mkey = model_key(model) if key is None else key
+    name = hashlib.sha256(json.dumps([mkey, tensor_digest(noises).split("@")[0], list(noises.shape), method]).encode()).hexdigest()[:20]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path, side = folder / f"reference-{key}.npy", folder / f"reference-{key}.json"
+    path, side = folder / f"reference-{name}.npy", folder / f"reference-{name}.json"
+    if probe is None:
+        probe = probe_for(model, noises)
     if path.is_file() and side.is_file():
-        arr = np.load(path, allow_pickle=False)
-        if tuple(arr.shape) == tuple(noises.shape):
+        try:
+            arr = np.load(path, allow_pickle=False)
             meta = json.loads(side.read_text())
-            return ReferenceSet(noises, torch.from_numpy(arr).to(noises.dtype), float(meta["error_bar"]), method, cached=True)
+            stored = Probe.from_json(meta["probe"]) if isinstance(meta, dict) and meta.get("probe") is not None else None
+            bar = float(meta["error_bar"])
+        except (OSError, ValueError, KeyError, TypeError):
+            arr, stored = None, None
+            if log:
+                log(f"reference: the cache entry {path} is unreadable; recomputing it")
+        if arr is not None and tuple(arr.shape) == tuple(noises.shape):
+            if stored is not None and stored.matches(probe):
+                return ReferenceSet(noises, torch.from_numpy(arr).to(noises.dtype), bar, method, cached=True)
+            if stored is None:
+                if log:
+                    log(f"reference: the cache entry {path} has no model probe (an older fewstep wrote it); recomputing it")
+            else:
+                warn_mismatch(f"the reference cache entry {path} was written by a model that computes something else under the same key "
+                              f"{mkey!r} (its probe outputs differ by {stored.difference(probe):.3g} of their RMS, more than "
+                              f"{max(stored.rtol, probe.rtol):g}); recomputing and overwriting it", log)
     if log:
         log(f"reference: {noises.shape[0]} fine solves ({method}) ...")
     fine = _fine_solution(model, noises, reference_nfe, max_rows)
@@ -96,7 +113,7 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     buf = io.BytesIO()
     np.save(buf, fine.to(torch.float64).cpu().numpy(), allow_pickle=False)
     write_atomic(path, buf.getvalue())
-    write_atomic(side, json.dumps({"error_bar": bar, "method": method, "model": model_identity(model)}))
+    write_atomic(side, json.dumps({"error_bar": bar, "method": method, "model": mkey, "probe": probe.to_json()}))
     return ReferenceSet(noises, fine.to(noises.dtype), bar, method)
 
 
