@@ -135,3 +135,99 @@ def test_training_rejects_unknown_name(tmp_path):
         train("digits-nope", steps=1, out=tmp_path)
     with pytest.raises(SystemExit):
         main(["digits-nope"])
+
+
+# ---- the validation zoo (trained for measurement; the bundled models stay what they are) ----------
+from fewstep.zoo import validation  # noqa: E402
+from fewstep.zoo.train import prepare_data  # noqa: E402
+
+
+def test_transformer_and_mlp_shapes_and_rebuild():
+    dit = nets.DigitsTransformer(image_size=16, patch=4, width=32, depth=2, heads=2, time_scale=1e-3)
+    x, t = torch.randn(3, 1, 16, 16), torch.rand(3) * 999
+    assert torch.equal(dit(x, t), torch.zeros(3, 1, 16, 16))  # zero-initialised output layer
+    torch.nn.init.normal_(dit.out.weight)
+    torch.nn.init.normal_(dit.ada_out.weight)
+    for block in dit.blocks:
+        torch.nn.init.normal_(block.ada.weight, std=0.1)
+    out = dit(x, t)
+    assert out.shape == x.shape and not torch.allclose(dit(x, t + 300), out)  # time reaches the output
+    # patches go back where they came from: a change in one patch moves mostly that patch's pixels
+    twin = nets.build("DigitsTransformer", json.loads(json.dumps(dit.config)))
+    twin.load_state_dict(dit.state_dict())
+    assert torch.allclose(twin(x, t), out)
+    mlp = nets.VectorMLP(dim=64, width=32, depth=2)
+    v = torch.randn(5, 64)
+    assert torch.equal(mlp(v, torch.rand(5)), torch.zeros(5, 64))
+    torch.nn.init.normal_(mlp.out.weight)
+    twin = nets.build("VectorMLP", json.loads(json.dumps(mlp.config)))
+    twin.load_state_dict(mlp.state_dict())
+    assert mlp(v, torch.rand(5)).shape == (5, 64) and torch.allclose(twin(v, torch.full((5,), 0.3)), mlp(v, torch.full((5,), 0.3)))
+    with pytest.raises(ValueError, match="patch"):
+        nets.DigitsTransformer(image_size=10, patch=4)
+
+
+def test_transformer_puts_each_patch_back_where_it_came_from():
+    """Without blocks every token sees only its own patch: changing one input patch changes exactly
+    the pixels of that patch in the output (the un-patching is the inverse of the patching)."""
+    torch.manual_seed(0)
+    dit = nets.DigitsTransformer(image_size=8, patch=2, width=8, depth=0, heads=2)
+    torch.nn.init.normal_(dit.out.weight)
+    x = torch.randn(1, 1, 8, 8)
+    y = x.clone()
+    y[0, 0, 2:4, 4:6] += 1.0  # patch (row 1, column 2)
+    with torch.no_grad():
+        changed = (dit(y, torch.zeros(1)) - dit(x, torch.zeros(1))).abs()[0, 0] > 1e-6
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:4, 4:6] = True
+    assert torch.equal(changed, expected)
+
+
+def test_prepare_data_shapes_and_range(split):
+    x = split.train_x[:6]
+    assert prepare_data("digits8", x) is x
+    for size in (16, 32):
+        up = prepare_data(f"digits{size}", x)
+        assert up.shape == (6, 1, size, size) and up.min() >= -1 and up.max() <= 1
+        down = torch.nn.functional.avg_pool2d(up, size // 8)  # the same digit, smoothed: strongly correlated with it
+        assert torch.corrcoef(torch.stack([down.flatten(), x.flatten()]))[0, 1] > 0.9
+    assert prepare_data("flat64", x).shape == (6, 64)
+    with pytest.raises(ValueError, match="data kind"):
+        prepare_data("digits64", x)
+    assert to_images(prepare_data("digits16", x)).shape == (6, 16, 16)
+
+
+def test_validation_zoo_covers_what_matters_to_a_sampler():
+    cfgs = validation.VALIDATION_CONFIGS
+    assert len(cfgs) >= 8
+    assert {c.net_class for c in cfgs.values()} >= {"VectorMLP", "DigitsUNet", "DigitsTransformer", "EDMDigitsUNet"}
+    assert {c.prediction for c in cfgs.values()} == {"eps", "v", "x0", "flow", "edm"}
+    assert {c.schedule for c in cfgs.values()} >= {"discrete_vp_linear", "discrete_vp_scaled_linear", "discrete_vp_cosine", "flow_matching", "edm"}
+    assert {c.flow_shift for c in cfgs.values() if c.schedule == "flow_matching"} >= {1.0, 3.0}
+    assert {c.data for c in cfgs.values()} == {"flat64", "digits8", "digits16", "digits32"}
+    short, long = cfgs["val-unet8-eps-linear-short"], cfgs["val-unet8-eps-linear-long"]
+    assert short.steps * 5 <= long.steps and short.net == long.net and short.prediction == long.prediction
+    keys = [(c.net_class, c.prediction, c.schedule, c.data, c.flow_shift, c.steps) for c in cfgs.values()]
+    assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("name", ["val-mlp-flow", "val-dit16-x0-scaled", "val-unet16-flow-shift3"])
+def test_validation_model_trains_loads_and_samples(name, tmp_path):
+    card = train(name, steps=2, out=tmp_path, log_every=10, configs=validation.VALIDATION_CONFIGS)
+    cfg = validation.VALIDATION_CONFIGS[name]
+    assert card["prediction"] == cfg.prediction and card["architecture"]["class"] == cfg.net_class
+    assert card["sample_shape"] == list(prepare_data(cfg.data, torch.zeros(1, 1, 8, 8)).shape[1:])
+    model = validation.load(name, tmp_path)
+    assert model.tuned_schedules == {} and model.sample_shape == tuple(card["sample_shape"])
+    if cfg.schedule == "flow_matching":
+        assert model.schedule.shift == cfg.flow_shift
+    x_T = fewstep.initial_noise(model.schedule, (2, *model.sample_shape), 0)
+    assert torch.isfinite(fewstep.sample(model, x_T, nfe=3)).all()
+    assert validation.build([name], tmp_path)[name]["sha256"] == card["sha256"]  # built already: not retrained
+
+
+def test_validation_load_names_the_build_command(tmp_path):
+    with pytest.raises(fewstep.ZooError, match="python -m fewstep.zoo.validation build val-mlp-flow"):
+        validation.load("val-mlp-flow", tmp_path)
+    with pytest.raises(fewstep.ZooError, match="unknown validation model"):
+        validation.load("val-nope", tmp_path)

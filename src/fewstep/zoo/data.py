@@ -24,11 +24,16 @@ def to_model_space(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def to_images(x: torch.Tensor) -> torch.Tensor:
-    """Model-space samples (n, 1, 8, 8) or (n, 64) to (n, 8, 8) float pixel values clamped to 0..16."""
+    """Model-space samples to float pixel values clamped to 0..16, one grey image per sample:
+    (n, 1, S, S) or (n, S, S) to (n, S, S); flat digits (n, 64) to (n, 8, 8)."""
     x = torch.as_tensor(x)
-    if x.ndim < 2 or math.prod(x.shape[1:]) != 64:
-        raise ShapeError(f"expected samples with 64 values each, (n, 1, 8, 8) or (n, 64); got shape {tuple(x.shape)}")
-    return ((x.detach().float().reshape(x.shape[0], 8, 8) + 1.0) * 8.0).clamp(0.0, PIXEL_MAX)
+    if x.ndim == 2 and x.shape[1] == 64:
+        x = x.reshape(x.shape[0], 8, 8)
+    elif x.ndim == 4 and x.shape[1] == 1 and x.shape[2] == x.shape[3]:
+        x = x[:, 0]
+    elif not (x.ndim == 3 and x.shape[1] == x.shape[2] and x.shape[0] > 0):
+        raise ShapeError(f"expected digit samples shaped (n, 1, S, S), (n, S, S) or (n, 64); got shape {tuple(x.shape)}")
+    return ((x.detach().float() + 1.0) * 8.0).clamp(0.0, PIXEL_MAX)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Small networks for 8x8 single-channel digits: a time-conditioned UNet (diffusion / flow
-matching) and a CNN classifier (accuracy and a feature space for Fréchet distances).
+"""Small networks for single-channel digits: a time-conditioned UNet (any image size divisible by its
+levels), a DiT-style transformer and a residual MLP on flat vectors (diffusion / flow matching), and
+a CNN classifier for 8x8 digits (accuracy and a feature space for Fréchet distances).
 
 Every network takes plain keyword arguments and keeps them in ``self.config`` (JSON-serialisable),
 so ``build(type(net).__name__, net.config)`` rebuilds the same architecture.
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DigitsUNet", "DigitsClassifier", "build", "NETWORKS"]
+__all__ = ["DigitsUNet", "EDMDigitsUNet", "DigitsTransformer", "VectorMLP", "DigitsClassifier", "build", "NETWORKS"]
 
 
 def _groups(channels: int, max_groups: int = 8) -> int:
@@ -175,6 +176,113 @@ class EDMDigitsUNet(DigitsUNet):
         return c_skip * x + c_out * super().forward(c_in * x, sigma.log() / 4)
 
 
+class _TimeEmbedding(nn.Module):
+    """``t * time_scale`` embedded sinusoidally, then a 2-layer SiLU MLP to ``out_dim``."""
+
+    def __init__(self, in_dim: int, out_dim: int, time_scale: float) -> None:
+        super().__init__()
+        self.in_dim, self.time_scale = int(in_dim), float(time_scale)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(batch)
+        return self.mlp(sinusoidal_embedding(t * self.time_scale, self.in_dim).to(dtype))
+
+
+class _DiTBlock(nn.Module):
+    """Pre-LayerNorm self-attention and MLP, each modulated by the time embedding (adaLN-Zero of
+    Peebles & Xie 2023: shift, scale and a zero-initialised gate per branch)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Linear(width, 6 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        b, n, w = h.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(emb))[:, None, :].chunk(6, dim=-1)
+        y = self.norm1(h) * (1 + sc1) + sh1
+        q, k, v = self.qkv(y).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+        h = h + g1 * self.proj(att)
+        return h + g2 * self.mlp(self.norm2(h) * (1 + sc2) + sh2)
+
+
+class DigitsTransformer(nn.Module):
+    """A small DiT (Peebles & Xie 2023) for (B, C, S, S) images: ``patch`` x ``patch`` patches
+    embedded linearly with learned positions, ``depth`` adaLN-Zero blocks of width ``width``, a
+    modulated LayerNorm and a zero-initialised linear layer back to pixels.
+    ``forward(x, t)`` embeds ``t * time_scale`` (scaled time of order [0, 1])."""
+
+    def __init__(self, *, image_size: int = 16, patch: int = 2, width: int = 96, depth: int = 4, heads: int = 4,
+                 mlp_ratio: float = 2.0, time_scale: float = 1.0, in_channels: int = 1) -> None:
+        super().__init__()
+        if image_size % patch or width % heads:
+            raise ValueError(f"patch {patch} must divide image_size {image_size} and heads {heads} the width {width}")
+        self.config: dict[str, Any] = {"image_size": int(image_size), "patch": int(patch), "width": int(width), "depth": int(depth),
+                                       "heads": int(heads), "mlp_ratio": float(mlp_ratio), "time_scale": float(time_scale),
+                                       "in_channels": int(in_channels)}
+        self.patch, self.in_channels, self.side = int(patch), int(in_channels), image_size // patch
+        self.embed = nn.Conv2d(in_channels, width, patch, stride=patch)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, self.side * self.side, width))
+        self.time = _TimeEmbedding(width, width, time_scale)
+        self.blocks = nn.ModuleList([_DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(width, elementwise_affine=False)
+        self.ada_out = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, patch * patch * in_channels)
+        for layer in (self.ada_out, self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Network output shaped like ``x`` at per-sample times ``t`` (B,)."""
+        b = x.shape[0]
+        emb = self.time(t, b, x.dtype)
+        h = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            h = block(h, emb)
+        shift, scale = self.ada_out(F.silu(emb))[:, None, :].chunk(2, dim=-1)
+        y = self.out(self.norm_out(h) * (1 + scale) + shift)  # (B, N, p * p * C)
+        p, s, c = self.patch, self.side, self.in_channels
+        return y.reshape(b, s, s, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, s * p, s * p)
+
+
+class VectorMLP(nn.Module):
+    """A residual MLP for flat vectors (B, dim): ``depth`` blocks of LayerNorm-Linear-SiLU-Linear with
+    the time embedding added to each block's hidden layer; the output layer is zero-initialised."""
+
+    def __init__(self, *, dim: int = 64, width: int = 256, depth: int = 3, time_scale: float = 1.0) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {"dim": int(dim), "width": int(width), "depth": int(depth), "time_scale": float(time_scale)}
+        self.inp = nn.Linear(dim, width)
+        self.time = _TimeEmbedding(width, width, time_scale)
+        self.norms = nn.ModuleList([nn.LayerNorm(width) for _ in range(depth)])
+        self.fc1 = nn.ModuleList([nn.Linear(width, 2 * width) for _ in range(depth)])
+        self.temb = nn.ModuleList([nn.Linear(width, 2 * width) for _ in range(depth)])
+        self.fc2 = nn.ModuleList([nn.Linear(2 * width, width) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Network output (B, dim) at per-sample times ``t`` (B,)."""
+        emb = F.silu(self.time(t, x.shape[0], x.dtype))
+        h = self.inp(x)
+        for norm, fc1, temb, fc2 in zip(self.norms, self.fc1, self.temb, self.fc2):
+            h = h + fc2(F.silu(fc1(norm(h)) + temb(emb)))
+        return self.out(self.norm_out(h))
+
+
 class DigitsClassifier(nn.Module):
     """A CNN for (B, 1, 8, 8) digits: two conv-conv-maxpool stages (8x8 -> 4x4 -> 2x2), a hidden
     linear layer of ``features`` units (the feature space of :meth:`features`) and ``num_classes`` logits.
@@ -210,7 +318,8 @@ class DigitsClassifier(nn.Module):
         return self.classify(self.body(x))
 
 
-NETWORKS: dict[str, type[nn.Module]] = {"DigitsUNet": DigitsUNet, "EDMDigitsUNet": EDMDigitsUNet, "DigitsClassifier": DigitsClassifier}
+NETWORKS: dict[str, type[nn.Module]] = {"DigitsUNet": DigitsUNet, "EDMDigitsUNet": EDMDigitsUNet, "DigitsTransformer": DigitsTransformer,
+                                         "VectorMLP": VectorMLP, "DigitsClassifier": DigitsClassifier}
 
 
 def build(kind: str, config: dict[str, Any]) -> nn.Module:

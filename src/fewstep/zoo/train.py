@@ -28,7 +28,7 @@ from torch import nn
 
 from ..schedules import EDM, DiscreteVP, FlowMatching, NoiseSchedule
 from .data import DigitsSplit, load_digits_split
-from .nets import NETWORKS, DigitsClassifier, DigitsUNet
+from .nets import NETWORKS, DigitsClassifier
 
 __all__ = ["DiffusionConfig", "ClassifierConfig", "CONFIGS", "NAMES", "DEFAULT_OUT", "train", "main"]
 
@@ -39,9 +39,12 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
 class DiffusionConfig:
     """Hyper-parameters of a diffusion / flow-matching UNet run."""
 
-    schedule: str  # "discrete_vp_linear" | "flow_matching" | "edm"
-    prediction: str  # "eps" | "flow" | "edm"
+    schedule: str  # "discrete_vp_linear" | "discrete_vp_scaled_linear" | "discrete_vp_cosine" | "flow_matching" | "edm"
+    prediction: str  # "eps" | "v" | "x0" | "flow" | "edm"
     net: dict[str, Any] = field(default_factory=dict)
+    net_class: str = ""  # a class of fewstep.zoo.nets (default: DigitsUNet, EDMDigitsUNet for prediction "edm")
+    data: str = "digits8"  # "digits8" | "digits16" | "digits32" (bilinear upsampling of the 8x8 digits) | "flat64"
+    flow_shift: float = 1.0  # FlowMatching(shift): training times t = shift u / (1 + (shift - 1) u), u ~ U(0, 1)
     t_sampling: str = "uniform"  # "uniform": t ~ U(training range); "lognormal": log sigma ~ N(p_mean, p_std) (EDM)
     p_mean: float = -1.2
     p_std: float = 1.2
@@ -96,11 +99,15 @@ CONFIGS: dict[str, DiffusionConfig | ClassifierConfig] = {
 NAMES: tuple[str, ...] = tuple(CONFIGS)
 
 
-def _schedule(kind: str) -> NoiseSchedule:
+def _schedule(kind: str, flow_shift: float = 1.0) -> NoiseSchedule:
     if kind == "discrete_vp_linear":
         return DiscreteVP.linear()  # 1000 betas linear in [1e-4, 0.02]
+    if kind == "discrete_vp_scaled_linear":
+        return DiscreteVP.scaled_linear()  # Stable Diffusion's betas
+    if kind == "discrete_vp_cosine":
+        return DiscreteVP.cosine()  # diffusers' squaredcos_cap_v2
     if kind == "flow_matching":
-        return FlowMatching()
+        return FlowMatching(shift=flow_shift)
     if kind == "edm":
         return EDM(sigma_min=0.002, sigma_max=80.0, sigma_data=DIGITS_RMS)
     raise ValueError(f"unknown training schedule {kind!r}")
@@ -192,10 +199,24 @@ def _fit(
     return ema.net, losses
 
 
-def _diffusion_loss(net: DigitsUNet, cfg: DiffusionConfig, sched: NoiseSchedule, data: torch.Tensor,
+def prepare_data(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """The digits (n, 1, 8, 8) in model space as a data set of kind ``digits8``, ``digits16`` /
+    ``digits32`` (bilinear upsampling: smooth images whose structure sits at higher noise levels,
+    the resolution effect of Hoogeboom et al. 2023) or ``flat64`` (vectors (n, 64))."""
+    if kind == "digits8":
+        return x
+    if kind in ("digits16", "digits32"):
+        return F.interpolate(x, size=int(kind[6:]), mode="bilinear", align_corners=False)
+    if kind == "flat64":
+        return x.reshape(x.shape[0], 64)
+    raise ValueError(f"unknown data kind {kind!r}")
+
+
+def _diffusion_loss(net: nn.Module, cfg: DiffusionConfig, sched: NoiseSchedule, data: torch.Tensor,
                     gen: torch.Generator, device: torch.device) -> Callable[[int], torch.Tensor]:
-    """The training loss at ``x_t = alpha x0 + sigma eps``: MSE to eps (``eps``) or to the velocity
-    eps - x0 (``flow``) with t uniform; for ``edm``, Karras et al.'s weighted denoising loss
+    """The training loss at ``x_t = alpha x0 + sigma eps``, t uniform (flow matching: shifted): MSE to
+    eps (``eps``), to ``v = alpha eps - sigma x0`` (``v``), to x0 (``x0``) or to the velocity eps - x0
+    (``flow``); for ``edm``, Karras et al.'s weighted denoising loss
     ``(sigma^2 + sd^2) / (sigma sd)^2 |D(x; sigma) - x0|^2`` with log sigma ~ N(p_mean, p_std)."""
     batches = _Batches(len(data), cfg.batch_size, gen)
     lo, hi = (0.0, sched.t_max) if isinstance(sched, DiscreteVP) else (0.0, 1.0)
@@ -209,15 +230,18 @@ def _diffusion_loss(net: DigitsUNet, cfg: DiffusionConfig, sched: NoiseSchedule,
             t = torch.exp(cfg.p_mean + cfg.p_std * torch.randn(x0.shape[0], generator=gen, dtype=torch.float64))
         else:
             t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen, dtype=torch.float64)
-        a, s = (sched.alpha(t).float()[:, None, None, None], sched.sigma(t).float()[:, None, None, None])
+            if isinstance(sched, FlowMatching):
+                t = sched.shift_times(t)
+        view = (-1, *([1] * (x0.ndim - 1)))
+        a, s = sched.alpha(t).float().reshape(view), sched.sigma(t).float().reshape(view)
         xt = a * x0 + s * eps
         out = net(xt.to(device), t.float().to(device))
         if cfg.prediction == "edm":
             sd = float(net.sigma_data)  # type: ignore[attr-defined]
             weight = ((s * s + sd * sd) / (s * sd) ** 2).to(device)
             return (weight * (out - x0.to(device)) ** 2).mean()
-        target = eps if cfg.prediction == "eps" else eps - x0
-        return F.mse_loss(out, target.to(device))
+        targets = {"eps": lambda: eps, "v": lambda: a * eps - s * x0, "x0": lambda: x0, "flow": lambda: eps - x0}
+        return F.mse_loss(out, targets[cfg.prediction]().to(device))
 
     return loss
 
@@ -255,12 +279,14 @@ def save_weights(net: nn.Module, path: Path, dtype: torch.dtype = torch.float32)
 
 
 def train(name: str, steps: int | None = None, out: str | Path | None = None, seed: int = 0,
-          device: str = "cpu", log_every: int = 250) -> dict[str, Any]:
-    """Train model ``name`` (see :data:`NAMES`), write ``NAME.safetensors`` + ``NAME.json`` into ``out``
-    (default: the package's ``zoo/weights/``) and return the card. ``steps`` overrides the config."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown zoo model {name!r}; known: {list(NAMES)}")
-    cfg = CONFIGS[name]
+          device: str = "cpu", log_every: int = 250, configs: dict[str, DiffusionConfig | ClassifierConfig] | None = None) -> dict[str, Any]:
+    """Train model ``name`` of ``configs`` (default :data:`CONFIGS`), write ``NAME.safetensors`` +
+    ``NAME.json`` into ``out`` (default: the package's ``zoo/weights/``) and return the card.
+    ``steps`` overrides the config."""
+    configs = CONFIGS if configs is None else configs
+    if name not in configs:
+        raise ValueError(f"unknown zoo model {name!r}; known: {list(configs)}")
+    cfg = configs[name]
     steps = cfg.steps if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -275,9 +301,11 @@ def train(name: str, steps: int | None = None, out: str | Path | None = None, se
     start = time.perf_counter()
     card: dict[str, Any] = {"format": "fewstep-zoo-card", "version": 1, "name": name, "weights": f"{name}.safetensors"}
     if isinstance(cfg, DiffusionConfig):
-        sched = _schedule(cfg.schedule)
-        net: nn.Module = NETWORKS["EDMDigitsUNet" if cfg.prediction == "edm" else "DigitsUNet"](**cfg.net).to(dev)
-        loss_fn = _diffusion_loss(net, cfg, sched, split.train_x, gen, dev)
+        sched = _schedule(cfg.schedule, cfg.flow_shift)
+        net_class = cfg.net_class or ("EDMDigitsUNet" if cfg.prediction == "edm" else "DigitsUNet")
+        net: nn.Module = NETWORKS[net_class](**cfg.net).to(dev)
+        data = prepare_data(cfg.data, split.train_x)
+        loss_fn = _diffusion_loss(net, cfg, sched, data, gen, dev)
     else:
         net = DigitsClassifier(**cfg.net).to(dev)
         loss_fn = _classifier_loss(net, cfg, split, gen, dev)
@@ -295,8 +323,9 @@ def train(name: str, steps: int | None = None, out: str | Path | None = None, se
     })
     if isinstance(cfg, DiffusionConfig):
         card.update({"schedule": sched.config(), "prediction": cfg.prediction})
-    card["sample_shape"] = [1, 8, 8]
-    card["data"] = {**split.describe(), "pixel_scale": "x = pixels / 8 - 1"}
+    card["sample_shape"] = list(prepare_data(cfg.data, split.train_x[:1]).shape[1:]) if isinstance(cfg, DiffusionConfig) else [1, 8, 8]
+    card["data"] = {**split.describe(), "pixel_scale": "x = pixels / 8 - 1",
+                    **({"transform": cfg.data} if isinstance(cfg, DiffusionConfig) and cfg.data != "digits8" else {})}
     card["training"] = {
         "hyperparameters": asdict(cfg), "seed": seed, "steps": steps,
         "final_loss": float(np.mean(losses[-200:])), "loss_window": min(200, steps),
