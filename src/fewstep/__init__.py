@@ -24,17 +24,18 @@ from .parallel import ParallelInfo, ParallelOptions, parallel_solve
 from .generate import GenerateInfo, generate, load_samples
 from .sample_folder import MappedSamples
 from .sample import SampleInfo, sample
+from .autotune import AutotuneOptions, AutotuneResult
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule, VPSchedule
 from .solvers.plan import SolverSchedule
 from .solvers.presets import preset, preset_names, preset_options
 from .solvers.strategy import Step
 from .timesteps import time_grid
-from .defaults import default_solver, default_spacing
+from .defaults import default_call, default_solver, default_spacing
 from .schedule_search import search
 from . import zoo
 
 __all__ = [
-    "ArgumentError", "BrownianNoise", "IntervalNoise", "ParallelInfo", "ParallelOptions", "parallel_solve", "GenerateInfo", "generate", "load_samples", "MappedSamples", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
+    "AutotuneOptions", "AutotuneResult", "default_call", "ArgumentError", "BrownianNoise", "IntervalNoise", "ParallelInfo", "ParallelOptions", "parallel_solve", "GenerateInfo", "generate", "load_samples", "MappedSamples", "CosineVP", "DiscreteVP", "EDM", "FewstepError", "FlowMatching", "GaussianMixture", "LinearVP", "Model",
     "ModelOutputError", "NoiseSchedule", "Prediction", "SampleInfo", "ScheduleError", "ScheduleFileError",
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "ZooError", "__version__",
     "batched_classifier_free_guidance", "default_solver", "default_spacing", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",

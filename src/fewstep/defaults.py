@@ -1,16 +1,21 @@
 """Defaults chosen from measurements: the solver that ``fewstep.sample(model, x_T, nfe=N)`` runs when
 no solver is named, and the time grid each preset uses when no ``spacing`` is named, per family of
-noise schedule. The evidence is ``benchmarks/reports/defaults.md`` (``python benchmarks/defaults.py``);
-``docs/defaults.md`` summarises it.
+noise schedule and data dimension. The rule (:data:`DEFAULT_RULE`) is chosen by
+``python benchmarks/default_rule.py`` on the validation zoo and the oracles, leaving one model out, and
+judged against the peers by ``python benchmarks/defaults.py`` (``benchmarks/reports/defaults.md``);
+``docs/defaults.md`` summarises the evidence.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule
 
-__all__ = ["schedule_family", "default_solver", "default_spacing", "default_grid", "DEFAULT_SOLVERS", "SPACING_RULES"]
+__all__ = ["schedule_family", "default_solver", "default_spacing", "default_grid", "default_call", "DefaultRule", "FamilyRule",
+           "GridParams", "SolverChoice", "DEFAULT_RULE", "DEFAULT_SOLVERS", "SPACING_RULES"]
 
 FAMILIES = ("discrete_vp", "linear_vp", "cosine_vp", "edm", "flow")
 
@@ -23,11 +28,82 @@ def schedule_family(sched: NoiseSchedule) -> str:
     return "other"
 
 
-#: family -> (preset, options) run by ``sample(model, x_T, nfe=N)``: UniPC (order 3, bh2, corrector;
-#: the step into sigma = 0 at order 2) was the most accurate preset at its default grid on every
-#: oracle family and on the three bundled networks (benchmarks/reports/defaults.md).
+@dataclass(frozen=True)
+class GridParams:
+    """The logistic log-SNR grid ``lambda = center + scale * logit(u)`` (:mod:`fewstep.timesteps`)."""
+
+    center: float
+    scale: float
+
+
+@dataclass(frozen=True)
+class SolverChoice:
+    """A preset and its options (a tuple of pairs, so that rules are hashable)."""
+
+    preset: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    """The default for one schedule family: a grid, and a preset for NFE <= ``low_nfe_max`` and one above."""
+
+    grid: GridParams
+    solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc"))
+    low_nfe_solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc"))
+    low_nfe_max: int = 0
+
+    def solver_for(self, nfe: int | None) -> SolverChoice:
+        return self.low_nfe_solver if nfe is not None and nfe <= self.low_nfe_max else self.solver
+
+
+@dataclass(frozen=True)
+class DefaultRule:
+    """What the default call runs: a preset on the logistic grid, read from declared properties only:
+    the schedule's family (VP and EDM, or flow matching), the NFE and the data dimension ``d`` (the
+    number of values per sample).
+
+    The grid's centre moves towards noise as the dimension grows, ``center - dim_slope * log(d / dim_ref) / 2``
+    with ``d`` clamped to ``[dim_ref, dim_max]`` (the range it was measured on): the resolution shift of
+    Simple Diffusion (Hoogeboom et al. 2023) and SD3 (Esser et al. 2024), whose noise-level shift is
+    ``sqrt(d / d_ref)`` for ``dim_slope = 1``. A flow schedule's own ``shift`` moves the centre by
+    ``-log(shift)`` on top (:func:`fewstep.time_grid`).
+    """
+
+    vp: FamilyRule = field(default_factory=lambda: FamilyRule(GridParams(0.0, 1.4)))
+    flow: FamilyRule = field(default_factory=lambda: FamilyRule(GridParams(0.6, 1.1)))
+    dim_slope: float = 0.0
+    dim_ref: int = 64
+    dim_max: int = 3072
+
+    def family(self, sched: NoiseSchedule) -> FamilyRule:
+        return self.flow if schedule_family(sched) == "flow" else self.vp
+
+    def center(self, grid: GridParams, dim: int | None) -> float:
+        """The grid's centre for data of ``dim`` values per sample (``None``: ``dim_ref``)."""
+        if not dim or self.dim_slope == 0.0:
+            return grid.center
+        d = min(max(int(dim), self.dim_ref), self.dim_max)
+        return grid.center - self.dim_slope * 0.5 * math.log(d / self.dim_ref)
+
+    def grid_options(self, sched: NoiseSchedule, dim: int | None) -> dict[str, float]:
+        grid = self.family(sched).grid
+        return {"logistic_center": self.center(grid, dim), "logistic_scale": grid.scale}
+
+    def call(self, sched: NoiseSchedule, nfe: int | None, dim: int | None) -> tuple[str, dict[str, Any]]:
+        """``(preset, options)`` of the default call at ``nfe`` for a model on ``sched`` with ``dim`` values per sample."""
+        choice = self.family(sched).solver_for(nfe)
+        return choice.preset, {**dict(choice.options), "spacing": "logistic", **self.grid_options(sched, dim)}
+
+
+#: the rule the default call runs (benchmarks/reports/default_rule.md says how it was chosen)
+DEFAULT_RULE = DefaultRule()
+
+#: family -> (preset, options) run by ``sample(model, x_T, nfe=N)`` above the rule's low-NFE range
+#: (from :data:`DEFAULT_RULE`; kept for callers of the earlier API)
 DEFAULT_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "*": ("unipc", {}),
+    "*": (DEFAULT_RULE.vp.solver.preset, dict(DEFAULT_RULE.vp.solver.options)),
+    "flow": (DEFAULT_RULE.flow.solver.preset, dict(DEFAULT_RULE.flow.solver.options)),
 }
 
 #: (family, preset) -> (spacing, grid options), ``"*"`` matching any; the most specific rule wins, in
@@ -40,38 +116,48 @@ DEFAULT_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
 #: 10-20; c = 0.6, s = 1.1 (and the schedule's ``shift`` moving c by -log(shift)) beat it on both flow
 #: targets but one cell (1.02x). Consistency sampling keeps diffusers' trailing.
 SPACING_RULES: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
-    ("*", "*"): ("logistic", {"logistic_center": 0.0, "logistic_scale": 1.4}),
-    ("flow", "*"): ("logistic", {"logistic_center": 0.6, "logistic_scale": 1.1}),
+    ("*", "*"): ("logistic", {}),  # the centre and scale of DEFAULT_RULE for the family and dimension
+    ("flow", "*"): ("logistic", {}),
     ("discrete_vp", "lcm"): ("trailing", {}),
     # Heun's trapezoid in sigma/alpha from a large first noise level is unstable on the logistic grid's
     # long first step (digits-vp-eps: 34 RMSE at NFE 5, 0.18 at NFE 20); uniform t measured best for
     # Heun on the VP and flow networks and oracles, the logistic grid on EDM; Euler on flow likewise
     ("*", "heun"): ("uniform_t", {}),
     ("flow", "heun"): ("uniform_t", {}),
-    ("edm", "heun"): ("logistic", {"logistic_center": 0.0, "logistic_scale": 1.4}),
+    ("edm", "heun"): ("logistic", {}),
     ("flow", "euler"): ("uniform_t", {}),
     # EDM's stochastic Heun is Heun with churn: the same grids
     ("*", "edm_sde"): ("uniform_t", {}),
     ("flow", "edm_sde"): ("uniform_t", {}),
-    ("edm", "edm_sde"): ("logistic", {"logistic_center": 0.0, "logistic_scale": 1.4}),
+    ("edm", "edm_sde"): ("logistic", {}),
 }
 
 
-def default_solver(sched: NoiseSchedule) -> tuple[str, dict[str, Any]]:
-    """The preset (and its options) that runs when no solver is named, for this schedule's family."""
-    name, opts = DEFAULT_SOLVERS.get(schedule_family(sched), DEFAULT_SOLVERS["*"])
-    return name, dict(opts)
+def default_solver(sched: NoiseSchedule, nfe: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The preset (and its options) that runs when no solver is named, for this schedule's family and NFE."""
+    choice = DEFAULT_RULE.family(sched).solver_for(nfe)
+    return choice.preset, dict(choice.options)
 
 
-def default_grid(sched: NoiseSchedule, preset: str | None = None) -> tuple[str, dict[str, float]]:
+def default_call(sched: NoiseSchedule, nfe: int | None = None, dim: int | None = None) -> tuple[str, dict[str, Any]]:
+    """``(preset, options)`` that ``sample(model, x_T, nfe=N)`` runs for a model on ``sched`` whose
+    samples have ``dim`` values (:data:`DEFAULT_RULE`), grid options included."""
+    return DEFAULT_RULE.call(sched, nfe, dim)
+
+
+def default_grid(sched: NoiseSchedule, preset: str | None = None, dim: int | None = None) -> tuple[str, dict[str, float]]:
     """The time grid ``preset`` uses on ``sched`` when no ``spacing`` is given, with its grid options
-    (which apply unless the caller sets them)."""
+    (which apply unless the caller sets them); a logistic grid takes :data:`DEFAULT_RULE`'s centre
+    and scale for the family and the data dimension ``dim`` (``None``: no dimension shift)."""
     fam = schedule_family(sched)
+    name, opts = "logistic", {}
     for key in ((fam, preset or "*"), (fam, "*"), ("*", preset or "*"), ("*", "*")):
         if key in SPACING_RULES:
             name, opts = SPACING_RULES[key]
-            return name, dict(opts)
-    return "logistic", {}
+            break
+    if name == "logistic":
+        return name, {**DEFAULT_RULE.grid_options(sched, dim), **opts}
+    return name, dict(opts)
 
 
 def default_spacing(sched: NoiseSchedule, preset: str | None = None) -> str:

@@ -188,6 +188,7 @@ class Model:
         sample_shape: tuple[int, ...] | None = None,
         to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
         identity: str | None = None,
+        autotune: Any = False,
     ) -> None:
         if prediction not in PREDICTION_TYPES:
             raise ArgumentError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
@@ -209,6 +210,9 @@ class Model:
         #: searched solver schedules by NFE: ``sample(model, x_T, nfe=N)`` with nothing else named runs
         #: ``tuned_schedules[N]`` when it exists (the bundled models ship some; ``fewstep.search`` makes them)
         self.tuned_schedules: dict[int, Any] = {}
+        #: ``True`` (or a :class:`fewstep.AutotuneOptions`): every :func:`~fewstep.sample` call of this
+        #: model without ``autotune=`` autotunes its grid on first use (:mod:`fewstep.autotune`)
+        self.autotune = autotune
         self.calls = 0
         self.evaluations = 0
         self._sampling = False  # set by fewstep.sample while it runs (deferred NaN/Inf checks)

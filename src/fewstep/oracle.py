@@ -281,13 +281,16 @@ class GaussianMixture:
 ORACLES = {
     "gmm-d2": lambda: GaussianMixture.random(2, 6, 1, seed=2, name="gmm-d2"),
     "gmm-d64": lambda: GaussianMixture.random(64, 8, 4, seed=0, name="gmm-d64"),
+    "gmm-d256": lambda: GaussianMixture.random(256, 8, 4, seed=0, name="gmm-d256"),
+    "gmm-d1024": lambda: GaussianMixture.random(1024, 8, 4, seed=0, name="gmm-d1024"),
     "gmm-d3072": lambda: GaussianMixture.random(3072, 8, 4, seed=0, name="gmm-d3072"),
     "digits-gmm": lambda: GaussianMixture.fit_digits(10, seed=0),
 }
 
 
 def bundled_oracle(name: str = "gmm-d64") -> GaussianMixture:
-    """One of the bundled oracle mixtures: ``gmm-d2``, ``gmm-d64``, ``gmm-d3072``, ``digits-gmm``."""
+    """One of the bundled oracle mixtures: ``gmm-d2``, ``gmm-d64``, ``gmm-d256``, ``gmm-d1024``, ``gmm-d3072``
+    (8 components with random means whose distance grows like sqrt(d)), ``digits-gmm``."""
     if name not in ORACLES:
         raise ArgumentError(f"unknown oracle {name!r}; known: {sorted(ORACLES)}")
     return ORACLES[name]()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -14,8 +15,9 @@ from .models import Model, prediction_coefficients
 from .noise import NoiseSource, make_noise_source
 from .solvers.compile import Combine, CompiledPlan, Evaluate, compile_plan
 from .solvers.plan import SolverSchedule, schedule_identity
-from .defaults import default_solver
+from .defaults import default_call
 from .parallel import ParallelOptions, run_plan_parallel
+from .autotune import AutotuneOptions, AutotuneResult, autotune as autotune_choice
 from .solvers.presets import preset
 
 __all__ = ["sample", "run_plan", "PlanRunner", "SampleInfo", "resolve_plan", "clear_plan_cache"]
@@ -234,17 +236,20 @@ def resolve_plan(
     solver: str | SolverSchedule | None,
     nfe: int | None,
     options: dict[str, Any],
+    data_dim: int | None = None,
 ) -> SolverSchedule:
     """A preset name (with ``nfe`` and grid options), a ready :class:`SolverSchedule`, or ``None``:
-    the measured default for the model's noise schedule (:func:`fewstep.default_solver`)."""
+    the measured default for the model's noise schedule and the data dimension ``data_dim`` (values
+    per sample; :func:`fewstep.defaults.default_call`)."""
+    dim_opt = {"data_dim": data_dim} if data_dim is not None and "data_dim" not in options else {}
     if solver is None:
         if nfe is None:
             raise ArgumentError("give nfe= (model evaluations per sample), or a solver schedule")
         tuned = model.tuned_schedules.get(nfe) if not options else None
         if tuned is not None:
             return tuned
-        name, defaults = default_solver(model.schedule)
-        return preset(name, nfe, model.schedule, **{**defaults, **options})
+        name, defaults = default_call(model.schedule, nfe, data_dim)
+        return preset(name, nfe, model.schedule, **{**defaults, **dim_opt, **options})
     if isinstance(solver, SolverSchedule):
         if nfe is not None and nfe != solver.nfe:
             raise SolverError(f"nfe={nfe} was given but the solver schedule {solver.name!r} uses {solver.nfe}")
@@ -255,19 +260,21 @@ def resolve_plan(
         raise ArgumentError(f"solver must be a preset name or a SolverSchedule, got {type(solver).__name__}")
     if nfe is None:
         raise ArgumentError(f"preset {solver!r} needs nfe= (model evaluations per sample)")
-    return preset(solver, nfe, model.schedule, **options)
+    return preset(solver, nfe, model.schedule, **{**dim_opt, **options})
 
 
 _COMPILED: OrderedDict[tuple[Any, ...], tuple[SolverSchedule, CompiledPlan]] = OrderedDict()
 _COMPILED_MAX = 64
 
 
-def _prepare(model: Model, solver: str | SolverSchedule | None, nfe: int | None, options: dict[str, Any]) -> tuple[SolverSchedule, CompiledPlan]:
+def _prepare(model: Model, solver: str | SolverSchedule | None, nfe: int | None, options: dict[str, Any],
+             data_dim: int | None = None) -> tuple[SolverSchedule, CompiledPlan]:
     """Build and compile the plan; a preset with hashable options is compiled once per noise
-    schedule and reused (a pipeline calls ``sample`` with the same solver batch after batch)."""
+    schedule (and data dimension) and reused (a pipeline calls ``sample`` with the same solver batch
+    after batch)."""
     key: tuple[Any, ...] | None = None
     if isinstance(solver, str) or (solver is None and not (nfe in model.tuned_schedules and not options)):
-        key = (solver, nfe, tuple(sorted(options.items())), schedule_identity(model.schedule))
+        key = (solver, nfe, tuple(sorted(options.items())), schedule_identity(model.schedule), data_dim)
         try:
             hash(key)
         except TypeError:  # e.g. an explicit list of times
@@ -275,7 +282,7 @@ def _prepare(model: Model, solver: str | SolverSchedule | None, nfe: int | None,
     if key is not None and key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key]
-    plan = resolve_plan(model, solver, nfe, options)
+    plan = resolve_plan(model, solver, nfe, options, data_dim)
     result = plan, compile_plan(plan, model.schedule)
     if key is not None:
         _COMPILED[key] = result
@@ -335,6 +342,7 @@ def sample(
     grad: bool = False,
     parallel: "bool | ParallelOptions" = False,
     warm_start: Any = None,
+    autotune: "bool | AutotuneOptions | None" = None,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Sample from ``model`` starting at noise ``x_T`` (already scaled to the start time's marginal,
@@ -365,6 +373,12 @@ def sample(
     the same samples within the tolerance, in fewer sequential rounds; the info's
     ``extra["parallel"]`` says how many rounds and evaluations it took. ``warm_start``: a previous
     parallel run's info (recorded with ``ParallelOptions(record=True)``) to start from.
+
+    ``autotune=True`` (or an :class:`~fewstep.AutotuneOptions`; default: the model's ``autotune``)
+    chooses the grid, and without a named preset the preset too, for this model, NFE and sample shape
+    on a few samples of its own against a fine solve, at most 3,000 sample-evaluations once, then
+    cached by what the model computes (:mod:`fewstep.autotune`); the info's ``extra["autotune"]`` says
+    what it chose and spent. A model's searched schedule for the NFE still comes first.
     """
     if not isinstance(model, Model):
         raise ArgumentError(f"model must be a fewstep.Model (wrap your network: fewstep.Model(fn, schedule, prediction=...)), got {type(model).__name__}")
@@ -372,7 +386,10 @@ def sample(
         raise ArgumentError(f"grad must be True or False, got {grad!r}")
     model.guard.discard()
     _check_input(model, x_T)
-    plan, compiled = _prepare(model, solver, nfe, options)
+    tuned = _autotune(model, x_T, solver, nfe, options, model.autotune if autotune is None else autotune)
+    if tuned is not None:
+        solver, options = tuned.preset, {**options, **tuned.options}
+    plan, compiled = _prepare(model, solver, nfe, options, math.prod(x_T.shape[1:]))
     _check_evaluable(model, compiled)
     if compiled.stochastic and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -381,6 +398,8 @@ def sample(
     popts = _parallel_options(parallel, callback, warm_start)
     calls0 = model.calls
     extra: dict[str, Any] = {"seed": seed} if compiled.stochastic else {}
+    if tuned is not None:
+        extra["autotune"] = tuned.summary()
     model._sampling = True
     try:
         with torch.enable_grad() if grad else torch.no_grad():
@@ -395,6 +414,25 @@ def sample(
     if return_info:
         return out, SampleInfo(plan, compiled.nfe, model.calls - calls0, extra)
     return out
+
+
+def _autotune(model: Model, x_T: torch.Tensor, solver: Any, nfe: int | None, options: dict[str, Any], setting: Any) -> "AutotuneResult | None":
+    """The autotuned choice for this call, or ``None`` (autotune off, a ready solver schedule, or the
+    model's searched schedule for this NFE, which comes first)."""
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        config = AutotuneOptions()
+    elif isinstance(setting, AutotuneOptions):
+        config = setting
+    else:
+        raise ArgumentError(f"autotune must be True/False or a fewstep.AutotuneOptions, got {setting!r}")
+    if isinstance(solver, SolverSchedule) or (solver is None and nfe in model.tuned_schedules and not options):
+        return None
+    if nfe is None:
+        raise ArgumentError("autotune needs nfe= (model evaluations per sample)")
+    return autotune_choice(model, nfe, tuple(x_T.shape[1:]), sample, preset=solver, options=options, config=config,
+                           device=x_T.device, dtype=x_T.dtype)
 
 
 def _parallel_options(parallel: Any, callback: Any, warm_start: Any) -> "ParallelOptions | None":

@@ -463,8 +463,10 @@ def lcm(nfe: int, sched: NoiseSchedule, *, spacing: Any = None, renoise: float =
     return _finish("lcm", sched, times, steps)
 
 
-#: options every preset accepts (forwarded to :func:`fewstep.time_grid`)
-GRID_OPTIONS = ("spacing", "t_start", "t_end", "t_noisy_start", "t_noisy_end", "rho", "steps_offset", "logistic_center", "logistic_scale")
+#: options every preset accepts (forwarded to :func:`fewstep.time_grid`; ``data_dim``, the number of
+#: values per sample, only moves the default grid: :func:`fewstep.defaults.default_grid`)
+GRID_OPTIONS = ("spacing", "t_start", "t_end", "t_noisy_start", "t_noisy_end", "rho", "steps_offset", "logistic_center", "logistic_scale",
+                "data_dim")
 
 
 from . import er_sde as _er_sde, sa_solver as _sa_solver  # noqa: E402,F401  (solver families registering their presets)
@@ -484,7 +486,9 @@ def preset(name: str, nfe: int, sched: NoiseSchedule, **options: Any) -> SolverS
 
     Options: ``spacing`` (a name from :data:`fewstep.timesteps.SPACINGS` or explicit times; default
     :func:`fewstep.default_spacing` of the preset and schedule), ``t_start``, ``t_end``,
-    ``t_noisy_start``, ``t_noisy_end``, ``rho``, and preset-specific ones (:func:`preset_options`).
+    ``t_noisy_start``, ``t_noisy_end``, ``rho``, ``data_dim`` (values per sample: moves the default
+    logistic grid, :class:`fewstep.defaults.DefaultRule`; :func:`fewstep.sample` passes it), and
+    preset-specific ones (:func:`preset_options`).
     """
     if not isinstance(name, str):
         raise ArgumentError(f"a preset name must be a string, got {type(name).__name__}")
@@ -494,11 +498,16 @@ def preset(name: str, nfe: int, sched: NoiseSchedule, **options: Any) -> SolverS
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ArgumentError(f"unknown option(s) {unknown} for preset {name!r}; valid options: {valid}")
+    data_dim = options.pop("data_dim", None)
+    if data_dim is not None and (not isinstance(data_dim, int) or isinstance(data_dim, bool) or data_dim < 1):
+        raise ArgumentError(f"data_dim must be a positive integer (values per sample), got {data_dim!r}")
     if options.get("spacing") is None:
-        options["spacing"], grid_defaults = default_grid(sched, name)
+        options["spacing"], grid_defaults = default_grid(sched, name, data_dim)
         for key, value in grid_defaults.items():
             options.setdefault(key, value)
     plan = PRESETS[name](nfe, sched, **options)
+    if data_dim is not None:
+        options["data_dim"] = data_dim
     sp = options["spacing"]
     plan.meta["spacing"] = sp if isinstance(sp, str) else "explicit"
     grid = {k: options[k] for k in GRID_OPTIONS if k != "spacing" and k in options}
