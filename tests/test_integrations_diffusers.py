@@ -88,6 +88,34 @@ def test_any_preset_through_the_pipeline_equals_fewstep_sample(name, n, opts):
     assert abs(out - _fewstep_direct(name, n, **opts)).max() <= TOL
 
 
+def test_the_default_call_through_the_pipeline_equals_fewstep_sample():
+    """No solver named: the pipeline runs what fewstep.sample(model, x_T, nfe=N) runs on latents of
+    the network's shape (the default rule reads the data dimension from the network's config)."""
+    pipe = _pipe(_base())
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe)
+    assert pipe.scheduler.config.data_dim == 3 * 8 * 8
+    for n in (5, 12):
+        assert abs(_run(pipe, n) - _fewstep_direct(None, n)).max() <= TOL
+
+
+def test_autotune_through_the_scheduler(tmp_path):
+    pipe = _pipe(_base())
+    opts = fewstep.AutotuneOptions(cache_dir=tmp_path, budget=1200)
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, autotune=opts)
+    out = _run(pipe, 6)
+    res = pipe.scheduler.autotune_result
+    assert res is not None and not res.cached and 0 < res.evaluations <= 1200
+    assert abs(out - _fewstep_direct(res.preset, 6, **res.options)).max() <= TOL  # the pipeline ran the choice
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, autotune=opts)
+    _run(pipe, 6)
+    assert pipe.scheduler.autotune_result.cached and pipe.scheduler.autotune_result.options == res.options
+    pipe.scheduler = FewstepScheduler.from_pipeline(pipe, "dpmpp_2m", autotune=opts)
+    _run(pipe, 6)
+    assert pipe.scheduler.autotune_result.preset == "dpmpp_2m"
+    with pytest.raises(fewstep.ArgumentError, match="ready solver schedule"):
+        FewstepScheduler.from_pipeline(pipe, fewstep.preset("ddim", 4, pipe.scheduler.schedule), autotune=True)
+
+
 def test_a_schedule_file_runs_at_its_own_nfe(tmp_path):
     pipe = _pipe(_base())
     sch = FewstepScheduler.from_pipeline(pipe, "ddim")

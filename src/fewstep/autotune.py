@@ -124,7 +124,10 @@ def _state_token(model: Model) -> tuple[Any, ...]:
     from .identity import find_modules
 
     tensors = [t for m in find_modules(model.fn) for t in (*m.parameters(), *m.buffers())]
-    return (id(model.fn), model.identity, model.prediction, id(model.schedule),
+    tensors += [c.cell_contents for c in (getattr(model.fn, "__closure__", None) or ())
+                if isinstance(getattr(c, "cell_contents", None), torch.Tensor)]  # e.g. prompt embeddings
+    given = vars(model).get("identity", vars(model).get("_given"))  # a user's identity= (never a computed one)
+    return (id(model.fn), given, model.prediction, id(model.schedule), model.threshold,
             tuple((id(t), t.data_ptr() if t.device.type != "meta" else 0, t._version) for t in tensors))
 
 

@@ -43,6 +43,7 @@ from ..schedules import DiscreteVP, FlowMatching, NoiseSchedule
 from ..solvers.compile import CompiledPlan, compile_plan
 from ..solvers.plan import SolverSchedule
 from ..solvers.presets import preset
+from ..defaults import default_call
 
 __all__ = ["FewstepScheduler", "PREDICTION_TYPES", "encode_prompt", "pipeline_model", "pipeline_schedule", "sample"]
 
@@ -67,10 +68,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     Config: the pipeline scheduler's betas (``num_train_timesteps``, ``beta_start``, ``beta_end``,
     ``beta_schedule``, ``trained_betas``, ``rescale_betas_zero_snr``), its ``prediction_type``,
     ``timestep_spacing`` / ``steps_offset`` (used by ``spacing="diffusers"``), the class it came
-    from (``base_scheduler``), and fewstep's ``solver`` (preset name), ``solver_options`` (preset
-    and grid options; ``spacing="diffusers"`` takes the base scheduler's own time steps for the
-    NFE, ending at sigma = 0), ``schedule_json`` (a solver schedule instead of a preset) and ``seed``
-    (stochastic presets)."""
+    from (``base_scheduler``), and fewstep's ``solver`` (preset name; ``None``: the measured default
+    call, :func:`fewstep.defaults.default_call`), ``solver_options`` (preset and grid options;
+    ``spacing="diffusers"`` takes the base scheduler's own time steps for the NFE, ending at
+    sigma = 0), ``schedule_json`` (a solver schedule instead of a preset), ``seed`` (stochastic
+    presets) and ``data_dim`` (values per latent sample, which moves the default grid as
+    :func:`fewstep.sample` does; :meth:`from_pipeline` reads it from the network's config)."""
 
     order = 1
     _compatibles: list[str] = []
@@ -96,11 +99,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
-        solver: str = "unipc",
+        solver: str | None = None,
         solver_options: dict[str, Any] | None = None,
         base_config: dict[str, Any] | None = None,
         schedule_json: str | None = None,
         seed: int | None = None,
+        data_dim: int | None = None,
     ) -> None:
         if kind not in ("vp", "flow"):
             raise ArgumentError(f"kind must be 'vp' or 'flow', got {kind!r}")
@@ -117,6 +121,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._runner: PlanRunner | None = None
         self.timesteps = torch.zeros(0)
         self.num_inference_steps: int | None = None
+        self.autotune: Any = None  # an AutotuneOptions when from_pipeline(..., autotune=...) asked for it
+        self.autotune_model: Model | None = None
+        self.autotune_result: Any = None  # what autotune chose at the last set_timesteps
+        self.latent_shape: tuple[int, ...] | None = None
 
     # ---- construction ----------------------------------------------------------------------------
     def _set_schedule(self, schedule: NoiseSchedule) -> None:
@@ -140,10 +148,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return cls.from_config(cfg)
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, solver: str | SolverSchedule = "unipc", *, seed: int | None = None, **options: Any) -> "FewstepScheduler":
+    def from_pipeline(cls, pipe: Any, solver: str | SolverSchedule | None = None, *, seed: int | None = None, autotune: Any = False,
+                      autotune_model: Model | None = None, **options: Any) -> "FewstepScheduler":
         """A scheduler for ``pipe`` (its ``scheduler.config`` gives the noise schedule and
-        parameterisation) running ``solver``: a preset name with ``options``, or a
-        :class:`fewstep.SolverSchedule` (made for this noise schedule; its NFE is fixed)."""
+        parameterisation) running ``solver``: a preset name with ``options``, ``None`` (the measured
+        default call for the pipeline's schedule, NFE and latent size), or a
+        :class:`fewstep.SolverSchedule` (made for this noise schedule; its NFE is fixed).
+
+        ``autotune=True`` (or a :class:`fewstep.AutotuneOptions`): at each ``set_timesteps`` the grid
+        (and without a named preset the preset) is autotuned for that NFE on the pipeline's network
+        (:mod:`fewstep.autotune`; once, then cached by what the network computes). The network is
+        tuned as :func:`pipeline_model` runs it: unconditionally, or pass ``autotune_model=
+        pipeline_model(pipe, prompt_embeds=..., guidance_scale=...)`` for a conditional or guided one."""
         base = pipe.scheduler
         cfg = dict(base.config)
         if isinstance(base, FewstepScheduler):  # already swapped: keep its base
@@ -159,14 +175,33 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             keep = {k: cfg[k] for k in (FLOW_KEYS if kind == "flow" else VP_KEYS) if k in cfg}
             if flow_dpm:
                 keep["shift"] = float(cfg.get("flow_shift", 1.0))
-        common = dict(base_scheduler=base_name, kind=kind, seed=seed, base_config=base_cfg)
+        shape = _latent_shape(pipe)
+        common = dict(base_scheduler=base_name, kind=kind, seed=seed, base_config=base_cfg,
+                      data_dim=math.prod(shape) if shape is not None else None)
         if isinstance(solver, SolverSchedule):
-            if options:
-                raise ArgumentError("options apply to presets, not to a ready solver schedule")
+            if options or autotune:
+                raise ArgumentError("options and autotune apply to presets, not to a ready solver schedule")
             return cls(**keep, **common, schedule_json=solver.to_json())
-        if not isinstance(solver, str):
-            raise ArgumentError(f"solver must be a preset name or a SolverSchedule, got {type(solver).__name__}")
-        return cls(**keep, **common, solver=solver, solver_options=dict(options))
+        if solver is not None and not isinstance(solver, str):
+            raise ArgumentError(f"solver must be a preset name, None or a SolverSchedule, got {type(solver).__name__}")
+        out = cls(**keep, **common, solver=solver, solver_options=dict(options))
+        if autotune:
+            from ..autotune import AutotuneOptions
+
+            out.autotune = AutotuneOptions() if autotune is True else autotune
+            if not isinstance(out.autotune, AutotuneOptions):
+                raise ArgumentError(f"autotune must be True/False or a fewstep.AutotuneOptions, got {autotune!r}")
+            if shape is None:
+                raise ArgumentError("autotune needs the latent shape: the pipeline's network config has no in_channels / sample_size")
+            if autotune_model is None:
+                try:
+                    autotune_model = pipeline_model(pipe)
+                except ArgumentError as exc:
+                    raise ArgumentError(f"{exc}; to autotune a conditional or guided pipeline pass autotune_model=pipeline_model(pipe, "
+                                        "prompt_embeds=..., guidance_scale=...)") from None
+            out.autotune_model = autotune_model
+            out.latent_shape = shape
+        return out
 
     # ---- the diffusers scheduler interface ---------------------------------------------------------
     def _diffusers_grid(self, nfe: int, mu: float | None) -> tuple[list[float], list[float]]:
@@ -212,9 +247,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         model_times: list[float] | None = None
         if self.config.schedule_json is None:
             opts = dict(self.config.solver_options or {})
+            name = self.config.solver
+            if self.autotune is not None:
+                self.autotune_result = self._autotuned(num_inference_steps, name, opts)
+                name, opts = self.autotune_result.preset, {**opts, **self.autotune_result.options}
+            elif name is None:
+                name, chosen = default_call(self.schedule, num_inference_steps, self.config.data_dim)
+                opts = {**chosen, **opts}
             if opts.get("spacing") == "diffusers":
                 opts["spacing"], model_times = self._diffusers_grid(num_inference_steps, mu)
-            plan = preset(self.config.solver, num_inference_steps, self.schedule, **opts)
+            if self.config.data_dim is not None:
+                opts.setdefault("data_dim", int(self.config.data_dim))
+            plan = preset(name, num_inference_steps, self.schedule, **opts)
         self.plan = plan
         self._compiled = compile_plan(plan, self.schedule)
         from ..solvers.compile import Evaluate
@@ -228,6 +272,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.num_inference_steps = len(times)
         self._runner = None
         self._k = 0
+
+    def _autotuned(self, nfe: int, name: str | None, opts: dict[str, Any]) -> Any:
+        """The autotuned (preset, grid) for ``nfe`` on :attr:`autotune_model`."""
+        from ..autotune import autotune
+        from ..sample import sample
+        from ..solvers.plan import schedule_fingerprint
+
+        model = self.autotune_model
+        assert model is not None
+        if schedule_fingerprint(model.schedule) != schedule_fingerprint(self.schedule):
+            raise ArgumentError("autotune_model runs on another noise schedule than this scheduler's (a flow pipeline's mu?): "
+                                "build it with pipeline_model(pipe, mu=...) for the mu the pipeline passes")
+        net = find_net(model)
+        param = next(iter(net.parameters()), None) if net is not None else None
+        return autotune(model, nfe, self.latent_shape, sample, preset=name, options=opts, config=self.autotune,
+                        device=param.device if param is not None else None,
+                        dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample
@@ -280,6 +341,25 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
 
 # ---- the direct path: a pipeline's denoiser as a fewstep model ------------------------------------------
+def _latent_shape(pipe: Any) -> tuple[int, ...] | None:
+    """(channels, height, width) of one latent sample, from the pipeline network's config."""
+    net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    cfg = getattr(net, "config", None)
+    channels, size = getattr(cfg, "in_channels", None), getattr(cfg, "sample_size", None)
+    if channels is None or size is None:
+        return None
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(channels), *(int(v) for v in size))
+
+
+def find_net(model: Model) -> Any:
+    """The first torch module a model function computes with (:func:`fewstep.identity.find_modules`)."""
+    from ..identity import find_modules
+
+    mods = find_modules(model.fn)
+    return mods[0] if mods else None
+
+
 def pipeline_schedule(pipe: Any, mu: float | None = None) -> NoiseSchedule:
     """The noise schedule of ``pipe``'s scheduler config as a fewstep schedule (``mu``: a flow
     pipeline's dynamic shift, when its config asks for one)."""
