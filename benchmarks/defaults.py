@@ -31,7 +31,6 @@ from __future__ import annotations
 import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
 import argparse
-import hashlib
 import inspect
 import json
 import math
@@ -51,6 +50,7 @@ from fewstep.report import markdown_table
 from _common import CACHE, REPORTS, RecordCache, log, machine_lines, package_version, quiet_diffusers, set_threads, write_text_atomic
 import peers as peers_mod
 import quality as Q
+import targets as T
 
 NFES = (5, 6, 8, 10, 15, 20)
 QUICK_NFES = (5, 10)
@@ -58,38 +58,22 @@ FINAL_ORDER_NFES = (5, 6, 8, 10)
 FINAL_ORDER_PRESETS = ("unipc", "dpmpp_3m", "dpmpp_2m")
 PREVIOUS_DEFAULT = ("ddim", {"spacing": "uniform_t"})
 MODEL_MODE = "sigma"
-PEER_CACHE_FORMAT = 1
+PEER_CACHE_FORMAT = 2  # 2: diffusers peers built from the schedule's own trained_betas; exponential, beta, Lu grids
 
-#: schedule key -> (how the report names it, constructor, reference-file tag)
-SCHEDULES: dict[str, tuple[str, Callable[[], fewstep.NoiseSchedule], str]] = {
-    "vp": ("DiscreteVP.linear()", lambda: fewstep.DiscreteVP.linear(), "vp_linear"),
-    "vp-scaled-linear": ("DiscreteVP.scaled_linear()", lambda: fewstep.DiscreteVP.scaled_linear(), "vp_scaled_linear"),
-    "vp-cosine": ("DiscreteVP.cosine()", lambda: fewstep.DiscreteVP.cosine(), "vp_cosine"),
-    "linear-vp": ("LinearVP()", lambda: fewstep.LinearVP(), "linear_vp"),
-    "cosine-vp": ("CosineVP()", lambda: fewstep.CosineVP(), "cosine_vp"),
-    "edm": ("EDM()", lambda: fewstep.EDM(), "edm"),
-    "flow": ("FlowMatching()", lambda: fewstep.FlowMatching(), "flow"),
-}
-ORACLE_TARGETS = (
-    ("gmm-d64@vp", 256), ("digits-gmm@vp", 256), ("gmm-d3072@vp", 64),
-    ("gmm-d64@vp-scaled-linear", 256), ("gmm-d64@vp-cosine", 256), ("gmm-d64@linear-vp", 256),
-    ("gmm-d64@cosine-vp", 256), ("gmm-d64@edm", 256), ("gmm-d64@flow", 256),
-)
-NETWORK_TARGETS = (("digits-vp-eps", 128), ("digits-flow", 128), ("digits-edm", 128))
-QUICK_TARGETS = (("gmm-d64@vp", 64), ("gmm-d64@flow", 64))
 #: schedules no diffusers scheduler takes: fewstep's own best preset at its best grid is measured beside
 #: whatever peers exist (k-diffusion's samplers, which need only the VE noise levels)
 FEWSTEP_BEST_SCHEDULES = ("linear-vp", "cosine-vp")
+QUICK_TARGETS = (("gmm-d64@vp", 64), ("gmm-d64@flow", 64))
 
 
 # ---------------------------------------------------------------------------------------------
-# targets
+# targets (benchmarks/targets.py: the judge noises, seed 0)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class DTarget:
-    id: str  # e.g. gmm-d64@vp, digits-flow
+    id: str  # e.g. gmm-d64@vp, digits-flow, val-unet32-eps-linear
     target: Q.Target
-    ref_file: str  # the cached reference this target's numbers are measured against (with the slice taken)
+    ref_file: str  # the cached reference this target's numbers are measured against
     sched_label: str
     sched_key: str | None  # None for a network
     build_s: float = 0.0
@@ -100,116 +84,28 @@ def parse_target(spec: str, quick: bool) -> tuple[str, int]:
     name, _, b = spec.partition(":")
     if b:
         return name, int(b)
-    for tid, batch in ORACLE_TARGETS + NETWORK_TARGETS:
-        if tid == name:
-            return name, (64 if quick else batch)
-    if "@" in name:
-        return name, 64 if (quick or name.startswith("gmm-d3072")) else 256
-    return name, 64 if quick else 128
-
-
-def _ref_batch(path_for: Callable[[int], Path], batch: int) -> int:
-    """The batch of the cached reference to use: ``batch`` itself when cached, else the smallest larger
-    cached one (references are per sample and the keyed noise of sample i does not depend on the batch,
-    so its first ``batch`` rows are this target's), else ``batch`` (computed and cached)."""
-    exact = path_for(batch)
-    if exact.is_file() and exact.with_suffix(".json").is_file():
-        return batch
-    pat = re.compile(re.escape(path_for(999_999_999).name).replace("999999999", r"(\d+)"))
-    found = []
-    for p in CACHE.glob("ref-*.npy"):
-        m = pat.fullmatch(p.name)
-        if m and int(m.group(1)) > batch and p.with_suffix(".json").is_file():
-            found.append(int(m.group(1)))
-    return min(found) if found else batch
-
-
-def oracle_target_on(name: str, sched_key: str, batch: int, seed: int) -> DTarget:
-    """quality.oracle_target on any schedule: the exact oracle as a model of ``SCHEDULES[sched_key]``,
-    DOP853 reference (cached under the same name as quality.py's for DiscreteVP.linear), the exact
-    likelihood gap as the second metric."""
-    t0 = time.perf_counter()
-    label, make, tag = SCHEDULES[sched_key]
-    sched = make()
-    if tag != "vp_linear":  # quality.py's file name for DiscreteVP.linear(); the others carry the schedule's parameters
-        tag = f"{tag}-{hashlib.sha1(repr(sched).encode()).hexdigest()[:8]}"
-    oracle = fewstep.bundled_oracle(name)
-    model = oracle.as_model(sched)
-
-    def path_for(b: int) -> Path:
-        return CACHE / f"ref-{name}-{tag}-b{b}-s{seed}-rtol{Q.REF_RTOL:g}.npy"
-
-    big = _ref_batch(path_for, batch)
-    x_big = fewstep.initial_noise(sched, (big, oracle.dim), seed, dtype=torch.float64)
-    log(f"[{name}@{sched_key}] d={oracle.dim}, batch {batch}: reference ...")
-    ref, info, cached = Q._cached(path_for(big), tuple(x_big.shape),
-                                  lambda: (fewstep.reference_solution(model, x_big, rtol=Q.REF_RTOL, atol=Q.REF_RTOL), {}))
-    x_T, ref = x_big[:batch], ref[:batch]
-    ref_file = path_for(big).name + (f"[:{batch}]" if big != batch else "")
-    lik = Q.LikGap(oracle, seed)
-    floor = lik(oracle.sample(batch, seed=seed + 2))
-    ref_note = "cached" if cached else f"computed in {info['compute_s']:.1f} s"
-    describe = (f"Oracle {oracle!r}, d = {oracle.dim}, on `fewstep.{label}` = `{sched!r}`; model `oracle.as_model(sched)` "
-                f"(exact posterior); batch {batch}, seed {seed}. Reference: DOP853 at rtol = atol = {Q.REF_RTOL:g} "
-                f"(`{ref_file}`, {ref_note}). Likelihood gap = mean log p(true) - mean log p(samples) in nats with "
-                f"{Q.N_TRUE} true samples; {batch} exact samples score {floor:+.3g} (the column's noise floor).")
-    target = Q.Target(f"{name}@{sched_key}", "oracle", model, oracle, sched, x_T, ref, lik, "lik gap (nats)", describe,
-                      {"oracle": repr(oracle), "dim": oracle.dim, "exact_gap_floor": floor})
-    meta = {"schedule": repr(sched), "batch": batch, "seed": seed, "reference_file": ref_file, "reference_cached": cached,
-            "reference_s": info.get("compute_s"), "metric_floor": floor}
-    return DTarget(f"{name}@{sched_key}", target, ref_file, label, sched_key, time.perf_counter() - t0, meta)
-
-
-def network_target(name: str, batch: int, seed: int) -> DTarget:
-    """quality.zoo_target (its reference cache: UniPC at NFE 400), on the first ``batch`` samples of the
-    smallest cached reference batch >= ``batch`` (computed at ``batch`` when none is cached)."""
-    from fewstep.zoo import card
-    from fewstep.zoo.evaluate import DigitsEvaluator
-
-    t0 = time.perf_counter()
-    sha = str(card(name)["sha256"])[:12]
-
-    def path_for(b: int) -> Path:
-        return CACHE / f"ref-zoo-{name}-{sha}-b{b}-s{seed}-unipc{Q.ZOO_REF_NFE}.npy"
-
-    big = _ref_batch(path_for, batch)
-    t = Q.zoo_target(name, big, seed)
-    # the bundled networks ship searched schedules, which the default call runs at their NFEs; those
-    # were tuned on these very noises (seed 0, indices 0..255), so here the default call is measured
-    # as for a model without them (held-out figures of the searched schedules: benchmarks/search.py)
-    t.model.tuned_schedules = {}
-    ref_file = path_for(big).name + (f"[:{batch}]" if big != batch else "")
-    info = json.loads(path_for(big).with_suffix(".json").read_text())
-    x_T, ref = t.x_T[:batch], t.ref[:batch]
-    if big != batch:
-        evaluator = DigitsEvaluator()
-        floor = evaluator.evaluate(evaluator.split.train_x[:batch])["fd_features"]
-        fd_ref = evaluator.evaluate(ref)["fd_features"]
-        metric: Callable[[torch.Tensor], float] = lambda x: evaluator.evaluate(x)["fd_features"]  # noqa: E731
-    else:
-        floor, fd_ref, metric = t.meta["fd_features_real"], t.meta["fd_features_reference"], t.metric
-    describe = (f"Bundled network `{name}` (float32 weights, solver arithmetic in float64) on `{t.sched!r}`, batch {batch} "
-                f"(the first {batch} of the keyed noises), seed {seed}. Reference: {info.get('method') or f'unipc at NFE {Q.ZOO_REF_NFE}'} "
-                f"with `lower_order_final=false` (`{ref_file}`, quality.py's cache); it moves by "
-                f"{info.get('rms_change', float('nan')):.2g} RMS from half as many NFE, the resolution of the RMSE column. "
-                f"The model's shipped searched schedules are set aside here (`model.tuned_schedules = {{}}`): they were tuned "
-                f"on these noises; `benchmarks/search.py` measures them on held-out noises. "
-                f"Feature FD = Fréchet distance to the held-out digits in the bundled classifier's feature space; with {batch} "
-                f"samples real train digits score {floor:.3g} and the reference samples {fd_ref:.3g} (compare within the column).")
-    target = Q.Target(name, "zoo", t.model, t.peer_model, t.sched, x_T, ref, metric, "feature FD", describe, dict(t.meta))
-    meta = {"schedule": repr(t.sched), "batch": batch, "seed": seed, "reference_file": ref_file,
-            "reference_cached": bool(t.meta.get("reference_cached")), "reference_s": info.get("compute_s"),
-            "metric_floor": floor, "fd_features_reference": fd_ref, "reference_rms_change": info.get("rms_change")}
-    return DTarget(name, target, ref_file, repr(t.sched), None, time.perf_counter() - t0, meta)
+    return name, 64 if quick else T.default_batch(name, "judge")
 
 
 def make_target(tid: str, batch: int, seed: int) -> DTarget:
-    if "@" in tid:
-        name, key = tid.split("@", 1)
-        if key not in SCHEDULES:
-            raise SystemExit(f"unknown schedule {key!r} in target {tid!r}; one of {', '.join(SCHEDULES)}")
-        return oracle_target_on(name, key, batch, seed)
-    return network_target(tid, batch, seed)
+    if seed != T.NOISE_SEEDS["judge"]:
+        raise SystemExit(f"the judge noises are seed {T.NOISE_SEEDS['judge']} (benchmarks/targets.py); seed {seed} is not a noise set")
+    if "@" in tid and (tid.split("@", 1)[1] not in T.SCHEDULES or tid.split("@", 1)[0] not in T.ORACLES):
+        raise SystemExit(f"unknown oracle target {tid!r}: oracles {', '.join(T.ORACLES)}; schedules {', '.join(T.SCHEDULES)}")
+    t = T.build(tid, batch, "judge")
+    if t.kind == "zoo":
+        floor = _digits_floor(batch)
+        t.meta.update(metric_floor=floor)
+    else:
+        t.meta.update(metric_floor=t.metric(t.peer_model.sample(batch, seed=seed + 2)))
+    return DTarget(tid, t, t.meta["reference_file"], repr(t.sched), tid.split("@", 1)[1] if "@" in tid else None, t.meta["build_s"], dict(t.meta))
+
+
+def _digits_floor(batch: int) -> float:
+    from fewstep.zoo.evaluate import DigitsEvaluator
+
+    evaluator = DigitsEvaluator()
+    return float(evaluator.evaluate(evaluator.split.train_x[:batch])["fd_features"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +178,7 @@ def run_call(target: Q.Target, solver: str | None, n: int, *, metric: bool, **op
     rec["wall_s"] = time.perf_counter() - t0
     plan = info.plan
     rec.update(nfe_used=int(info.nfe), plan=plan.name, meta={k: v for k, v in dict(plan.meta).items()},
-               times=[float(t) for t in plan.times], rmse=float(fewstep.rmse(x, target.ref)))
+               times=[float(t) for t in plan.times], rmse=float(fewstep.rmse(x, target.ref)), extra=dict(info.extra))
     problems = []
     if not _finite(rec["rmse"]):
         problems.append("non-finite samples")
@@ -295,6 +191,20 @@ def run_call(target: Q.Target, solver: str | None, n: int, *, metric: bool, **op
         if merr:
             rec["metric_error"] = merr
     return rec
+
+
+def held_out_rule(tid: str) -> "fewstep.defaults.DefaultRule | None":
+    """The default rule chosen without the model of ``tid`` (``reports/default_rule.json``, made by
+    ``python benchmarks/default_rule.py select``), or ``None`` when that file does not cover it."""
+    from default_rule import rule_from_json
+
+    path = REPORTS / "default_rule.json"
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text())["leave_one_model_out"].get(T.group_of(tid))
+    if entry is None or tid not in entry["members"]:
+        return None
+    return rule_from_json(entry["rule"])
 
 
 def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool) -> dict[str, Any]:
@@ -326,6 +236,22 @@ def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool) -> d
                 r.pop("traceback", None)
             out["final_order"].append({"preset": p, "nfe": n, "default": base, "final_order_1": fo1})
     out["timings"]["final_order table"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    held = held_out_rule(dt.id)
+    out["lomo"] = {"rule": None if held is None else repr(held)}
+    for n in nfes:
+        if held is not None:
+            name, opts = held.call(t.sched, n, T.dimension(t.model))
+            out["lomo"][n] = run_call(t, name, n, metric=True, **opts)
+    out["timings"]["held-out rule"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out["autotune"] = {}
+    for n in nfes:
+        evals0, a0 = t.model.evaluations, time.perf_counter()
+        rec = run_call(t, None, n, metric=True, autotune=fewstep.AutotuneOptions(cache_dir=CACHE / "autotune"))
+        rec["tune"] = rec.pop("extra", {}).get("autotune")
+        out["autotune"][n] = rec
+    out["timings"]["autotune"] = time.perf_counter() - t0
     if fewstep_best:
         t0 = time.perf_counter()
         out["fewstep_best"] = best_fewstep(t, nfes)
@@ -443,6 +369,20 @@ def peers_side(dt: DTarget, nfes: tuple[int, ...], *, kdiffusion: bool, read_cac
     return {"records": records, "fresh": fresh, "cached": cached, "fresh_s": fresh_s, "wall_s": wall, "timings": timings,
             "cache_file": str(cache.path.relative_to(CACHE.parent.parent)) if cache.path.is_relative_to(CACHE.parent.parent) else str(cache.path),
             "families": [p.name for p in peers]}
+
+
+def cached_best_peers(tid: str) -> dict[int, float]:
+    """The best peer's RMSE per NFE on ``tid``'s judge noises, from the peer cache alone (empty when
+    the peers have not run: ``python benchmarks/defaults.py --peers-only --targets TID``)."""
+    batch = T.default_batch(tid, "judge")
+    cache = PeerCache(tid, True)
+    best: dict[int, float] = {}
+    for key, rec in cache.entries.items():
+        peer, option, nfe, b, seed, ref_file, *_ = json.loads(key)
+        if b != batch or seed != T.NOISE_SEEDS["judge"] or rec.get("error") or not _finite(rec.get("rmse")) or rec.get("nfe_used", nfe) > nfe:
+            continue
+        best[int(nfe)] = min(best.get(int(nfe), math.inf), float(rec["rmse"]))
+    return best
 
 
 def best_peer(records: list[dict[str, Any]], n: int, source: str | None = None) -> dict[str, Any] | None:
@@ -598,6 +538,82 @@ def target_section(dt: DTarget, res: dict[str, Any], nfes: tuple[int, ...]) -> l
     return lines
 
 
+def _ratio_grid(results: dict[str, dict[str, Any]], targets: dict[str, DTarget], nfes: tuple[int, ...], column: str,
+                bar: float) -> tuple[list[list[str]], list[str], int, list[float]]:
+    """Rows target x NFE of ``column``'s RMSE / the best peer's (bold above ``bar``), the misses, the
+    number of cells and every ratio."""
+    rows, misses, cells, ratios = [], [], 0, []
+    for tid, res in results.items():
+        row = [f"{tid} (d={targets[tid].meta.get('dim', '?')})"]
+        for n in nfes:
+            rec = res["fewstep"].get(column, {}).get(n)
+            kind, bp = comparator(res, n)
+            if rec is None:
+                row.append("n/a")
+                continue
+            cells += 1
+            if rec.get("error"):
+                row.append("**FAILED**")
+                misses.append(f"{tid} @ NFE {n}: FAILED ({rec['error'][:80]})")
+                continue
+            r = _ratio(rec.get("rmse"), bp["rmse"] if bp else None)
+            if r is not None:
+                ratios.append(r)
+            if r is None or r > bar:
+                misses.append(f"{tid} @ NFE {n}: {_fmt(r)} vs {_peer_str(bp)}")
+            row.append(_rcell(r, bar) + ("†" if kind == "fewstep-best" else ""))
+        rows.append(row)
+    return rows, misses, cells, ratios
+
+
+def held_out_section(results: dict[str, dict[str, Any]], targets: dict[str, DTarget], nfes: tuple[int, ...]) -> list[str]:
+    """The static rule chosen without the judged model (leave one model out), against the best peer."""
+    rows, misses, cells, ratios = _ratio_grid(results, targets, nfes, "lomo", 1.0)
+    if not cells:
+        return ["(No held-out rules: run `python benchmarks/default_rule.py fit` and `select` first.)", ""]
+    worst = {n: max((_ratio(results[t]["fewstep"]["lomo"][n].get("rmse"), (comparator(results[t], n)[1] or {}).get("rmse")) or 0.0)
+                    for t in results if n in results[t]["fewstep"].get("lomo", {})) for n in nfes}
+    lines = ["## Leave one model out: the static rule chosen WITHOUT the judged model / best peer", "",
+             "For each model, `benchmarks/default_rule.py select` chose the rule (preset, logistic centre and scale per family, "
+             "dimension slope) on every other model's fit noises (`reports/default_rule.md`); here it runs on this model's judge "
+             "noises, against the best peer at its best grid. Searched schedules are off everywhere (`tuned_schedules` emptied). "
+             "Target: <= 1 in every cell.", "",
+             markdown_table(["target"] + [f"NFE {n}" for n in nfes], rows), "",
+             "Worst held-out ratio per NFE: " + ", ".join(f"NFE {n}: {worst[n]:.3g}" for n in nfes)
+             + f"; geometric mean over all {len(ratios)} cells {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3g}.", ""]
+    lines += ([f"**Held-out bar (<= 1): NOT met** in {len(misses)} of {cells} cells:", ""] + [f"- {m}" for m in misses] + [""]) if misses \
+        else [f"**Held-out bar (<= 1): met** in all {cells} cells.", ""]
+    return lines
+
+
+def autotune_section(results: dict[str, dict[str, Any]], targets: dict[str, DTarget], nfes: tuple[int, ...]) -> list[str]:
+    """``sample(..., autotune=True)`` against the best peer, and what tuning cost."""
+    rows, misses, cells, ratios = _ratio_grid(results, targets, nfes, "autotune", 0.8)
+    if not cells:
+        return []
+    cost_rows = []
+    for tid, res in results.items():
+        row = [tid]
+        for n in nfes:
+            rec = res["fewstep"]["autotune"].get(n) or {}
+            tune = rec.get("tune") or {}
+            row.append(f"{tune.get('tuning_evaluations', '?')} / {tune.get('tuning_wall_s', float('nan')):.1f} s ({tune.get('choice', '?')})"
+                       if tune else "n/a")
+        cost_rows.append(row)
+    lines = ["## Autotune: `sample(model, x_T, nfe=N, autotune=True)` / best peer", "",
+             "Autotune chose among the default and its neighbours (`fewstep.autotune.candidates`) on its own keyed noises "
+             f"(seed {fewstep.AutotuneOptions().seed}: neither the judge nor the fit noises) against a fine solve of them, within "
+             f"{fewstep.AutotuneOptions().budget} sample-evaluations. Target: <= 0.8 in every cell.", "",
+             markdown_table(["target"] + [f"NFE {n}" for n in nfes], rows), "",
+             f"Geometric mean over all {len(ratios)} cells {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3g}.", ""]
+    lines += ([f"**Autotune bar (<= 0.8): NOT met** in {len(misses)} of {cells} cells:", ""] + [f"- {m}" for m in misses] + [""]) if misses \
+        else [f"**Autotune bar (<= 0.8): met** in all {cells} cells.", ""]
+    lines += ["Cost of tuning, per target and NFE: sample-evaluations / wall time on this machine (the choice). Tuned once per "
+              "(model, NFE, sample shape); later calls read the cache.", "",
+              markdown_table(["target"] + [f"NFE {n}" for n in nfes], cost_rows), ""]
+    return lines
+
+
 def _git_state() -> str:
     """The checkout the library was imported from (the default call measures whatever it holds)."""
     import subprocess
@@ -623,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fewstep-best", action="store_true",
                     help="also search fewstep's best preset at its best grid on every target (always on for linear-vp, cosine-vp)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $FEWSTEP_BENCH_THREADS or all CPUs of this process)")
+    ap.add_argument("--peers-only", action="store_true", help="only run (and cache) the peers of the targets; no report")
     ap.add_argument("--out", default=None, help="report path (default reports/defaults.md, or reports/defaults_quick.md with --quick); JSON beside it")
     args = ap.parse_args(argv)
     quiet_diffusers()
@@ -633,8 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec == "quick":
             specs += list(QUICK_TARGETS)
         elif spec in ("all", "oracles", "networks"):
-            group = (ORACLE_TARGETS if spec != "networks" else ()) + (NETWORK_TARGETS if spec != "oracles" else ())
-            specs += [(tid, 64 if args.quick else b) for tid, b in group]
+            group = [tid for tid in T.all_target_ids() if spec == "all" or (("@" in tid) == (spec == "oracles"))]
+            specs += [parse_target(tid, args.quick) for tid in group]
         else:
             specs.append(parse_target(spec, args.quick))
     specs = list(dict.fromkeys(specs))
@@ -647,12 +664,18 @@ def main(argv: list[str] | None = None) -> int:
     for tid, batch in specs:
         log(f"=== {tid} (batch {batch})")
         dt = make_target(tid, batch, args.seed)
+        if args.peers_only:
+            peers_side(dt, nfes, kdiffusion=not args.no_kdiffusion, read_cache=not args.no_peers_cache)
+            continue
         fs = fewstep_side(dt, nfes, fewstep_best=args.fewstep_best or dt.sched_key in FEWSTEP_BEST_SCHEDULES)
         pe = peers_side(dt, nfes, kdiffusion=not args.no_kdiffusion, read_cache=not args.no_peers_cache)
         results[dt.id] = {"fewstep": fs, "peers": pe, "timings": {"build_s": dt.build_s, "fewstep_s": fs["timings"]["total"],
                                                                   "peers_s": pe["wall_s"]}}
         targets[dt.id] = dt
     wall = time.perf_counter() - t_all
+    if args.peers_only:
+        log(f"peers cached for {len(specs)} targets ({wall:.0f} s)")
+        return 0
 
     # ---- headline
     hl_rows: list[list[str]] = []
@@ -719,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         for err, cells in failures.items():
             head += [f"- `{err}` in {len(cells)} cells: " + ", ".join(cells)]
         head += [""]
+    head += held_out_section(results, targets, nfes) + autotune_section(results, targets, nfes)
     if fb_rows:
         head += ["Where no diffusers scheduler applies (and on request, `--fewstep-best`): ratio default / fewstep's own best "
                  "preset at its best grid (preset, spacing):", "",

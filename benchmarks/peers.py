@@ -160,9 +160,13 @@ _VE_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteSc
 
 
 def _base_config(ctx: PeerContext) -> dict[str, Any]:
-    # the DDPM linear schedule fewstep.DiscreteVP.linear() uses; alphas_cumprod is replaced by the
-    # float64 values right after construction (as the diffusers-agreement test does)
-    return {"num_train_timesteps": ctx.sched.num_train_timesteps, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+    # the model's own discrete schedule as diffusers' trained_betas (so that what a scheduler derives in
+    # its constructor -- DPMSolverMultistep's lambdas for use_lu_lambdas, sigma ranges -- is that
+    # schedule's); alphas_cumprod is replaced by the float64 values right after construction (as the
+    # diffusers-agreement test does)
+    abar = ctx.alphas_cumprod
+    betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    return {"num_train_timesteps": ctx.sched.num_train_timesteps, "trained_betas": betas.tolist()}
 
 
 def _make_scheduler(cls_name: str, ctx: PeerContext, option: dict[str, Any], extra: dict[str, Any]) -> Any:
@@ -234,10 +238,17 @@ def _diffusers_runner(cls_name: str, extra: dict[str, Any], steps_for_nfe: Calla
     return run
 
 
-def _diffusers_options(karras: bool, spacings: tuple[str, ...] = SPACINGS) -> list[dict[str, Any]]:
+def _diffusers_options(karras: bool, spacings: tuple[str, ...] = SPACINGS, *, lu_lambdas: bool = False) -> list[dict[str, Any]]:
+    """Every grid option a user of the scheduler can pick: each ``timestep_spacing``, and where the
+    scheduler has sigmas also Karras, exponential and beta sigmas (and Lu et al.'s uniform-lambda
+    grid, ``use_lu_lambdas``, for DPMSolverMultistep). Options that give the same grid as one already
+    run are skipped at run time."""
     opts: list[dict[str, Any]] = [{"timestep_spacing": s} for s in spacings]
     if karras:
-        opts += [{"timestep_spacing": s, "use_karras_sigmas": True} for s in spacings]
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            opts += [{"timestep_spacing": s, flag: True} for s in spacings]
+    if lu_lambdas:
+        opts += [{"timestep_spacing": s, "use_lu_lambdas": True} for s in spacings]
     return opts
 
 
@@ -247,14 +258,14 @@ def diffusers_peers() -> list[Peer]:
     peers = [
         Peer("diffusers DDIM", "diffusers", _diffusers_options(False),
              _diffusers_runner("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}, same), "ddim"),
-        Peer("diffusers DPMSolverMultistep 2M", "diffusers", _diffusers_options(True),
+        Peer("diffusers DPMSolverMultistep 2M", "diffusers", _diffusers_options(True, lu_lambdas=True),
              _diffusers_runner("DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}, same), "dpmpp_2m"),
-        Peer("diffusers DPMSolverMultistep 3M", "diffusers", _diffusers_options(True),
+        Peer("diffusers DPMSolverMultistep 3M", "diffusers", _diffusers_options(True, lu_lambdas=True),
              _diffusers_runner("DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "dpmsolver++"}, same), "dpmpp_3m"),
         # DPMSolverSinglestep has no timestep_spacing option (always linspace)
-        Peer("diffusers DPMSolverSinglestep 2", "diffusers", [{}, {"use_karras_sigmas": True}],
+        Peer("diffusers DPMSolverSinglestep 2", "diffusers", [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True}],
              _diffusers_runner("DPMSolverSinglestepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}, same), "dpmpp_2s"),
-        Peer("diffusers DPMSolverSinglestep 3", "diffusers", [{}, {"use_karras_sigmas": True}],
+        Peer("diffusers DPMSolverSinglestep 3", "diffusers", [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True}],
              _diffusers_runner("DPMSolverSinglestepScheduler", {"solver_order": 3, "algorithm_type": "dpmsolver++"}, same), "dpm_solver_3"),
         Peer("diffusers UniPC 2 (bh2)", "diffusers", _diffusers_options(True),
              _diffusers_runner("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}, same), "unipc"),

@@ -3,8 +3,8 @@ candidate solvers / grids on a few samples against a fine solve of the same samp
 accurate, and cache the choice under the model's behaviour-keyed identity (:mod:`fewstep.identity`).
 
 Candidates (:func:`candidates`) are the static default (:data:`fewstep.defaults.DEFAULT_RULE`) and its
-neighbours: the logistic grid's centre moved by -1.5, -0.75, +0.75, +1.5 in log-SNR, its scale at 1.0 and
-2.0, and the other presets of the rule search (UniPC of order 2, DPM-Solver++ 2M and 3M) on the rule's
+neighbours: the logistic grid's centre moved by -1.5, -0.75, +0.75, +1.5 in log-SNR, its scale times 0.7
+and 1.4, and the other presets of the rule search (UniPC of order 2, DPM-Solver++ 2M and 3M) on the rule's
 grid; with a named preset, only its grids. The reference is UniPC on the rule's grid at
 ``max(4 N, 40)`` evaluations. With ``K`` candidates the cost is ``n (R + K N)`` sample-evaluations for
 ``n`` samples plus the identity probe's few; ``n`` is as many as the budget (default 3,000) allows, at
@@ -38,9 +38,9 @@ from .noise import initial_noise
 __all__ = ["AutotuneOptions", "AutotuneResult", "autotune", "candidates", "clear_autotune_cache", "CANDIDATE_SET_VERSION"]
 
 #: bumped whenever :func:`candidates` or the reference changes, so cached choices are remade
-CANDIDATE_SET_VERSION = 1
+CANDIDATE_SET_VERSION = 2
 CENTER_MOVES = (-1.5, -0.75, 0.75, 1.5)
-SCALES = (1.0, 2.0)
+SCALE_FACTORS = (0.7, 1.4)
 OTHER_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (("unipc", {"order": 2}), ("dpmpp_3m", {}), ("dpmpp_2m", {}))
 #: options that choose the grid or the preset: autotune chooses them, so a call may not also set them
 CHOSEN_OPTIONS = frozenset({"spacing", "logistic_center", "logistic_scale", "rho", "steps_offset"})
@@ -101,7 +101,7 @@ def candidates(sched: Any, nfe: int, dim: int | None, preset: str | None = None)
     c, s = float(base["logistic_center"]), float(base["logistic_scale"])
     out: list[tuple[str, str, dict[str, Any]]] = [("default", name, dict(base))]
     out += [(f"center{m:+g}", name, {**base, "logistic_center": c + m}) for m in CENTER_MOVES]
-    out += [(f"scale{v:g}", name, {**base, "logistic_scale": v}) for v in SCALES if v != s]
+    out += [(f"scale*{f:g}", name, {**base, "logistic_scale": s * f}) for f in SCALE_FACTORS]
     if preset is None:
         grid = {k: base[k] for k in ("spacing", "logistic_center", "logistic_scale")}
         own = {k: v for k, v in base.items() if k not in grid}

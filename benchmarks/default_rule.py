@@ -1,0 +1,341 @@
+"""Choose the static default rule from measurements, leaving one model out.
+
+The default call ``fewstep.sample(model, x_T, nfe=N)`` runs ``fewstep.defaults.DEFAULT_RULE``: a preset on
+the logistic log-SNR grid whose centre and scale depend on the schedule family (VP / EDM vs flow
+matching), the data dimension d (``centre - dim_slope * log(d / 64) / 2``, the resolution shift of
+Simple Diffusion / SD3) and nothing else a user would not declare. This script
+
+1. ``fit``: runs every candidate (preset x logistic centre x scale) at every NFE on every target's
+   *fit* noises (seed 7; never judged on), cached per target in ``benchmarks/.cache/fit-*.json``;
+2. ``select``: picks the rule parameters that minimise the worst regret (RMSE over the best candidate
+   of that target and NFE) over the targets, once with every target (what ships) and once per model
+   with that model left out (what it is judged with), interpolating log RMSE linearly between the
+   measured centres; writes ``benchmarks/reports/default_rule.json`` and ``.md``.
+
+``benchmarks/defaults.py`` then judges each rule on the *judge* noises (seed 0) of the model it was
+not chosen on, against the best peer at its best grid.
+
+    python benchmarks/default_rule.py fit [--targets ...] [--threads 1]
+    python benchmarks/default_rule.py select
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+import argparse
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+import fewstep
+from fewstep.defaults import DEFAULT_RULE, DefaultRule, FamilyRule, GridParams, SolverChoice
+from fewstep.report import markdown_table
+
+from _common import CACHE, REPORTS, RecordCache, log, machine_lines, set_threads, write_text_atomic
+import targets as T
+
+NFES = (5, 6, 8, 10, 15, 20)
+#: candidate presets: label -> (preset, options)
+SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "unipc": ("unipc", {}),
+    "unipc-2": ("unipc", {"order": 2}),
+    "dpmpp_3m": ("dpmpp_3m", {}),
+    "dpmpp_2m": ("dpmpp_2m", {}),
+}
+CENTERS = tuple(float(c) for c in np.arange(-3.5, 1.51, 0.5))
+SCALES = (1.0, 1.4, 2.0)
+FIT_FORMAT = 1
+
+# the rule space searched by ``select`` (centres between the measured ones are interpolated)
+RULE_CENTERS = tuple(float(c) for c in np.arange(-2.0, 1.51, 0.25))
+RULE_SLOPES = tuple(float(k) for k in np.arange(0.0, 1.01, 0.125))
+
+
+def is_flow(tid: str) -> bool:
+    return "@flow" in tid or ("@" not in tid and "flow" in tid)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: every candidate on the fit noises
+# ---------------------------------------------------------------------------------------------
+def fit_key(solver: str, center: float, scale: float, nfe: int) -> str:
+    return f"{solver}|{center:+.2f}|{scale:.2f}|{nfe}"
+
+
+def fit_target(tid: str, nfes: Iterable[int] = NFES) -> dict[str, Any]:
+    """RMSE of every candidate on the target's fit noises (cached: only missing runs are made)."""
+    target = T.build(tid, T.default_batch(tid, "fit"), "fit")
+    cache = RecordCache(CACHE / f"fit-{tid}.json", FIT_FORMAT, True)
+    ref_tag = target.meta["reference_file"]
+    cache.put("__meta__", {"dim": target.meta["dim"], "reference": ref_tag})
+    t0, fresh = time.perf_counter(), 0
+    for label, (preset, opts) in SOLVERS.items():
+        for n, c, s in itertools.product(nfes, CENTERS, SCALES):
+            key = f"{ref_tag}|{fit_key(label, c, s, n)}"
+            if cache.get(key) is not None:
+                continue
+            try:
+                x = fewstep.sample(target.model, target.x_T, preset, nfe=n, spacing="logistic", logistic_center=c, logistic_scale=s, **opts)
+                err = float(fewstep.rmse(x, target.ref))
+            except Exception as exc:  # noqa: BLE001  (a failing candidate is recorded as infinitely bad)
+                log(f"[{tid}] {label} c={c} s={s} NFE {n}: {type(exc).__name__}: {exc}")
+                err = math.inf
+            cache.put(key, {"rmse": err if math.isfinite(err) else None})
+            fresh += 1
+        cache.save()
+    log(f"[{tid}] fit: {fresh} runs in {time.perf_counter() - t0:.0f} s")
+    return {"dim": target.meta["dim"], "reference": ref_tag, "table": fit_table(cache, ref_tag, nfes)}
+
+
+def fit_table(cache: RecordCache, ref_tag: str, nfes: Iterable[int]) -> dict[str, dict[str, list[list[float]]]]:
+    """``table[solver][nfe]`` = RMSE array (scales x centres) from the cache (inf where it failed)."""
+    out: dict[str, dict[str, list[list[float]]]] = {}
+    for label in SOLVERS:
+        out[label] = {}
+        for n in nfes:
+            rows = []
+            for s in SCALES:
+                row = []
+                for c in CENTERS:
+                    rec = cache.get(f"{ref_tag}|{fit_key(label, c, s, n)}")
+                    row.append(math.inf if rec is None or rec.get("rmse") is None else float(rec["rmse"]))
+                rows.append(row)
+            out[label][str(n)] = rows
+    return out
+
+
+def load_fit(tid: str) -> dict[str, Any]:
+    """The cached fit of a target: its dimension and RMSE tables (``fit`` must have run)."""
+    cache = RecordCache(CACHE / f"fit-{tid}.json", FIT_FORMAT, True)
+    meta = cache.get("__meta__")
+    if meta is None:  # written before the meta entry existed: the reference tag is every key's prefix
+        ref = next(iter(cache.entries)).split("|", 1)[0]
+        dim = T.ORACLES[tid.split("@")[0]]().dim if "@" in tid else T.dimension(T.load_network(tid))
+        meta = {"dim": dim, "reference": ref}
+    return {"dim": int(meta["dim"]), "reference": meta["reference"], "table": fit_table(cache, meta["reference"], NFES)}
+
+
+# ---------------------------------------------------------------------------------------------
+# select: the rule with the least worst regret, leaving one model out
+# ---------------------------------------------------------------------------------------------
+class FitData:
+    """Log RMSE per (target, solver, NFE, scale, centre) and the log RMSE each target and NFE is
+    measured against: the best candidate's (``objective="regret"``), or the best peer's on the
+    target's judge noises at its best grid option (``objective="peer"``: the bar the default is
+    judged by; peer numbers do not depend on fewstep's choices)."""
+
+    def __init__(self, fits: dict[str, dict[str, Any]], nfes: tuple[int, ...], peers: dict[str, dict[int, float]] | None = None) -> None:
+        self.targets = sorted(fits)
+        self.nfes = nfes
+        self.dim = {t: int(fits[t]["dim"]) for t in self.targets}
+        self.log_rmse = {t: {lab: np.log(np.array([fits[t]["table"][lab][str(n)] for n in nfes], dtype=float)) for lab in SOLVERS}
+                         for t in self.targets}  # (nfe, scale, centre)
+        self.best = {t: np.min(np.stack([v.min(axis=(1, 2)) for v in self.log_rmse[t].values()]), axis=0) for t in self.targets}
+        if peers is not None:
+            missing = [t for t in self.targets if any(n not in peers.get(t, {}) for n in nfes)]
+            if missing:
+                raise SystemExit(f"no cached peers for {missing}: python benchmarks/defaults.py --peers-only --targets {' '.join(missing)}")
+            self.best = {t: np.log(np.array([peers[t][n] for n in nfes])) for t in self.targets}
+
+    def regret(self, t: str, solver: str, scale: float, center: float) -> np.ndarray:
+        """log(RMSE / best) per NFE at the grid centre ``center`` (log RMSE interpolated linearly
+        between the measured centres; outside them: the nearest one plus a penalty of 1 per unit)."""
+        table = self.log_rmse[t][solver][:, SCALES.index(scale), :]
+        cc = min(max(center, CENTERS[0]), CENTERS[-1])
+        pos = (cc - CENTERS[0]) / (CENTERS[1] - CENTERS[0])
+        i = min(int(pos), len(CENTERS) - 2)
+        w = pos - i
+        v = table[:, i] * (1.0 - w) + table[:, i + 1] * w if w > 0 else table[:, i]
+        return v + abs(center - cc) - self.best[t]
+
+
+LOW_NFE_MAX = (0, 5, 6, 8, 10, 15)  # 0: one preset at every NFE
+
+
+@dataclass(frozen=True)
+class FamilyChoice:
+    """One family's part of a rule in the searched space: candidate labels for low / other NFE."""
+
+    grid: GridParams
+    solver: str
+    low_solver: str
+    low_nfe_max: int
+
+    def family_rule(self) -> FamilyRule:
+        (hp, ho), (lp, lo) = SOLVERS[self.solver], SOLVERS[self.low_solver]
+        return FamilyRule(self.grid, SolverChoice(hp, tuple(sorted(ho.items()))), SolverChoice(lp, tuple(sorted(lo.items()))),
+                          self.low_nfe_max if self.low_solver != self.solver else 0)
+
+
+@dataclass(frozen=True)
+class Choice:
+    vp: FamilyChoice
+    flow: FamilyChoice
+    slope: float
+
+    def rule(self) -> DefaultRule:
+        return replace(DEFAULT_RULE, vp=self.vp.family_rule(), flow=self.flow.family_rule(), dim_slope=self.slope)
+
+    def regret(self, data: "FitData", t: str) -> np.ndarray:
+        """log(RMSE / best) of this rule on target ``t``, per NFE."""
+        fam = self.flow if is_flow(t) else self.vp
+        center = shifted_center(fam.grid.center, self.slope, data.dim[t])
+        high = data.regret(t, fam.solver, fam.grid.scale, center)
+        low = data.regret(t, fam.low_solver, fam.grid.scale, center)
+        return np.where(np.array(data.nfes) <= fam.low_nfe_max, low, high)
+
+
+def shifted_center(center: float, slope: float, dim: int) -> float:
+    d = min(max(dim, DEFAULT_RULE.dim_ref), DEFAULT_RULE.dim_max)
+    return center - slope * 0.5 * math.log(d / DEFAULT_RULE.dim_ref)
+
+
+def _best_family(data: "FitData", members: list[str], slope: float) -> tuple[float, float, FamilyChoice]:
+    """The family part with the least worst regret (ties: mean) over ``members`` at this slope. The
+    low- and other-NFE presets act on disjoint NFE columns, so each is chosen on its own columns."""
+    nfes = np.array(data.nfes)
+    best: tuple[float, float, FamilyChoice] | None = None
+    for scale, center in itertools.product(SCALES, RULE_CENTERS):
+        # per preset: worst and summed regret per NFE column over the members
+        worst, total = {}, {}
+        for lab in SOLVERS:
+            reg = np.stack([data.regret(t, lab, scale, shifted_center(center, slope, data.dim[t])) for t in members]) \
+                if members else np.zeros((1, len(nfes)))
+            worst[lab], total[lab] = reg.max(axis=0), reg.sum(axis=0)
+        for thr in LOW_NFE_MAX:
+            low_cols, high_cols = nfes <= thr, nfes > thr
+
+            def pick(cols: np.ndarray) -> tuple[str, float, float]:
+                if not cols.any():
+                    return next(iter(SOLVERS)), -math.inf, 0.0
+                return min(((lab, float(worst[lab][cols].max()), float(total[lab][cols].sum())) for lab in SOLVERS),
+                           key=lambda v: (v[1], v[2]))
+
+            lo, hi = pick(low_cols), pick(high_cols)
+            if thr and lo[0] == hi[0]:
+                continue  # the same as one preset throughout (thr = 0)
+            key = (max(lo[1], hi[1]), (lo[2] + hi[2]) / max(len(members) * len(nfes), 1))
+            cand = FamilyChoice(GridParams(center, scale), hi[0], lo[0] if thr else hi[0], thr)
+            if best is None or key < best[:2]:
+                best = (*key, cand)
+    assert best is not None
+    return best
+
+
+def select(data: FitData, targets: list[str]) -> tuple[Choice, dict[str, float]]:
+    """The rule minimising the worst regret over ``targets`` (ties: the mean regret). For a given
+    dimension slope the VP/EDM and flow parts are independent, so each is minimised on its own."""
+    vp = [t for t in targets if not is_flow(t)]
+    flow = [t for t in targets if is_flow(t)]
+    best: tuple[float, float, Choice] | None = None
+    for slope in RULE_SLOPES:
+        wv, mv, cv = _best_family(data, vp, slope)
+        wf, mf, cf = _best_family(data, flow, slope)
+        key = (max(wv, wf), (mv * len(vp) + mf * len(flow)) / max(len(targets), 1))
+        if best is None or key < best[:2]:
+            best = (*key, Choice(cv, cf, slope))
+    assert best is not None
+    return best[2], {"worst_regret": math.exp(best[0]), "mean_regret": math.exp(best[1])}
+
+
+def rule_json(rule: DefaultRule) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(rule)))
+
+
+def rule_from_json(data: dict[str, Any]) -> DefaultRule:
+    """The inverse of :func:`rule_json`."""
+
+    def family(f: dict[str, Any]) -> FamilyRule:
+        def solver(c: dict[str, Any]) -> SolverChoice:
+            return SolverChoice(c["preset"], tuple(tuple(kv) for kv in c["options"]))
+
+        return FamilyRule(GridParams(**f["grid"]), solver(f["solver"]), solver(f["low_nfe_solver"]), int(f["low_nfe_max"]))
+
+    return DefaultRule(vp=family(data["vp"]), flow=family(data["flow"]), dim_slope=float(data["dim_slope"]),
+                       dim_ref=int(data["dim_ref"]), dim_max=int(data["dim_max"]))
+
+
+def describe_rule(rule: DefaultRule) -> str:
+    def fam(f: FamilyRule) -> str:
+        def sc(c: SolverChoice) -> str:
+            return c.preset + "".join(f",{k}={v}" for k, v in c.options)
+        solver = sc(f.solver) if not f.low_nfe_max else f"{sc(f.low_nfe_solver)} to NFE {f.low_nfe_max}, then {sc(f.solver)}"
+        return f"{solver}; logistic centre {f.grid.center:+.2f}, scale {f.grid.scale:g}"
+    return f"VP/EDM: {fam(rule.vp)}. Flow: {fam(rule.flow)}. Dimension slope {rule.dim_slope:g}."
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["fit", "select"])
+    ap.add_argument("--targets", nargs="+", default=None, help="target ids (default: every target of benchmarks/targets.py)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--objective", choices=["peer", "regret"], default="peer",
+                    help="select: minimise the worst RMSE ratio to the best peer (judge noises' peers, cached) or to the best candidate")
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    ids = args.targets or T.all_target_ids()
+    if args.command == "fit":
+        for tid in ids:
+            fit_target(tid)
+        return 0
+    t0 = time.perf_counter()
+    fits = {}
+    for tid in ids:
+        path = CACHE / f"fit-{tid}.json"
+        if not path.is_file():
+            log(f"[{tid}] no fit data: run `python benchmarks/default_rule.py fit --targets {tid}`")
+            continue
+        fits[tid] = load_fit(tid)
+    peers = None
+    if args.objective == "peer":
+        from defaults import cached_best_peers
+
+        peers = {t: cached_best_peers(t) for t in fits}
+    data = FitData(fits, NFES, peers)
+    shipped_choice, score = select(data, data.targets)
+    shipped = shipped_choice.rule()
+    groups = sorted({T.group_of(t) for t in data.targets})
+    held: dict[str, Any] = {}
+    for g in groups:
+        members = [t for t in data.targets if T.group_of(t) == g]
+        choice, sc = select(data, [t for t in data.targets if T.group_of(t) != g])
+        regs = {t: [float(math.exp(r)) for r in choice.regret(data, t)] for t in members}
+        held[g] = {"members": members, "rule": rule_json(choice.rule()), "describe": describe_rule(choice.rule()), "fit_score": sc,
+                   "fit_regret_held_out": regs}
+    out = {"command": f"python benchmarks/default_rule.py select --objective {args.objective}", "objective": args.objective, "date": time.strftime("%Y-%m-%d %H:%M"), "nfes": list(NFES),
+           "solvers": {k: [v[0], v[1]] for k, v in SOLVERS.items()}, "centers": list(CENTERS), "scales": list(SCALES),
+           "rule_centers": list(RULE_CENTERS), "rule_slopes": list(RULE_SLOPES), "targets": data.targets,
+           "shipped": {"rule": rule_json(shipped), "describe": describe_rule(shipped), "fit_score": score, "library_rule": rule_json(DEFAULT_RULE),
+                       "library_matches": shipped == DEFAULT_RULE},
+           "leave_one_model_out": held, "wall_s": time.perf_counter() - t0}
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(REPORTS / "default_rule.json", json.dumps(out, indent=1))
+    rows = [[g, ", ".join(v["members"]), v["describe"], f"{v['fit_score']['worst_regret']:.2f}",
+             "; ".join(f"{t}: {max(r):.2f}" for t, r in v["fit_regret_held_out"].items())] for g, v in held.items()]
+    lines = ["# The default rule, chosen leaving one model out", "",
+             f"Generated by `{out['command']}` ({out['date']}). Machine:", *machine_lines(), "",
+             "Candidates on every target's fit noises (seed 7, batch 32): " + ", ".join(f"`{k}`" for k in SOLVERS)
+             + f" on the logistic grid, centres {CENTERS[0]:+.1f}..{CENTERS[-1]:+.1f} step 0.5, scales {SCALES}; NFE {NFES}. "
+             + ("Regret = RMSE / the best peer's RMSE (at its best grid option, on the target's judge noises)" if args.objective == "peer"
+                else "Regret = RMSE / the best candidate of that target and NFE")
+             + ". The rule with the least worst regret over the other models (ties: mean), per held-out model; the judge "
+             "(`benchmarks/defaults.py`) measures it on that model's judge noises.", "",
+             f"**Chosen on all {len(data.targets)} targets:** {describe_rule(shipped)} Worst fit regret {score['worst_regret']:.2f}, "
+             f"mean {score['mean_regret']:.3f}. The library's `DEFAULT_RULE` "
+             + ("is this rule." if shipped == DEFAULT_RULE else f"differs: {describe_rule(DEFAULT_RULE)}"), "",
+             markdown_table(["held-out model", "targets", "rule chosen without it", "worst fit regret (others)",
+                             "fit regret of the held-out targets (worst NFE)"], rows), ""]
+    write_text_atomic(REPORTS / "default_rule.md", "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
