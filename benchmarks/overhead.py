@@ -39,7 +39,8 @@ from torch import nn
 
 import fewstep
 from fewstep.report import markdown_table
-from fewstep.sample import clear_plan_cache, run_plan
+from fewstep.executor import run_plan
+from fewstep.sample import clear_plan_cache
 from fewstep.solvers.compile import compile_plan
 
 from _common import REPORTS, log, machine_lines, quiet_diffusers, write_text_atomic

@@ -12,7 +12,7 @@ if "torch" not in _sys.modules:
     # of microseconds. Passive waiting is the default here unless the user chose otherwise.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.2.0"  # the one place it is set: pyproject.toml reads it ([tool.setuptools.dynamic]); CHANGELOG.md names it
+from ._version import __version__  # set in src/fewstep/_version.py
 
 from .errors import ArgumentError, FewstepError, ModelOutputError, ScheduleError, ScheduleFileError, ShapeError, SolverError, ZooError
 from .metrics import frechet_distance, likelihood_gap, rmse

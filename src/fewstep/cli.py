@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .errors import ArgumentError, FewstepError
 from .metrics import frechet_distance, likelihood_gap, rmse
 from .noise import initial_noise

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .atomic import write_atomic
 from .errors import ArgumentError, FewstepError
 from .identity import Probe, model_key

@@ -7,8 +7,10 @@ on it, so its keying never changes).
 Step noise comes from a **counter-based generator** evaluated with tensor operations on the
 tensor's own device (:func:`counter_normals`): element ``j`` of sample ``k`` is a pure function of
 ``(seed, k, node, j)`` (a SplitMix64 hash of the key, 32-bit integer hashes of the key and the
-counter, the Box-Muller transform in float32), so sample ``k`` gets the same noise whatever the batch size, its
-position in the batch, or the split of the batch across devices.
+counter, the Box-Muller transform in float32), so sample ``k`` gets bitwise the same noise whatever the batch
+size, its position in the batch, or the split of the batch across devices (every operation on it is
+elementwise, as are the sampling loop's combinations: with a model that computes each row on its own,
+the samples themselves are bitwise batch-independent).
 
 A stochastic step from log-SNR ``lambda_s`` to ``lambda_t`` draws the normalised increment
 ``z = (W(u_s) - W(u_t)) / sqrt(u_s - u_t)`` of **one Brownian path per (seed, sample)**
@@ -188,6 +190,12 @@ def _row_indices(batch: int, indices: Sequence[int] | torch.Tensor | None, devic
     return idx
 
 
+def _rows_digest(idx: torch.Tensor) -> bytes:
+    """A digest of the rows' sample indices (what cached path values and node normals belong to;
+    the indices' content, not the identity of the object that carried them)."""
+    return hashlib.blake2b(idx.cpu().numpy().tobytes(), digest_size=16).digest()
+
+
 def brownian_time(lam: float) -> float:
     """``u = 1 / (1 + e^(lambda / 4))``: the Brownian path's time (1 at pure noise, 0 at the data)."""
     if math.isnan(lam):
@@ -286,7 +294,7 @@ class BrownianNoise:
         shape = tuple(int(s) for s in shape)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         idx = _row_indices(shape[0], indices, dev)
-        rows_key = (shape, str(dev), hash(tuple(idx.tolist())) if idx.numel() <= 4096 else id(indices))
+        rows_key = (shape, str(dev), _rows_digest(idx))
         key = (u, *rows_key)
         hit = self._values.get(key)
         if hit is not None:

@@ -49,7 +49,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from .errors import ArgumentError, ShapeError, SolverError
-from .models import Model, Prediction
+from .executor import PlanRunner
+from .models import Model, Prediction, prediction_coefficients
 from .noise import make_noise_source
 from .solvers.compile import CompiledPlan, Evaluate
 
@@ -376,8 +377,6 @@ class _MemoNoise:
 class _PlanProgram:
     def __init__(self, model: Model, x_T: torch.Tensor, plan: CompiledPlan, *, seed: int | None,
                  sample_indices: Sequence[int] | torch.Tensor | None, noise: Any, window: int) -> None:
-        from .sample import PlanRunner
-
         self.model, self.plan = model, plan
         evals = [op for op in plan.ops if isinstance(op, Evaluate)]
         self.evals = evals
@@ -414,8 +413,6 @@ class _PlanProgram:
         """The output's slope for data of unit variance: ``E[x0 | x] = k x``, ``k = alpha / (alpha^2 +
         sigma^2)``, ``E[eps | x] = sigma / (alpha^2 + sigma^2) x``; the raw output (``x0 = p0 x + q0
         out``) then has slope ``(k - p0) / q0``."""
-        from .models import prediction_coefficients
-
         a, sg = self.evals[j].alpha, self.evals[j].sigma
         n = a * a + sg * sg
         if not self.runner.fold:

@@ -1,28 +1,30 @@
-"""The one sequential sampling loop: run a compiled solver schedule on a model."""
+"""The front door: :func:`sample` resolves a preset (or the measured default, or an autotuned choice)
+into a compiled plan and runs it sequentially (:mod:`fewstep.executor`) or parallel in time
+(:mod:`fewstep.parallel`). :class:`~fewstep.executor.PlanRunner` and :func:`~fewstep.executor.run_plan`
+are re-exported here."""
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .errors import ArgumentError, ShapeError, SolverError
-from .finite import all_finite
-from .models import Model, prediction_coefficients
-from .noise import NoiseSource, make_noise_source
-from .solvers.compile import Combine, CompiledPlan, Evaluate, compile_plan
-from .solvers.plan import SolverSchedule, schedule_identity
-from .defaults import default_call
-from .parallel import ParallelOptions, run_plan_parallel
 from .autotune import AutotuneOptions, AutotuneResult, autotune as autotune_choice
+from .defaults import default_call
+from .errors import ArgumentError, ShapeError, SolverError
+from .executor import Callback, PlanRunner, run_plan  # noqa: F401  (PlanRunner re-exported)
+from .finite import all_finite
+from .models import Model
+from .noise import NoiseSource
+from .parallel import ParallelOptions, run_plan_parallel
+from .solvers.compile import CompiledPlan, Evaluate, compile_plan
+from .solvers.plan import SolverSchedule, schedule_identity
 from .solvers.presets import preset
 
 __all__ = ["sample", "run_plan", "PlanRunner", "SampleInfo", "resolve_plan", "clear_plan_cache"]
-
-Callback = Callable[[int, float, torch.Tensor], None]
 
 
 @dataclass
@@ -33,202 +35,6 @@ class SampleInfo:
     nfe: int
     calls: int
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-Key = tuple[str, int]  # ("state" | "out" | "x0" | "eps", index): a tensor the loop keeps
-
-
-def _expand(model: Model, plan: CompiledPlan, fold: bool) -> list[list[tuple[Key, float]]]:
-    """Each Combine as ``sum_k c_k T_k`` over kept tensors. With ``fold`` the prediction conversion
-    ``D = p X[state] + q out`` (:func:`~fewstep.models.prediction_coefficients`) is folded into the
-    coefficients, so a step costs one multiply-add per distinct tensor and x0/eps are never formed."""
-    where: dict[int, Evaluate] = {}
-    programs: list[list[tuple[Key, float]]] = []
-    for op in plan.ops:
-        if isinstance(op, Evaluate):
-            where[op.slot] = op
-            continue
-        acc: dict[Key, float] = {("state", op.base): op.a}
-        for slot, kind, c in op.terms:
-            if fold:
-                ev = where[slot]
-                p0, q0, pe, qe = prediction_coefficients(model.prediction, ev.alpha, ev.sigma)
-                p, q = (p0, q0) if kind == "x0" else (pe, qe)
-                parts = [(("state", ev.state), p), (("out", slot), q)]
-            else:
-                parts = [((kind, slot), 1.0)]
-            for key, w in parts:
-                if w != 0.0:
-                    acc[key] = acc.get(key, 0.0) + c * w
-        programs.append([(k, w) for k, w in acc.items() if w != 0.0 or k == ("state", op.base)])
-    return programs
-
-
-def _last_uses(plan: CompiledPlan, programs: list[list[tuple[Key, float]]]) -> dict[Key, int]:
-    last: dict[Key, int] = {("state", plan.output): len(plan.ops)}
-    combines = iter(programs)
-    for k, op in enumerate(plan.ops):
-        keys = [("state", op.state)] if isinstance(op, Evaluate) else [key for key, _ in next(combines)]
-        for key in keys:
-            last[key] = max(last.get(key, -1), k)
-    return last
-
-
-class PlanRunner:
-    """Stepwise execution of a compiled plan's affine program, the caller answering each model
-    evaluation: :meth:`request` runs the combinations up to the next ``Evaluate`` and returns it
-    (its input state is :attr:`pending_input`), :meth:`answer` takes the model's output there, and
-    :meth:`result` is the final state. The sequential loop (:func:`run_plan`) answers with one model
-    call per request; search answers many runners with one batched call (per-row times).
-
-    Without thresholding (which is not affine) the answer is the model's raw output and the
-    prediction conversion is folded into the combination coefficients (``fold``); with it the answer
-    is a :class:`~fewstep.Prediction`. States are kept in float32 (or float64); the model sees the
-    input dtype. Fresh noise (stochastic steps) comes from ``noise`` (default: the Brownian path of each
-    ``(seed, sample index)``, :class:`~fewstep.noise.BrownianNoise`)."""
-
-    def __init__(
-        self,
-        model: Model,
-        x_T: torch.Tensor,
-        plan: CompiledPlan,
-        *,
-        callback: Callback | None = None,
-        seed: int | None = None,
-        sample_indices: Sequence[int] | torch.Tensor | None = None,
-        noise: NoiseSource | str | None = None,
-    ) -> None:
-        self.plan, self.callback, self.seed, self.sample_indices = plan, callback, seed, sample_indices
-        self._noise_spec, self._noise_seed = noise, 0 if seed is None else seed
-        self._sources: dict[int, NoiseSource] = {}
-        if plan.stochastic and seed is None and (noise is None or isinstance(noise, str)):
-            raise SolverError("this solver schedule draws noise; pass seed=")
-        if plan.stochastic:
-            self._source(0)  # a bad ``noise`` argument fails here, before any model call
-        self.in_dtype = x_T.dtype
-        self.work = _work_dtype(x_T.dtype)
-        self.fold = model.threshold is None
-        self._programs = _expand(model, plan, self.fold)
-        self._last = _last_uses(plan, self._programs)
-        self._kept: dict[Key, torch.Tensor] = {("state", 0): x_T.to(self.work)}
-        self._ci = 0  # index of the next combination program
-        self._k = 0  # index of the next op
-        self._pending: Evaluate | None = None
-
-    def _source(self, channel: int) -> NoiseSource:
-        """The noise source of one Brownian channel (0: step noise, 1: EDM churn), made on first use."""
-        if channel not in self._sources:
-            self._sources[channel] = make_noise_source(self._noise_spec, self._noise_seed, channel)
-        return self._sources[channel]
-
-    def _release(self, keys: Sequence[Key], k: int) -> None:
-        for key in keys:
-            if self._last.get(key, -1) <= k:
-                self._kept.pop(key, None)
-
-    def request(self) -> Evaluate | None:
-        """Run the combinations up to the next evaluation and return it; ``None`` when finished."""
-        if self._pending is not None:
-            raise SolverError("the pending evaluation has not been answered")
-        ops = self.plan.ops
-        while self._k < len(ops):
-            op = ops[self._k]
-            if isinstance(op, Evaluate):
-                self._pending = op
-                return op
-            self._combine(op, self._programs[self._ci])
-            self._ci += 1
-            self._k += 1
-        return None
-
-    @property
-    def pending_state(self) -> torch.Tensor:
-        """The pending evaluation's input in the working dtype (not a copy: do not change it in place)."""
-        assert self._pending is not None
-        return self._kept[("state", self._pending.state)]
-
-    def set_pending_input(self, x: torch.Tensor) -> None:
-        """Replace the pending evaluation's input (a caller that edits the state between steps, as
-        diffusers pipelines may; the combinations read the new state from here on)."""
-        assert self._pending is not None
-        self._kept[("state", self._pending.state)] = x.to(self.work)
-
-    @property
-    def pending_input(self) -> torch.Tensor:
-        assert self._pending is not None
-        return self._kept[("state", self._pending.state)].to(self.in_dtype)
-
-    def answer(self, out: torch.Tensor | Any) -> None:
-        """The model's raw output (``fold``) or its :class:`~fewstep.Prediction` at the pending evaluation."""
-        op = self._pending
-        if op is None:
-            raise SolverError("no evaluation is pending")
-        if self.fold:
-            self._kept[("out", op.slot)] = out.to(self.work)
-        else:
-            self._kept[("x0", op.slot)], self._kept[("eps", op.slot)] = out.x0.to(self.work), out.eps.to(self.work)
-        self._release([("state", op.state)], self._k)
-        self._pending = None
-        self._k += 1
-
-    def _combine(self, op: Combine, program: list[tuple[Key, float]]) -> None:
-        (key0, c0), rest = program[0], program[1:]
-        x = self._kept[key0] * c0 if c0 != 1.0 else self._kept[key0].clone()
-        for key, c in rest:
-            x.add_(self._kept[key], alpha=c)
-        for c, lam_from, lam_to, channel in op.noise:
-            z = self._source(channel).increment(lam_from, lam_to, x.shape, indices=self.sample_indices, dtype=self.work, device=x.device)
-            x.add_(z, alpha=c)
-        self._kept[("state", op.target)] = x
-        self._release([key for key, _ in program], self._k)
-        if self.callback is not None and op.grid_index is not None:
-            self.callback(op.grid_index, self.plan.times[op.grid_index], x)
-
-    def snapshot(self) -> tuple[Any, ...]:
-        """The runner's position and kept tensors (a shallow copy: kept tensors are never changed in
-        place), for :meth:`restore`; parallel sampling replays the program from such a point."""
-        return dict(self._kept), self._ci, self._k, self._pending
-
-    def restore(self, snap: tuple[Any, ...]) -> None:
-        kept, self._ci, self._k, self._pending = snap
-        self._kept = dict(kept)
-
-    @property
-    def finished(self) -> bool:
-        return self._k >= len(self.plan.ops) and self._pending is None
-
-    def result(self) -> torch.Tensor:
-        if self._k < len(self.plan.ops) or self._pending is not None:
-            raise SolverError("the plan has not finished")
-        return self._kept[("state", self.plan.output)].to(self.in_dtype)
-
-
-def run_plan(
-    model: Model,
-    x_T: torch.Tensor,
-    plan: CompiledPlan,
-    *,
-    callback: Callback | None = None,
-    progress: bool = False,
-    seed: int | None = None,
-    sample_indices: Sequence[int] | torch.Tensor | None = None,
-    noise: NoiseSource | str | None = None,
-) -> torch.Tensor:
-    """Execute the affine program of a compiled plan, one model call per evaluation
-    (:class:`PlanRunner`); sample indices for keyed noise default to 0..B-1."""
-    from tqdm.auto import tqdm
-
-    runner = PlanRunner(model, x_T, plan, callback=callback, seed=seed, sample_indices=sample_indices, noise=noise)
-    with tqdm(total=plan.nfe, desc="sampling", unit="eval", disable=not progress, leave=False) as bar:
-        while (op := runner.request()) is not None:
-            x_in = runner.pending_input
-            runner.answer(model.output(x_in, op.t, op.alpha, op.sigma) if runner.fold else model.predict(x_in, op.t))
-            bar.update(1)
-    return runner.result()
 
 
 def resolve_plan(
@@ -361,9 +167,11 @@ def sample(
     parameters. ``grad=True`` records it (to differentiate through the sampler).
 
     Stochastic schedules draw the increments of one Brownian path per ``(seed, sample index)``
-    (``noise="brownian"``, :class:`~fewstep.BrownianNoise`), generated on the tensor's device: sample
-    k is the same whatever the batch it is in, and the same seed on a finer grid refines the same
-    path. ``sample_indices`` gives the rows' global indices when a batch is split (default
+    (``noise="brownian"``, :class:`~fewstep.BrownianNoise`), generated on the tensor's device, and the
+    same seed on a finer grid refines the same path. Sample k is bitwise the same whatever the batch
+    it is in (size, position, split) when the model computes each row independently of the others:
+    the noise and the loop's arithmetic are elementwise, so only a model whose batched arithmetic
+    rounds by batch size (matmul blocking) moves it, by that rounding carried along the trajectory. ``sample_indices`` gives the rows' global indices when a batch is split (default
     ``0..B-1``). ``noise="interval"`` is cheaper (one normal per step) but keyed by the step's
     interval; any object with an ``increment`` method may supply the noise. Without ``seed`` a random
     one is drawn and reported in the info.

@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
 
 from ..errors import ArgumentError, SolverError
 from ..models import Model
-from ..sample import PlanRunner
+from ..executor import PlanRunner
 from ..schedules import DiscreteVP, FlowMatching, NoiseSchedule
 from ..solvers.compile import CompiledPlan, compile_plan
 from ..solvers.plan import SolverSchedule

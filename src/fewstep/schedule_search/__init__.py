@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ArgumentError
 from ..identity import model_key, probe_for
 from ..metrics import rmse

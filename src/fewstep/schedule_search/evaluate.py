@@ -2,7 +2,7 @@
 per evaluation index (each row at its own time), not K sequential runs.
 
 Every plan of a search has the same NFE, so their compiled programs request evaluations in lockstep:
-each :class:`~fewstep.sample.PlanRunner` runs its own combinations (cheap), then all pending inputs
+each :class:`~fewstep.executor.PlanRunner` runs its own combinations (cheap), then all pending inputs
 are concatenated and the model is called once (in chunks of at most ``max_rows`` rows, the memory
 cap) with per-row times. A plan whose state stops being finite (an unstable candidate) drops out
 of the batch and scores infinity; it never stops the search.
@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ArgumentError
 from ..models import Model
-from ..sample import PlanRunner
+from ..executor import PlanRunner
 from ..solvers.compile import compile_plan
 from ..solvers.plan import SolverSchedule
 

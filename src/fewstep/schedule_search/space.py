@@ -29,7 +29,7 @@ from ..errors import ArgumentError
 from ..schedules import FlowMatching, NoiseSchedule
 from ..solvers.coefficients import point
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
-from ..solvers.presets import _finite_from_pure_noise, _into_clean
+from ..solvers.presets.building import finite_from_pure_noise as _finite_from_pure_noise, into_clean as _into_clean
 from ..solvers.strategy import Step
 
 __all__ = ["Gene", "Candidate", "Space", "GENE_CHOICES"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch
 from ..errors import SolverError
 from ..schedules import NoiseSchedule
 from .phi import phis
+from .points import Point, point, points
 from .registry import StepTerms, noise_rule, weight_variant
 
 __all__ = ["Point", "point", "points", "coordinate", "node_weights", "node_positions", "step_terms",
@@ -37,29 +38,6 @@ _GAUSS_NODES = 48
 #: is only piecewise smooth (DiscreteVP: kinks at integer t, crowded near the end) more nodes keep the
 #: weights accurate to ~1e-7 relative
 _GAUSS_NODES_INFINITE_END = 256
-
-
-class Point:
-    """``(t, alpha, sigma, lambda)`` of one time, float64 Python numbers."""
-
-    __slots__ = ("t", "alpha", "sigma", "lam")
-
-    def __init__(self, t: float, alpha: float, sigma: float, lam: float) -> None:
-        self.t, self.alpha, self.sigma, self.lam = t, alpha, sigma, lam
-
-    def __repr__(self) -> str:
-        return f"Point(t={self.t:.6g}, lambda={self.lam:.6g})"
-
-
-def point(schedule: NoiseSchedule, t: float) -> Point:
-    a, s, lam = schedule.coefficients(float(t))
-    return Point(float(t), float(a), float(s), float(lam))
-
-
-def points(schedule: NoiseSchedule, times: Sequence[float]) -> list[Point]:
-    """:func:`point` at many times in one vectorised schedule evaluation."""
-    a, s, lam = (c.tolist() for c in schedule.coefficients(torch.tensor([float(t) for t in times], dtype=torch.float64)))
-    return [Point(float(t), ai, si, li) for t, ai, si, li in zip(times, a, s, lam)]
 
 
 @lru_cache(maxsize=8)

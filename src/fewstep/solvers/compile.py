@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from ..errors import SolverError
 from ..schedules import NoiseSchedule
-from .coefficients import Point, node_positions, node_weights, point, points
+from .coefficients import node_positions, node_weights
+from .points import Point, point, points
 from .plan import SolverSchedule
 from .strategy import Step
 

@@ -29,7 +29,8 @@ import math
 
 from ..errors import SolverError
 from ..schedules import NoiseSchedule
-from .coefficients import Point, base_terms, exponential_moments
+from .coefficients import base_terms, exponential_moments
+from .points import Point
 from .registry import NoiseRule, StepTerms, register_noise_rule
 
 __all__ = ["OdeRule", "SdeRule", "AncestralRule", "RenoiseRule"]

@@ -2,8 +2,9 @@
 
 A :class:`~fewstep.solvers.strategy.Step` names its weight ``variant`` and its ``noise`` rule; both
 are registries, so a new solver family is one module that registers what it needs (see
-:mod:`fewstep.solvers.er_sde` and :mod:`fewstep.solvers.sa_solver`), with no change to the record,
-the compiler or the sampling loop.
+:mod:`fewstep.solvers.presets.er_sde` and :mod:`fewstep.solvers.presets.sa_solver`), with no change to
+the record, the compiler or the sampling loop. The registries sit below the record and the
+coefficients (they read only :mod:`fewstep.solvers.points`), so neither imports the other back.
 
 A **noise rule** gives, for a step from ``s`` to ``t``, the terms of the update
 ``x_t = a x_s + sum_k W_k c_k + c z`` (:class:`StepTerms`): the transfer coefficient ``a``, the kernel
@@ -16,17 +17,32 @@ integrated, and the coefficient ``c`` of the standard normal increment ``z`` of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from ..errors import SolverError
+from ..schedules import NoiseSchedule
+from .points import Point
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..schedules import NoiseSchedule
-    from .coefficients import Point
-    from .strategy import Step
-
-__all__ = ["StepTerms", "NoiseRule", "register_noise_rule", "noise_rule", "noise_rule_names",
+__all__ = ["StepTerms", "StepFields", "NoiseRule", "register_noise_rule", "noise_rule", "noise_rule_names",
            "WeightVariant", "register_variant", "weight_variant", "variant_names"]
+
+
+class StepFields(Protocol):
+    """What a noise rule reads of a step (:class:`~fewstep.solvers.strategy.Step` has it; the rule
+    checks the record, which is built on the registries, so it names these fields, not the class)."""
+
+    @property
+    def order(self) -> int: ...
+    @property
+    def prediction(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def stage_variant(self) -> str | None: ...
+    @property
+    def corrector(self) -> int: ...
+    @property
+    def eta(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,7 @@ class NoiseRule:
         """Does a step with this ``eta`` draw noise?"""
         return eta > 0.0
 
-    def check(self, step: "Step") -> None:
+    def check(self, step: StepFields) -> None:
         """Raise :class:`~fewstep.SolverError` if the step cannot use this rule."""
         if step.prediction not in self.predictions:
             raise SolverError(f"noise rule {self.name!r} is defined for {' / '.join(self.predictions)} prediction, not {step.prediction!r}")
@@ -72,7 +88,7 @@ class NoiseRule:
                     "needs a fixed-weight variant ('bh2' or 'adams')"
                 )
 
-    def terms(self, prediction: str, interp: str, schedule: "NoiseSchedule", s: "Point", t: "Point", eta: float, n: int) -> StepTerms:
+    def terms(self, prediction: str, interp: str, schedule: NoiseSchedule, s: Point, t: Point, eta: float, n: int) -> StepTerms:
         raise NotImplementedError
 
 
@@ -99,7 +115,7 @@ def noise_rule_names() -> list[str]:
 
 
 #: ``variant(terms, prediction, s, t, moments) -> moments``
-WeightVariant = Callable[[StepTerms, str, "Point", "Point", list[float]], list[float]]
+WeightVariant = Callable[[StepTerms, str, Point, Point, list[float]], list[float]]
 _VARIANTS: dict[str, WeightVariant] = {}
 
 

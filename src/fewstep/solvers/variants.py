@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ..errors import SolverError
-from .coefficients import Point
+from .points import Point
 from .registry import StepTerms, register_variant
 
 __all__: list[str] = []

@@ -105,7 +105,8 @@ def model_quality(name: str, n: int | None = None, *, nfe: int = QUALITY_NFE, se
                   root: str | Path | None = None, batch: int = 512) -> dict[str, Any]:
     """Metrics of ``n`` samples (default: as many as the train split) of zoo model ``name`` drawn with
     UniPC at ``nfe`` NFE from seeded noise, next to the train-vs-held-out bar and their ratios."""
-    from .. import initial_noise, sample
+    from ..noise import initial_noise
+    from ..sample import sample
     from . import load
 
     model = load(name, root)

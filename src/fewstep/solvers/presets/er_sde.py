@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SolverError
-from ..schedules import NoiseSchedule
-from .coefficients import Point, kernel_moments
-from .plan import SolverSchedule
-from .presets import _check_eta, _check_int, _multistep, register_preset
-from .registry import NoiseRule, StepTerms, register_noise_rule
+from ...errors import SolverError
+from ...schedules import NoiseSchedule
+from ..coefficients import kernel_moments
+from ..points import Point
+from ..plan import SolverSchedule
+from ..registry import NoiseRule, StepTerms, register_noise_rule
+from .building import check_eta, check_int, multistep, register_preset
 
 __all__ = ["ErSdeRule", "er_sde", "scale_function"]
 
@@ -76,6 +77,6 @@ def er_sde(nfe: int, sched: NoiseSchedule, *, order: int = 3, eta: float = 1.0, 
     """ER-SDE-Solver: multistep data prediction of ``order`` (1-3, warm-up at lower order), the x0
     interpolant a polynomial in ``interp`` (the paper's Taylor expansion is in sigma/alpha),
     integrated against the ER-SDE kernel; the last step into sigma = 0 returns x0."""
-    _check_int("order", order, 1, 3, "er_sde")
-    return _multistep("er_sde", nfe, sched, order=order, prediction="data", variant="phi", interp=interp, spacing=spacing,
-                      lower_order_final=lower_order_final, final_order=1, noise="er_sde", eta=_check_eta(eta, "er_sde"), **grid)
+    check_int("order", order, 1, 3, "er_sde")
+    return multistep("er_sde", nfe, sched, order=order, prediction="data", variant="phi", interp=interp, spacing=spacing,
+                     lower_order_final=lower_order_final, final_order=1, noise="er_sde", eta=check_eta(eta, "er_sde"), **grid)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from ..errors import SolverError
-from ..schedules import DiscreteVP, NoiseSchedule
-from .plan import SolverSchedule
-from .presets import _check_eta, _check_int, _multistep, register_preset
+from ...errors import SolverError
+from ...schedules import DiscreteVP, NoiseSchedule
+from ..plan import SolverSchedule
+from .building import check_eta, check_int, multistep, register_preset
 
 __all__ = ["sa_solver", "tau_function"]
 
@@ -40,12 +40,12 @@ def sa_solver(nfe: int, sched: NoiseSchedule, *, order: int = 2, corrector_order
               lower_order_final: bool = True, **grid: Any) -> SolverSchedule:
     """SA-Solver: predictor of ``order`` (1-3), corrector through ``corrector_order`` nodes (1-3; 1 =
     none), stochasticity ``tau`` inside ``tau_window`` (model times) and 0 outside (module docstring)."""
-    _check_int("order", order, 1, 3, "sa_solver")
-    _check_int("corrector_order", corrector_order, 1, 3, "sa_solver")
-    tau = _check_eta(tau, "sa_solver")
+    check_int("order", order, 1, 3, "sa_solver")
+    check_int("corrector_order", corrector_order, 1, 3, "sa_solver")
+    tau = check_eta(tau, "sa_solver")
     eta = tau_function(sched, tau, tau_window)
-    plan = _multistep("sa_solver", nfe, sched, order=order, prediction="data", variant="bh1", spacing=spacing,
-                      lower_order_final=lower_order_final, corrector=corrector and corrector_order >= 2,
-                      corrector_order=corrector_order, final_order=1, noise="sde", eta=eta, **grid)
+    plan = multistep("sa_solver", nfe, sched, order=order, prediction="data", variant="bh1", spacing=spacing,
+                     lower_order_final=lower_order_final, corrector=corrector and corrector_order >= 2,
+                     corrector_order=corrector_order, final_order=1, noise="sde", eta=eta, **grid)
     plan.meta.update(tau=tau, tau_window=list(tau_window) if tau_window is not None else None)
     return plan
