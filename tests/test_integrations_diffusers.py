@@ -147,6 +147,17 @@ def test_no_state_carries_over_between_calls(tmp_path):
     assert (_run(pipe, 6, seed=3) == third).all()
 
 
+def test_unknown_presets_and_options_are_refused_at_once():
+    pipe = _pipe(_base())
+    with pytest.raises(fewstep.SolverError, match="dpmpp_2mm"):
+        FewstepScheduler.from_pipeline(pipe, "dpmpp_2mm")
+    with pytest.raises(fewstep.ArgumentError, match="ordr"):
+        FewstepScheduler.from_pipeline(pipe, "unipc", ordr=2)
+    with pytest.raises(fewstep.ArgumentError, match="ordr"):
+        FewstepScheduler.from_pipeline(pipe, ordr=2)
+    FewstepScheduler.from_pipeline(pipe, "dpmpp_2m", spacing="diffusers")  # the base scheduler's grid: checked when the NFE is known
+
+
 def test_misuse_is_refused():
     pipe = _pipe(_base())
     sch = FewstepScheduler.from_pipeline(pipe, "ddim")

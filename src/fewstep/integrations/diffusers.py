@@ -185,6 +185,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if solver is not None and not isinstance(solver, str):
             raise ArgumentError(f"solver must be a preset name, None or a SolverSchedule, got {type(solver).__name__}")
         out = cls(**keep, **common, solver=solver, solver_options=dict(options))
+        out._check_solver()
         if autotune:
             from ..autotune import AutotuneOptions
 
@@ -272,6 +273,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.num_inference_steps = len(times)
         self._runner = None
         self._k = 0
+
+    def _check_solver(self) -> None:
+        """Refuse an unknown preset or option now, not inside the pipeline's call: build the plan once
+        at 20 evaluations (``spacing="diffusers"`` is checked when the NFE is known)."""
+        opts = {k: v for k, v in dict(self.config.solver_options or {}).items() if not (k == "spacing" and v == "diffusers")}
+        name = self.config.solver
+        if name is None:
+            name, chosen = default_call(self.schedule, 20, self.config.data_dim)
+            opts = {**chosen, **opts}
+        preset(name, 20, self.schedule, **opts)
 
     def _autotuned(self, nfe: int, name: str | None, opts: dict[str, Any]) -> Any:
         """The autotuned (preset, grid) for ``nfe`` on :attr:`autotune_model`."""
