@@ -197,3 +197,33 @@ def test_schedule_files_and_parallel_mode_compose_with_sharding(tmp_path):
     assert _same_folders(tmp_path / "p1", tmp_path / "p2")
     diff = fewstep.load_samples(tmp_path / "p1") - fewstep.load_samples(tmp_path / "seq")
     assert 0 < float(diff.abs().max()) < 1e-2 and fewstep.rmse(fewstep.load_samples(tmp_path / "p1"), fewstep.load_samples(tmp_path / "seq")) < 1e-3
+
+
+def test_the_manifest_records_the_parallel_settings_and_a_mismatching_resume_is_refused(tmp_path):
+    """The manifest records sequential (``parallel: null``) or the parallel options that change
+    samples; resuming with other settings is refused instead of mixing shards; a manifest written
+    before the entry existed counts as sequential."""
+    oracle = fewstep.bundled_oracle("gmm-d2")
+    model = oracle.as_model(fewstep.DiscreteVP.linear())
+    model.sample_shape = (oracle.dim,)
+    run = dict(num=16, solver="ddim", nfe=8, batch_size=8, progress=False)
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    fewstep.generate(model, out=seq, **run)
+    assert json.loads((seq / MANIFEST).read_text())["parallel"] is None
+    with pytest.raises(fewstep.ArgumentError, match="differs in parallel"):
+        fewstep.generate(model, out=seq, parallel=True, **run)
+    options = fewstep.ParallelOptions(window=4, tol=1e-4)
+    fewstep.generate(model, out=par, parallel=options, **run)
+    recorded = json.loads((par / MANIFEST).read_text())["parallel"]
+    assert recorded["window"] == 4 and recorded["tol"] == 1e-4 and recorded["accelerate"] == options.accelerate and "record" not in recorded
+    for other in (False, True, fewstep.ParallelOptions(window=8, tol=1e-4)):
+        with pytest.raises(fewstep.ArgumentError, match="differs in parallel"):
+            fewstep.generate(model, out=par, parallel=other, **run)
+    again = fewstep.generate(model, out=par, parallel=fewstep.ParallelOptions(window=4, tol=1e-4, record=True), **run)
+    assert (again.generated, again.reused) == (0, 2)  # record= changes no sample
+    legacy = json.loads((seq / MANIFEST).read_text())
+    del legacy["parallel"]
+    (seq / MANIFEST).write_text(json.dumps(legacy))
+    assert fewstep.generate(model, out=seq, **run).reused == 2
+    with pytest.raises(fewstep.ArgumentError, match="differs in parallel"):
+        fewstep.generate(model, out=seq, parallel=True, **run)

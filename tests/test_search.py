@@ -219,3 +219,162 @@ def test_search_starts_when_no_seed_plan_is_a_candidate(tmp_path, seeds, spacing
     plan, report = fewstep.search(model, 6, cache_dir=tmp_path, return_report=True, seed_presets=seeds, seed_spacings=spacings, **kw)
     assert plan.nfe == 6 and np.isfinite(report.best_calibration) and report.baseline
     assert report.best_calibration <= report.baseline["calibration_error"] * 1.5
+
+
+def _gaussian_model(sched=VP):
+    """Gaussian data N(mu, diag(c)): the probability-flow ODE has the exact solution
+    ``x0 = mu + sqrt(c) (x_t - alpha_t mu) / sqrt(alpha_t^2 c + sigma_t^2)`` from any time t."""
+    mu = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    c = torch.tensor([0.3, 1.5, 0.05], dtype=torch.float64)
+    g = fewstep.GaussianMixture.from_covariances(torch.ones(1, dtype=torch.float64), mu[None], torch.diag(c)[None])
+    model = g.as_model(sched)
+    model.sample_shape = (3,)
+    model.identity = "test-gaussian-d3"
+
+    def exact(x, t):
+        a, s = float(sched.alpha(t)), float(sched.sigma(t))
+        return mu + c.sqrt() * (x.to(torch.float64) - a * mu) / (a * a * c + s * s).sqrt()
+
+    return model, exact
+
+
+def test_references_are_solved_from_the_start_time_of_the_noises(tmp_path):
+    """Noises at t_start < t_max: the references solve the ODE from t_start (the exact solution of
+    Gaussian data), in a cache entry of their own (before: integrated from t_max, an 8% RMS wrong
+    target, under the key of a solve from t_max), in search() too."""
+    from fewstep.schedule_search import reference_set
+    from fewstep.schedule_search.objective import reference_cache_path
+
+    model, exact = _gaussian_model()
+    ts = 500.0
+    x = fewstep.initial_noise(VP, (48, 3), 0, t_start=ts, dtype=torch.float64)
+    want = exact(x, ts)
+    ref = reference_set(model, x, reference_nfe=64, cache_dir=tmp_path, t_start=ts)
+    assert fewstep.rmse(ref.reference, want) < 1e-4 * fewstep.rmse(want, torch.zeros_like(want))
+    assert ref.t_start == ts and ref.reference_nfe == 64 and "from t = 500" in ref.method
+    assert not reference_set(model, x, reference_nfe=64, cache_dir=tmp_path).cached  # from t_max: another entry
+    assert reference_set(model, x, reference_nfe=64, cache_dir=tmp_path, t_start=ts).cached
+    # search() hands its t_start to the references of its noises
+    kw = dict(SMALL, generations=2, refine_generations=1)
+    fewstep.search(model, 4, cache_dir=tmp_path / "s", t_start=ts, **kw)
+    cal = fewstep.initial_noise(VP, (48, 3), 0, t_start=ts, indices=range(48))
+    path = reference_cache_path(model, cal, reference_nfe=64, t_start=ts, cache_dir=tmp_path / "s")
+    assert path.is_file()
+    stored = torch.from_numpy(np.load(path))
+    assert fewstep.rmse(stored, exact(cal, ts)) < 1e-4 * fewstep.rmse(exact(cal, ts), torch.zeros(48, 3, dtype=torch.float64))
+
+
+def test_cached_references_come_back_on_the_noises_device_and_dtype(tmp_path, monkeypatch):
+    """A cache hit gives the references on the noises' device and in their dtype, like a fresh solve
+    (before: on the CPU, so a resumed GPU search failed in its metric). The device is the meta
+    device here: the entry written from CPU noises is read for the same noises on ``meta``."""
+    from fewstep.schedule_search import objective, reference_set
+
+    model = _oracle_model()
+    x = fewstep.initial_noise(VP, (8, 6), 0)
+    fresh = reference_set(model, x, reference_nfe=16, cache_dir=tmp_path)
+    assert not fresh.cached and fresh.reference.dtype == torch.float32
+    hit = reference_set(model, x.double(), reference_nfe=16, cache_dir=tmp_path)  # the same values: the same entry
+    assert hit.cached and hit.reference.dtype == torch.float64 and torch.allclose(hit.reference.float(), fresh.reference)
+    meta = x.to("meta")
+    digest = objective.tensor_digest
+    monkeypatch.setattr(objective, "tensor_digest", lambda t: digest(x) if t.device.type == "meta" else digest(t))  # meta has no values
+    probe = fewstep.identity.probe_for(model, x)
+    on_meta = reference_set(model, meta, reference_nfe=16, cache_dir=tmp_path, probe=probe)
+    assert on_meta.cached and on_meta.reference.device == meta.device and on_meta.reference.dtype == torch.float32
+    half = reference_set(model, meta.to(torch.bfloat16), reference_nfe=16, cache_dir=tmp_path, probe=probe)
+    assert half.cached and half.reference.device.type == "meta" and half.reference.dtype == torch.bfloat16
+
+
+def test_default_noises_are_drawn_where_the_model_is_and_held_out_ones_like_the_calibration_ones():
+    """Default calibration noises lie on the device of the model's weights; default held-out noises
+    take the calibration noises' dtype and device, also for a model with a sample_shape (before:
+    both float32 on the CPU, beside a model or calibration noises on a GPU). The device: ``meta``."""
+    from fewstep.schedule_search import _noises
+
+    model = _oracle_model()
+    like = torch.zeros(3, 6, dtype=torch.float64, device="meta")
+    held = _noises(model, None, 4, 0, 3, "heldout", None, like=like)
+    assert held.shape == (4, 6) and held.dtype == torch.float64 and held.device.type == "meta"
+    net = torch.nn.Linear(6, 6, device="meta")
+    on_meta = fewstep.Model(lambda x, t: net(x), VP, "eps", sample_shape=(6,), identity="meta-net")
+    cal = _noises(on_meta, None, 4, 0, 0, "calibration", None)
+    assert cal.shape == (4, 6) and cal.dtype == torch.float32 and cal.device.type == "meta"
+
+
+def test_a_state_records_the_reference_nfe_and_the_metrics_code(tmp_path):
+    """Another reference NFE, or another metric under the same name (every lambda is ``<lambda>``),
+    is another search: its state is refused; the same metric resumes."""
+    model = _oracle_model()
+    state = tmp_path / "state.json"
+    kw = dict(SMALL, generations=2, refine_generations=1)
+    mean_abs = lambda a, b: float((a - b).abs().mean())  # noqa: E731
+    max_abs = lambda a, b: float((a - b).abs().max())  # noqa: E731
+    fewstep.search(model, 5, cache_dir=tmp_path, state=state, metric=mean_abs, **kw)
+    with pytest.raises(StateError, match="metric_code differs"):
+        fewstep.search(model, 5, cache_dir=tmp_path, state=state, metric=max_abs, **kw)
+    with pytest.raises(StateError, match="reference_nfe differs"):
+        fewstep.search(model, 5, cache_dir=tmp_path, state=state, metric=mean_abs, **{**kw, "reference_nfe": 32})
+    _, report = fewstep.search(model, 5, cache_dir=tmp_path, state=state, metric=mean_abs, return_report=True, **kw)
+    assert report.resumed_from == 2
+    from fewstep.schedule_search.engine import metric_identity
+
+    assert metric_identity(None) == "rmse" and metric_identity(mean_abs) != metric_identity(max_abs)
+    assert metric_identity(mean_abs) == metric_identity(lambda a, b: float((a - b).abs().mean()))  # the same code
+
+
+T_BAD = 399.0  # a time of the uniform_t / trailing grids at NFE 5, on no other seed grid
+
+
+def _overflowing_model():
+    """The oracle, except that its output overflows (inf) at times near T_BAD."""
+    base = _oracle_model()
+    inner = base.fn
+
+    def fn(x, t):
+        out = inner(x, t)
+        bad = (t.to(torch.float64) - T_BAD).abs() < 1e-2
+        return torch.where(bad.reshape(-1, *([1] * (out.ndim - 1))), out * torch.finfo(out.dtype).max * 2, out)  # overflow
+
+    return fewstep.Model(fn, VP, base.prediction, sample_shape=(6,), identity="test-gmm-d6-overflowing")
+
+
+def test_a_candidate_whose_model_output_overflows_scores_infinity_and_the_search_goes_on(tmp_path):
+    """Plans evaluated together: one whose grid meets the overflow drops out (all NaN, infinite
+    error), the others are unchanged; a search whose seed grids include it finishes (before: the
+    model's ModelOutputError from the batched call ended the whole search)."""
+    model = _overflowing_model()
+    x = fewstep.initial_noise(VP, (5, 6), 0, dtype=torch.float64)
+    bad, good = fewstep.preset("unipc", 5, VP, spacing="uniform_t"), fewstep.preset("unipc", 5, VP, spacing="logistic")
+    assert T_BAD in bad.times and T_BAD not in good.times
+    with pytest.raises(fewstep.ModelOutputError):
+        fewstep.sample(model, x, bad)  # the model's guard is still on outside the search
+    (out_bad, out_good), _ = evaluate_plans(model, [bad, good], x)
+    assert torch.isnan(out_bad).all() and torch.equal(out_good, fewstep.sample(model, x, good))
+    assert model.guard.enabled  # restored
+    kw = {**SMALL, "seed_spacings": ["logistic", "uniform_t"], "generations": 3, "refine_generations": 1}
+    plan, report = fewstep.search(model, 5, cache_dir=tmp_path, return_report=True, **kw)
+    errors = {p["spacing"]: p["calibration_error"] for p in report.presets}
+    assert errors["uniform_t"] == float("inf") and np.isfinite(errors["logistic"]) and np.isfinite(report.best_calibration)
+
+
+def test_a_model_that_overflows_on_every_seed_plan_is_a_clear_error():
+    """Every candidate scoring infinity is the model's fault, not a candidate's: a clear error, not a
+    search that returns a schedule of infinite error."""
+    from fewstep.schedule_search import Objective, SearchConfig
+    from fewstep.schedule_search.engine import run_search
+    from fewstep.schedule_search.objective import ReferenceSet
+
+    model = fewstep.Model(lambda x, t: x * float("inf"), VP, "eps", sample_shape=(6,), identity="test-inf")
+    x = fewstep.initial_noise(VP, (8, 6), 0)
+    objective = Objective(calibration=ReferenceSet(x, torch.zeros_like(x), 0.0, "zeros"))
+    config = SearchConfig(nfe=5, population=2, offspring=4, generations=2, refine_generations=1, screen=4, seed_keep=2,
+                          seed_presets=(("unipc", ()),), seed_spacings=("logistic",))
+    with pytest.raises(fewstep.SolverError, match="every seed plan diverged"):
+        run_search(model, objective, config)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", True, None])
+def test_search_config_validates_the_seed(seed):
+    with pytest.raises(fewstep.ArgumentError, match="seed"):
+        fewstep.schedule_search.SearchConfig(nfe=5, seed=seed)

@@ -39,11 +39,20 @@ def digest(t: torch.Tensor) -> str:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The folder's manifest; a :class:`~fewstep.FewstepError` for a missing or unreadable one, or
+    one of another shape (another program's ``manifest.json``)."""
     folder = Path(folder)
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        man = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise FewstepError(f"{folder} is not a generation folder ({exc})") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise FewstepError(f"{folder} is not a fewstep generation folder: its {MANIFEST} is not a {FORMAT} manifest (another program's?)")
+    for key in ("num", "shard_size"):
+        v = man.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise FewstepError(f"{folder / MANIFEST} is malformed: {key!r} must be a positive integer, got {v!r}")
+    return man
 
 
 def map_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -19,7 +19,7 @@ import torch
 
 from .._version import __version__
 from ..errors import ArgumentError
-from ..identity import model_key, probe_for
+from ..identity import _param_device, find_modules, model_key, probe_for
 from ..metrics import rmse
 from ..models import Model
 from ..noise import initial_noise
@@ -36,20 +36,22 @@ __all__ = ["search", "SearchConfig", "SearchReport", "StateError", "Space", "Can
 def _noises(model: Model, given: torch.Tensor | None, n: int, seed: int, start: int, what: str, t_start: float | None,
             like: torch.Tensor | None = None) -> torch.Tensor:
     """``given``, else ``n`` keyed noises of ``seed`` (sample indices ``start..start+n-1``) at the
-    start time, shaped ``model.sample_shape``, else like ``like`` (same sample shape, dtype, device)."""
+    start time, shaped ``model.sample_shape`` (else like ``like``), in ``like``'s dtype and on its
+    device when given, else float32 on the device of the model's weights (the CPU without any)."""
     if given is not None:
         if not isinstance(given, torch.Tensor) or given.ndim < 2 or given.shape[0] < 2:
             raise ArgumentError(f"{what} must be a tensor of noises shaped (batch >= 2, ...), got {getattr(given, 'shape', type(given).__name__)}")
         return given
     if model.sample_shape is None and like is None:
         raise ArgumentError(f"the model has no sample_shape: pass {what}= noises shaped (batch, ...) at the start time")
-    if not isinstance(n, int) or n < 2:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise ArgumentError(f"the number of {what} noises must be an integer >= 2, got {n!r}")
-    if model.sample_shape is not None:
-        return initial_noise(model.schedule, (n, *model.sample_shape), seed, t_start=t_start, indices=range(start, start + n))
-    assert like is not None
-    return initial_noise(model.schedule, (n, *like.shape[1:]), seed, t_start=t_start, indices=range(start, start + n),
-                         dtype=like.dtype, device=like.device)
+    shape = tuple(model.sample_shape) if model.sample_shape is not None else tuple(like.shape[1:])  # type: ignore[union-attr]
+    if like is not None:
+        dtype, device = like.dtype, like.device
+    else:
+        dtype, device = torch.float32, _param_device(find_modules(model.fn)) or torch.device("cpu")
+    return initial_noise(model.schedule, (n, *shape), seed, t_start=t_start, indices=range(start, start + n), dtype=dtype, device=device)
 
 
 def search(
@@ -83,14 +85,17 @@ def search(
 ) -> SolverSchedule | tuple[SolverSchedule, SearchReport]:
     """Search the time grid and per-step strategies of a solver for ``model`` at ``nfe`` evaluations.
 
-    ``calibration`` / ``heldout``: noises at the start time (default: ``n_calibration`` /
-    ``n_heldout`` keyed noises of ``noise_seed``, the held-out ones with other sample indices;
-    for a model without ``sample_shape``, the held-out ones are drawn like ``calibration``: its
-    sample shape, dtype and device).
-    Their references are fine solves cached under ``cache_dir`` (default
-    :func:`~fewstep.schedule_search.objective.default_cache_dir`). ``metric(samples, reference)`` replaces
-    the RMSE. ``state``: a JSON file written after every generation; calling again with the same
-    arguments resumes from it. ``generations`` (``refine_generations`` of them grid-only) of
+    ``calibration`` / ``heldout``: noises at the start time ``t_start`` (default: the schedule's
+    start; default noises: ``n_calibration`` / ``n_heldout`` keyed noises of ``noise_seed`` on the
+    device of the model's weights, the held-out ones with other sample indices and drawn like
+    ``calibration``: its dtype and device, and its sample shape for a model without ``sample_shape``).
+    Their references are fine solves from ``t_start`` cached under ``cache_dir`` (default
+    :func:`~fewstep.schedule_search.objective.default_cache_dir`), on the noises' device and dtype.
+    ``metric(samples, reference)`` replaces the RMSE (a state file records it by its name and a
+    digest of its code and weights, :func:`~fewstep.schedule_search.engine.metric_identity`).
+    ``state``: a JSON file written after every generation; calling again with the same arguments
+    (``reference_nfe`` and the metric included) resumes from it. A candidate whose model outputs or
+    samples are not finite scores infinity; the search goes on. ``generations`` (``refine_generations`` of them grid-only) of
     ``population`` evaluated candidates each, chosen from ``offspring`` bred ones; ``seed`` makes
     it reproducible. Returns the best schedule, whose ``meta["search"]`` records its provenance
     (model, schedule fingerprint, NFE, objective, calibration and held-out errors, the best preset
@@ -111,8 +116,10 @@ def search(
     probe = probe_for(model, cal)  # what the model computes: checked against cached references and the state
     evaluations0 = model.evaluations
     objective = Objective(
-        calibration=reference_set(model, cal, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe),
-        heldout=reference_set(model, held, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe),
+        calibration=reference_set(model, cal, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe,
+                                  t_start=t_start),
+        heldout=reference_set(model, held, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe,
+                              t_start=t_start),
         metric=metric or rmse, metric_name=metric_name or (getattr(metric, "__name__", "custom") if metric else "rmse"),
     )
     reference_evaluations = model.evaluations - evaluations0  # 0 when the references came from the cache

@@ -18,6 +18,7 @@ random generator) is written atomically after every generation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,8 @@ import numpy as np
 
 from ..atomic import write_atomic
 from ..errors import ArgumentError, FewstepError, SolverError
-from ..identity import Probe, model_key, probe_for
+from ..identity import Probe, _walk, model_key, probe_for, weights_digest
+from ..metrics import rmse
 from ..models import Model
 from ..schedules import DiscreteVP
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
@@ -40,10 +42,10 @@ from .objective import Objective, tensor_digest
 from .space import Candidate, Gene, Space
 
 __all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "DISCRETE_SEED_SPACINGS", "StateError", "seed_plan",
-           "add_budget_arguments"]
+           "add_budget_arguments", "metric_identity"]
 
 STATE_FORMAT = "fewstep.search_state"
-STATE_VERSION = 2  # 2: keyed by fewstep.identity.model_key, with the model's probe
+STATE_VERSION = 3  # 2: keyed by fewstep.identity.model_key, with the model's probe; 3: the reference settings and the metric's code
 
 #: the presets a search starts from (each at every seed spacing): every deterministic preset
 #: (aliases folded: ``plms`` is ``pndm``; ``lcm`` is stochastic) and the option variants users set
@@ -62,6 +64,21 @@ def seed_plan(name: str, options: dict[str, Any], spacing: str, schedule: Any, n
     """A seed preset's plan: on ``t_start``, except diffusers' discrete grids, which fix their own."""
     start = {} if spacing in DISCRETE_SEED_SPACINGS else {"t_start": t_start}
     return preset(name, nfe, schedule, spacing=spacing, **start, **options)
+
+
+def metric_identity(metric: Callable[..., Any] | None) -> str:
+    """What a search state records of its metric: ``"rmse"`` for the default, else the function's
+    qualified name with the digest :mod:`fewstep.identity` takes of a model function (its code and
+    the plain values it closes over) and the weights of the torch modules it uses, so that two
+    lambdas, or one feature network with other weights, are two metrics."""
+    if metric is None or metric is rmse:
+        return "rmse"
+    walk = _walk(metric)
+    code = hashlib.sha256("\n".join(walk.code).encode()).hexdigest()[:16]
+    mods = walk.outermost_modules()
+    weights = hashlib.sha256("\n".join(weights_digest(m) for m in mods).encode()).hexdigest()[:16] if mods else "none"
+    name = getattr(metric, "__qualname__", None) or type(metric).__qualname__
+    return f"{getattr(metric, '__module__', None) or '?'}.{name}|code:{code}|weights:{weights}"
 
 
 class StateError(ArgumentError):
@@ -86,7 +103,7 @@ class SearchConfig:
     seed_keep: int = 12
 
     def __post_init__(self) -> None:
-        for name, lo in (("nfe", 1), ("population", 2), ("offspring", 1), ("generations", 1), ("refine_generations", 0), ("max_rows", 1),
+        for name, lo in (("nfe", 1), ("seed", 0), ("population", 2), ("offspring", 1), ("generations", 1), ("refine_generations", 0), ("max_rows", 1),
                          ("screen", 2), ("seed_keep", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -155,6 +172,8 @@ class _Search:
             "model": model_key(model) if key is None else key,
             "schedule": schedule_fingerprint(model.schedule), "t_start": self.space.t_start,
             "calibration": tensor_digest(objective.calibration.noises), "metric": objective.metric_name,
+            "metric_code": metric_identity(objective.metric), "reference_nfe": objective.calibration.reference_nfe,
+            "reference": objective.calibration.method,
         }
         # what the model computes (fewstep.identity.Probe): a state of another model under the same key is refused
         self._probe = probe
@@ -285,6 +304,9 @@ class _Search:
         order = sorted(range(len(entries)), key=lambda i: (not math.isfinite(screened[i]), screened[i] if math.isfinite(screened[i]) else 0.0, i))
         kept = order[: cfg.seed_keep]
         errors = dict(zip(kept, self._evaluate([entries[i][0] for i in kept])))
+        if not any(math.isfinite(e) for e in errors.values()):
+            raise SolverError(f"every seed plan diverged ({len(kept)} evaluated: non-finite samples, NaN/Inf model outputs or "
+                              "ModelOutputError on every one): check the model's outputs on these noises before searching")
         self.presets = [{"preset": n, "options": o, "spacing": sp, "screen_error": screened[i] if math.isfinite(screened[i]) else None,
                          "calibration_error": errors.get(i, float("nan"))}
                         for i in range(len(entries)) for n, o, sp in entries[i][1]]

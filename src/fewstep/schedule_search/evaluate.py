@@ -4,8 +4,11 @@ per evaluation index (each row at its own time), not K sequential runs.
 Every plan of a search has the same NFE, so their compiled programs request evaluations in lockstep:
 each :class:`~fewstep.executor.PlanRunner` runs its own combinations (cheap), then all pending inputs
 are concatenated and the model is called once (in chunks of at most ``max_rows`` rows, the memory
-cap) with per-row times. A plan whose state stops being finite (an unstable candidate) drops out
-of the batch and scores infinity; it never stops the search.
+cap) with per-row times. A plan whose state or model output stops being finite (an unstable
+candidate, an overflowing model), or whose rows make the model raise
+:class:`~fewstep.ModelOutputError`, drops out of the batch and scores infinity; it never stops the
+search. The model's own NaN/Inf guard is off meanwhile (each plan's outputs are checked here, so one
+plan's overflow cannot fail the batched call of the others), and restored after.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ArgumentError
-from ..models import Model
+from ..errors import ArgumentError, ModelOutputError
 from ..executor import PlanRunner
+from ..finite import FiniteGuard
+from ..models import Model
 from ..solvers.compile import compile_plan
 from ..solvers.plan import SolverSchedule
 
@@ -63,27 +67,56 @@ def evaluate_plans(model: Model, plans: Sequence[SolverSchedule], x_T: torch.Ten
     alive = [True] * len(runners)
     cost = BatchCost()
     b = x_T.shape[0]
-    with torch.no_grad():
-        while True:
-            ops = [r.request() if ok else None for r, ok in zip(runners, alive)]
-            active = [i for i, op in enumerate(ops) if op is not None]
-            if not active:
-                break
-            inputs = []
-            for i in list(active):
-                x = runners[i].pending_input
-                if not bool(torch.isfinite(x).all()):
-                    alive[i] = False
-                    active.remove(i)
-                    continue
-                inputs.append(x)
-            if not active:
-                break
-            t = torch.cat([torch.full((b,), ops[i].t, dtype=torch.float64, device=x_T.device) for i in active])
-            fold = runners[active[0]].fold
-            (out,) = _answer_rows(model, torch.cat(inputs), t, fold, max_rows, cost)
-            parts = out.split(b) if fold else [type(out)(x0, eps) for x0, eps in zip(out.x0.split(b), out.eps.split(b))]
-            for i, part in zip(active, parts):
-                runners[i].answer(part)
+    guard, model.guard = model.guard, FiniteGuard(False)
+    try:
+        with torch.no_grad():
+            while True:
+                ops = [r.request() if ok else None for r, ok in zip(runners, alive)]
+                active = [i for i, op in enumerate(ops) if op is not None]
+                for i, ok in zip(list(active), _finite([runners[i].pending_input for i in active])):
+                    if not ok:
+                        alive[i] = False
+                        active.remove(i)
+                if not active:
+                    break
+                answers = _answer_plans(model, runners, ops, active, b, max_rows, cost)
+                given = [i for i, part in answers.items() if part is not None]
+                finite = dict(zip(given, _finite([answers[i] for i in given])))
+                for i, part in answers.items():
+                    if part is None or not finite[i]:
+                        alive[i] = False  # raised ModelOutputError, or a NaN/Inf output: this candidate only
+                    else:
+                        runners[i].answer(part)
+    finally:
+        model.guard = guard
     results = [r.result() if ok else torch.full_like(x_T, float("nan")) for r, ok in zip(runners, alive)]
     return results, cost
+
+
+def _finite(parts: list) -> list[bool]:
+    """Whether each tensor (or prediction: its ``x0`` and ``eps``) is finite, in one host synchronisation."""
+    if not parts:
+        return []
+    flags = [torch.isfinite(p).all() if isinstance(p, torch.Tensor) else torch.isfinite(p.x0).all() & torch.isfinite(p.eps).all()
+             for p in parts]
+    return [bool(v) for v in torch.stack(flags).cpu().tolist()]
+
+
+def _answer_plans(model: Model, runners: list[PlanRunner], ops: list, active: list[int], b: int, max_rows: int,
+                  cost: BatchCost) -> dict[int, object]:
+    """Each active plan's answer to its pending request, from one batched call; when that call raises
+    :class:`~fewstep.ModelOutputError`, each plan's rows are asked alone and a plan whose rows raise
+    answers ``None``."""
+    fold = runners[active[0]].fold
+    t = torch.cat([torch.full((b,), ops[i].t, dtype=torch.float64, device=runners[i].pending_input.device) for i in active])
+    try:
+        (out,) = _answer_rows(model, torch.cat([runners[i].pending_input for i in active]), t, fold, max_rows, cost)
+    except ModelOutputError:
+        if len(active) == 1:
+            return {active[0]: None}
+        answers: dict[int, object] = {}
+        for i in active:
+            answers.update(_answer_plans(model, runners, ops, [i], b, max_rows, cost))
+        return answers
+    parts = out.split(b) if fold else [type(out)(x0, eps) for x0, eps in zip(out.x0.split(b), out.eps.split(b))]
+    return dict(zip(active, parts))
