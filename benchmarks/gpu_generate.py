@@ -90,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([label, batch, f"{m['files_sps']:.0f}", f"{m['memory_sps']:.0f}", f"{m['files_sps'] / m['memory_sps']:.2f}",
                              f"{m['evals']:.0f}"])
                 log(" | ".join(map(str, rows[-1])))
+                write_report(args, name, argv, rows, time.perf_counter() - t_all)  # after every row: a time-out keeps the rows so far
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    wall = time.perf_counter() - t_all
+    print(write_report(args, name, argv, rows, time.perf_counter() - t_all))
+    return 0
+
+
+def write_report(args: argparse.Namespace, name: str, argv: list[str] | None, rows: list[list[object]], wall: float) -> str:
     from fewstep.report import markdown_table
 
     table = markdown_table(["model", "batch", "generate samples / s (shards on disk)", "sample samples / s (memory only)",
@@ -105,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         table, "",
     ])
     write_text_atomic(Path(args.out), text)
-    print(table)
-    return 0
+    return table
 
 
 if __name__ == "__main__":

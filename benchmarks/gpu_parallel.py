@@ -63,20 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a dry run of the script)")
     ap.add_argument("--channels", type=int, default=256, help="width of the conv model (a dry run on the CPU: 8)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: the conv model, 20-step DDIM, batch 1, the default window")
     args = ap.parse_args(argv)
     found = device_or_dry_run(args.device)
     if found is None:
         return 0
     dev, name = found
-    models = {"digits-vp-eps": fewstep.zoo.load("digits-vp-eps", device=dev), f"conv{args.channels} (4x32x32)": conv_model(dev, args.channels)}
-    rows = []
+    models = {f"conv{args.channels} (4x32x32)": conv_model(dev, args.channels)}
+    if not args.quick:
+        models = {"digits-vp-eps": fewstep.zoo.load("digits-vp-eps", device=dev), **models}
+    solvers, batches, windows = ((("ddim", 20),), (1,), (32,)) if args.quick else ((("ddim", 100), ("dpmpp_2m", 50)), (1, 8), (None, 32))
+    rows: list[list[object]] = []
+    table = ""
     t_all = time.perf_counter()
     for label, model in models.items():
-        for solver, n in (("ddim", 100), ("dpmpp_2m", 50)):
-            for batch in (1, 8):
+        for solver, n in solvers:
+            for batch in batches:
                 x = fewstep.initial_noise(model.schedule, (batch, *model.sample_shape), 0, device=dev)
                 seq_out = fewstep.sample(model, x, solver, nfe=n)
-                for window in (None, 32):
+                for window in windows:
                     opts = fewstep.ParallelOptions(window=window)
                     par_out, info = fewstep.sample(model, x, solver, nfe=n, parallel=opts, return_info=True)  # warm-up
                     seq_t, par_t = [], []
@@ -88,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append([label, solver, n, batch, window or n, f"{s * 1e3:.1f}", f"{q * 1e3:.1f}", f"{s / q:.2f}x", p.rounds,
                                  f"{p.evaluations / n:.1f}", f"{fewstep.rmse(par_out.cpu(), seq_out.cpu()):.1e}"])
                     log(" | ".join(map(str, rows[-1])))
-    wall = time.perf_counter() - t_all
+                    table = write_report(args.out, name, argv, rows, time.perf_counter() - t_all)  # after every row: a time-out keeps the rows so far
+    print(table)
+    return 0
+
+
+def write_report(out: str, name: str, argv: list[str] | None, rows: list[list[object]], wall: float) -> str:
     from fewstep.report import markdown_table
 
     table = markdown_table(["model", "solver", "N", "batch", "window", "sequential ms", "parallel ms", "speed-up", "rounds", "evals / N", "RMS diff"], rows)
@@ -99,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`ParallelOptions()` defaults (acceleration {opts.accelerate!r}, tolerance {opts.tol:g}) with the window shown.", "",
         table, "",
     ])
-    write_text_atomic(Path(args.out), text)
-    print(table)
-    return 0
+    write_text_atomic(Path(out), text)
+    return table
 
 
 if __name__ == "__main__":

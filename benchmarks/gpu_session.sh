@@ -1,28 +1,145 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one command, for a session lent a device machine
-# (the device tool's `run`, from the repository root, e.g. timeout_s 560):
+# The GPU day in one command (issue 28): every device check and GPU measurement of the project,
+# time-boxed to under 10 minutes in all, each step under its own `timeout`. From the repository root:
 #
-#     bash benchmarks/gpu_session.sh            # reports -> $OUT (or benchmarks/reports/ without $OUT)
+#     bash benchmarks/gpu_session.sh                  # CUDA when torch sees it, else the CPU dry run
+#     bash benchmarks/gpu_session.sh --device cpu     # the CPU dry run (every step, small; < 10 min here)
 #
-# Each script gets a time limit so that one slow part cannot starve the others; a part that times
-# out leaves its log. Uses the machine's own python3 (PyTorch, safetensors, tqdm, scipy,
-# scikit-learn are there) with PYTHONPATH=src; nothing is installed. Copy the reports into
-# benchmarks/reports/ and name the device with every figure you quote.
+# With the device tool: `run` with timeout_s 600 and this command; the reports come back from $OUT.
+# Steps, in order of importance (a step gets at most its limit and never more than what is left of
+# the time box; one that fails or times out leaves its log and the next one runs):
+#
+#   matrix     tests/test_device_matrix.py with FEWSTEP_TEST_DEVICE=cuda (the CPU dry run: meta):
+#              every public path on the device, in float32 / bfloat16 / float16, host reads counted
+#   torchrun   `torchrun --nproc_per_node 2 -m fewstep generate ...` as a user types it, then
+#              benchmarks/gpu_torchrun.py: two ranks sharing the GPU (cuda:LOCAL_RANK % devices),
+#              fewstep's default backend (cpu:gloo,cuda:nccl) and one NCCL all-reduce
+#   diffusers  benchmarks/gpu_diffusers.py: the tiny local pipelines in float16 / bfloat16
+#   sync       benchmarks/gpu_sync.py: host synchronisations per call and per path
+#   parallel   benchmarks/gpu_parallel.py: parallel-in-time speed-up
+#   generate   benchmarks/gpu_generate.py: generation throughput
+#   noise      benchmarks/noise_cost.py: step-noise cost (only if time is left)
+#
+# Reports: $OUT, else benchmarks/reports/gpu/ on a GPU and /tmp/fewstep-gpu-session on the CPU:
+# gpu_session.md (the device, every step's exit status, time and result line), gpu_session.log (all
+# output), and each benchmark's report (every one names its device): at most 8 files, as the device
+# tool returns. Uses the machine's python3 (or .venv/bin/python here; $PYTHON overrides) with
+# PYTHONPATH=src; nothing is installed, except wheels carried in .whl/ (the device machine has no
+# diffusers: here `python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers importlib_metadata`,
+# `echo /.whl/ >> .git/info/exclude`, and name .whl in the run's carry), put into a temporary folder.
 set -u
-DEST="${OUT:-benchmarks/reports}"
+DEVICE=auto
+BUDGET=570   # seconds for all steps together (the device tool's limit is 600 per command)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --device=*) DEVICE="${1#*=}"; shift ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (use --device cuda|cpu, --budget SECONDS)" >&2; exit 2 ;;
+  esac
+done
+START=$(date +%s)
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+export PYTHONPATH="src:benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  SITE=$(mktemp -d /tmp/fewstep-site.XXXXXX)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
+if [ "$DEVICE" = auto ]; then
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then DEVICE=cuda; else DEVICE=cpu; fi
+fi
+case "$DEVICE" in cuda|cpu) ;; *) echo "--device must be cuda or cpu, got $DEVICE" >&2; exit 2 ;; esac
+if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "--device cuda, but torch sees no CUDA device: running the CPU dry run instead" >&2
+  DEVICE=cpu
+fi
+if [ "$DEVICE" = cuda ]; then DEFAULT_DEST=benchmarks/reports/gpu; else DEFAULT_DEST=/tmp/fewstep-gpu-session; fi
+DEST="${OUT:-$DEFAULT_DEST}"
 mkdir -p "$DEST"
-export PYTHONPATH="src:benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$DEST/gpu_device.txt" 2>&1
-part() {  # name, seconds, command...
-  local name=$1 secs=$2
-  shift 2
+SCRATCH=$(mktemp -d /tmp/fewstep-gpu-scratch.XXXXXX)
+LOG="$DEST/gpu_session.log"
+SUMMARY="$DEST/gpu_session.md"
+: > "$LOG"
+DEVICE_NAME=$("$PY" - <<EOF 2>/dev/null
+import platform, torch
+if "$DEVICE" == "cuda":
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name} ({p.total_memory / 2**30:.0f} GiB), {torch.cuda.device_count()} CUDA device(s), CUDA {torch.version.cuda}, torch {torch.__version__}, python {platform.python_version()}")
+else:
+    print(f"CPU dry run ({platform.processor() or platform.machine()}), torch {torch.__version__}, python {platform.python_version()}")
+EOF
+)
+{
+  echo "# GPU session ($DEVICE)"
+  echo
+  echo "Generated by \`bash benchmarks/gpu_session.sh --device $DEVICE\` on $(date '+%Y-%m-%d %H:%M') ($(hostname)); time box ${BUDGET} s."
+  echo
+  echo "Device: ${DEVICE_NAME:-unknown}"
+  if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
+    echo "nvidia-smi: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -3 | tr '\n' ';')"
+  fi
+  echo
+  echo "Every figure below and in the reports beside this file was measured on that device."
+  echo
+  echo "| step | exit | seconds | limit | result |"
+  echo "|---|---|---|---|---|"
+} > "$SUMMARY"
+
+# part NAME SECONDS RESULT_PATTERN COMMAND...: run COMMAND under `timeout` (at most what is left of the
+# time box), its output appended to the log; one summary row with the last output line matching RESULT_PATTERN.
+part() {
+  local name=$1 secs=$2 pattern=$3
+  shift 3
+  local left=$(( START + BUDGET - $(date +%s) ))
+  [ "$secs" -gt "$left" ] && secs=$left
+  if [ "$secs" -lt 10 ]; then
+    echo "== $name: skipped (time box spent)"
+    echo "| $name | skipped | 0 | 0 | the ${BUDGET} s time box was spent |" >> "$SUMMARY"
+    return
+  fi
   echo "== $name (limit ${secs}s)"
-  timeout "$secs" "$@" >> "$DEST/gpu_session.log" 2>&1
-  echo "   exit $?"
+  local t0=$(date +%s) rc
+  { echo; echo "===== $name: $*"; } >> "$LOG"
+  timeout -k 10 "$secs" "$@" > "$SCRATCH/part.out" 2>&1
+  rc=$?
+  cat "$SCRATCH/part.out" >> "$LOG"
+  local took=$(( $(date +%s) - t0 ))
+  local result
+  result=$(grep -E "$pattern" "$SCRATCH/part.out" | tail -n 3 | tr '\n' ' ' | tr '|' '/' | cut -c1-400)
+  [ "$rc" -eq 124 ] && result="timed out after ${secs} s; $result"
+  echo "   exit $rc in ${took}s: $result"
+  echo "| $name | $rc | $took | $secs | ${result:-see gpu_session.log} |" >> "$SUMMARY"
 }
-part parallel 240 "$PY" benchmarks/gpu_parallel.py --repeats 5 --out "$DEST/parallel_gpu.md"
-part generate 150 "$PY" benchmarks/gpu_generate.py --out "$DEST/generate_gpu.md"
-part noise 60 "$PY" benchmarks/noise_cost.py --device cuda --out "$DEST/noise_cost_gpu.md"
-part sync 60 "$PY" benchmarks/gpu_sync.py --out "$DEST/gpu_sync.md"
+
+if [ "$DEVICE" = cuda ]; then MATRIX_DEVICE=cuda; else MATRIX_DEVICE=meta; fi
+part matrix 120 "passed|failed|skipped|error" \
+  env FEWSTEP_TEST_DEVICE=$MATRIX_DEVICE "$PY" -m pytest -q -p no:cacheprovider -p no:randomly -rfE tests/test_device_matrix.py
+
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 2)
+if [ "$DEVICE" = cuda ]; then
+  part "torchrun (CLI)" 60 "samples|shards|Error|error" \
+    "${TORCHRUN[@]}" -m fewstep generate --model digits-vp-eps --solver dpmpp_2m_sde --nfe 4 --num-samples 48 --batch 8 --seed 3 --out "$SCRATCH/gen-cli"
+else
+  part "torchrun (CLI)" 90 "samples|shards|Error|error" \
+    "${TORCHRUN[@]}" -m fewstep generate --oracle gmm-d2 --solver dpmpp_2m_sde --nfe 4 --num-samples 32 --batch 8 --seed 3 --out "$SCRATCH/gen-cli"
+fi
+part "torchrun (ranks sharing the device)" 60 "torchrun rank" \
+  "${TORCHRUN[@]}" benchmarks/gpu_torchrun.py --device "$DEVICE" --out "$SCRATCH/gen-ranks"
+
+part diffusers 60 "^diffusers on|not importable" "$PY" benchmarks/gpu_diffusers.py --device "$DEVICE" --out "$DEST/diffusers_gpu.md"
+part sync 45 "^\| (unipc|dpmpp)" "$PY" benchmarks/gpu_sync.py --device "$DEVICE" --out "$DEST/gpu_sync.md"
+if [ "$DEVICE" = cuda ]; then
+  part parallel 150 "^\| (digits|conv)" "$PY" benchmarks/gpu_parallel.py --repeats 3 --out "$DEST/parallel_gpu.md"
+  part generate 75 "^\| (digits|conv)" "$PY" benchmarks/gpu_generate.py --batch-sizes 256 1024 4096 --batches 2 --out "$DEST/generate_gpu.md"
+  part noise 30 "^\| " "$PY" benchmarks/noise_cost.py --device cuda --out "$DEST/noise_cost_gpu.md"
+else
+  part parallel 120 "^\| (digits|conv)" "$PY" benchmarks/gpu_parallel.py --device cpu --channels 8 --quick --repeats 1 --out "$DEST/parallel_gpu.md"
+  part generate 90 "^\| (digits|conv)" "$PY" benchmarks/gpu_generate.py --device cpu --batch-sizes 16 --batches 1 --nfe 4 --channels 8 --out "$DEST/generate_gpu.md"
+fi
+
+TOTAL=$(( $(date +%s) - START ))
+{ echo; echo "Total: ${TOTAL} s."; } >> "$SUMMARY"
+rm -rf "$SCRATCH"
+echo "== done in ${TOTAL}s; reports in $DEST:"
 ls -l "$DEST"

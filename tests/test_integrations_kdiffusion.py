@@ -81,3 +81,34 @@ def test_extra_args_callback_and_stochastic_presets(ks, denoiser):
     assert fewstep.rmse(par, seq) < 1e-3
     with pytest.raises(fewstep.ArgumentError):
         from_denoiser("not a function")
+
+
+def test_sigmas_on_the_device_are_read_once_and_the_default_seed_is_fresh(denoiser):
+    """k-diffusion passes ``sigmas`` where the model runs (``get_sigmas_karras(..., device=...)``):
+    they are read to the host once per call, not once per element (a host synchronisation each on
+    a GPU). Without ``seed`` a stochastic preset draws a fresh one from torch's global generator, as
+    k-diffusion's own ``torch.randn_like`` does: ``torch.manual_seed`` repeats it."""
+    from torch.overrides import TorchFunctionMode
+
+    sigmas = torch.tensor([80.0, 20.0, 5.0, 1.0, 0.2, 0.02, 0.0], dtype=torch.float64)
+    ptr = sigmas.untyped_storage().data_ptr()
+
+    class Reads(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "numpy") and args \
+                    and isinstance(args[0], torch.Tensor) and args[0].untyped_storage().data_ptr() == ptr:
+                Reads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    x = 80.0 * torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with Reads():
+        sampler("dpmpp_2m")(denoiser, x, sigmas)
+    assert Reads.n == 1
+    sde = sampler("dpmpp_2m_sde")
+    torch.manual_seed(11)
+    a = sde(denoiser, x, sigmas)
+    b = sde(denoiser, x, sigmas)
+    torch.manual_seed(11)
+    assert not torch.equal(a, b) and torch.equal(a, sde(denoiser, x, sigmas))

@@ -221,3 +221,29 @@ def test_default_tolerance_on_a_bundled_network(name, nfe):
     p = info.extra["parallel"]
     assert fewstep.rmse(par, seq) < ParallelOptions().tol / 2, fewstep.rmse(par, seq)
     assert p.rounds < nfe if name == "ddim" else p.rounds <= nfe + 1
+
+
+def test_micro_batches_are_whole_evaluations_so_per_row_conditioning_lines_up():
+    """A model that conditions row r of a call on sample r % B (per-sample prompts or class labels,
+    repeated k times for k evaluations, as the diffusers direct path does): with max_batch cutting a
+    window at no multiple of the batch, every call still holds whole evaluations, and parallel ==
+    sequential."""
+    schedule = fewstep.DiscreteVP.linear()
+    labels = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)  # one per sample of the batch
+    rows_seen = []
+
+    def fn(x, t):
+        rows_seen.append(x.shape[0])
+        assert x.shape[0] % labels.shape[0] == 0, f"a call of {x.shape[0]} rows splits an evaluation of {labels.shape[0]}"
+        cond = labels.repeat(x.shape[0] // labels.shape[0])[:, None]
+        return 0.3 * x + 0.1 * cond * torch.tanh(x) * (t[:, None] / 1000.0)
+
+    model = fewstep.Model(fn, schedule, "eps")
+    x = fewstep.initial_noise(schedule, (3, 4), 0, dtype=torch.float64)
+    seq = fewstep.sample(model, x, "dpmpp_2m", nfe=12)
+    rows_seen.clear()
+    par = fewstep.sample(model, x, "dpmpp_2m", nfe=12, parallel=ParallelOptions(window=6, max_batch=7, tol=0.0))
+    assert max(rows_seen) == 6 and fewstep.rmse(par, seq) < 1e-10
+    rows_seen.clear()
+    par = fewstep.sample(model, x, "dpmpp_2m", nfe=12, parallel=ParallelOptions(window=6, max_batch=2, tol=0.0))  # < one evaluation
+    assert set(rows_seen) == {3} and fewstep.rmse(par, seq) < 1e-10

@@ -206,3 +206,39 @@ def test_stochastic_records_round_trip_and_old_files_load(tmp_path):
            "steps": [{"renoise": 1.0}, {"renoise": 0.0}]}
     loaded = SolverSchedule.from_dict(old)
     assert loaded.steps[0] == Step(noise="renoise", eta=1.0) and loaded.steps[1] == Step()
+
+
+# ---- on an accelerator: no host read per step ------------------------------------------------------
+@pytest.mark.parametrize("source", [BrownianNoise, IntervalNoise])
+def test_noise_reads_nothing_back_from_the_device(source):
+    """The sample indices are keyed on the host (their content when they are host data, the tensor
+    object at its version when they live on the device): on ``meta``, where any host read raises,
+    every kind of indices works, and an in-place edit of device indices is seen."""
+    src = source(5)
+    shape = (3, 4)
+    for indices in (None, [4, 7, 9], (4, 7, 9), torch.tensor([4, 7, 9]), torch.tensor([4, 7, 9], device="meta")):
+        for lam in (-2.0, 0.0, 2.0):
+            z = src.increment(lam, lam - 1.0, shape, indices=indices, device="meta")
+            assert z.device.type == "meta" and z.shape == shape
+    dev_idx = torch.tensor([1, 2, 3], device="meta")
+    key, _ = src._rows.get(3, dev_idx, torch.device("meta"))
+    assert src._rows.get(3, dev_idx, torch.device("meta"))[0] == key  # unchanged: the same key, no new copy
+    dev_idx.add_(1)
+    assert src._rows.get(3, dev_idx, torch.device("meta"))[0] != key  # edited in place: other rows
+
+
+@pytest.mark.parametrize("source", [BrownianNoise, IntervalNoise])
+def test_host_indices_are_keyed_by_content(source):
+    shape = (3, 5)
+    src = source(2)
+    lst = [4, 7, 9]
+    a = src.increment(1.0, 0.0, shape, indices=lst)
+    assert torch.equal(a, source(2).increment(1.0, 0.0, shape, indices=torch.tensor(lst)))
+    lst[1] = 8  # the same list object, edited: the noise of the new rows
+    b = src.increment(1.0, 0.0, shape, indices=lst)
+    assert torch.equal(b, source(2).increment(1.0, 0.0, shape, indices=[4, 8, 9])) and torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    t = torch.tensor([4, 7, 9])
+    c = src.increment(1.0, 0.0, shape, indices=t)
+    t[1] = 8  # a CPU tensor edited in place
+    assert torch.equal(src.increment(1.0, 0.0, shape, indices=t), b) and torch.equal(c, a)
+    assert torch.equal(source(2).increment(1.0, 0.0, shape), source(2).increment(1.0, 0.0, shape, indices=range(3)))

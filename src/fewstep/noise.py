@@ -10,7 +10,8 @@ tensor's own device (:func:`counter_normals`): element ``j`` of sample ``k`` is 
 counter, the Box-Muller transform in float32), so sample ``k`` gets bitwise the same noise whatever the batch
 size, its position in the batch, or the split of the batch across devices (every operation on it is
 elementwise, as are the sampling loop's combinations: with a model that computes each row on its own,
-the samples themselves are bitwise batch-independent).
+the samples themselves are bitwise batch-independent). Nothing is read back from the device: the keys
+are host data, the sample indices are moved to the device once per run (:class:`_Rows`).
 
 A stochastic step from log-SNR ``lambda_s`` to ``lambda_t`` draws the normalised increment
 ``z = (W(u_s) - W(u_t)) / sqrt(u_s - u_t)`` of **one Brownian path per (seed, sample)**
@@ -30,6 +31,7 @@ but is keyed by the interval, so two different grids see unrelated paths.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import struct
@@ -162,10 +164,12 @@ def counter_normals(keys: torch.Tensor, coefs: Sequence[float] | torch.Tensor, n
     Computed on ``keys.device``; large requests are chunked over ``k`` to bound memory."""
     if keys.ndim != 2:
         raise ShapeError(f"keys must be (batch, nodes), got {tuple(keys.shape)}")
-    c = torch.as_tensor(coefs, dtype=torch.float64, device=keys.device).reshape(-1)
+    c = torch.as_tensor(coefs, dtype=torch.float64).reshape(-1)  # host numbers (a device copy would wait for the device)
     if c.numel() != keys.shape[1]:
         raise ShapeError(f"{c.numel()} coefficients for {keys.shape[1]} keys")
     gen = _generator(keys.device)
+    if gen is not _normals_of_keys:  # the compiled generator (opt-in) takes its coefficients on the device
+        c = c.to(keys.device)
     per = max(1, _CHUNK_ELEMS // max(1, keys.shape[0] * n))
     out: torch.Tensor | None = None
     for k0 in range(0, keys.shape[1], per):
@@ -181,19 +185,48 @@ def _sample_keys(seed: int, indices: torch.Tensor, domain: int) -> torch.Tensor:
     return _mix(indices.to(torch.int64) * _S_GOLDEN + base)
 
 
-def _row_indices(batch: int, indices: Sequence[int] | torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    if indices is None:
-        return torch.arange(batch, dtype=torch.int64, device=device)
-    idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).to(device)
-    if idx.numel() != batch:
-        raise ShapeError(f"{idx.numel()} sample indices for a batch of {batch}")
-    return idx
+_ROW_TOKENS = itertools.count()
 
 
-def _rows_digest(idx: torch.Tensor) -> bytes:
-    """A digest of the rows' sample indices (what cached path values and node normals belong to;
-    the indices' content, not the identity of the object that carried them)."""
-    return hashlib.blake2b(idx.cpu().numpy().tobytes(), digest_size=16).digest()
+class _Rows:
+    """The rows' sample indices on the device and a host key for them, made once per batch of rows.
+
+    A noise source is asked for the same rows at every step, so this keeps the last answer: the
+    indices are moved to the device once (asynchronously) and never read back. The key is the
+    indices' content when they are host data (``None``, a sequence, a CPU tensor: hashed on the
+    host, no device involved), and for indices that live on an accelerator the tensor object at its
+    version counter (a fresh token; an in-place edit bumps the version): reading them would be a
+    host synchronisation per step."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Any, ...] | None = None  # (indices object, version, batch, device, key, device tensor)
+
+    def get(self, batch: int, indices: Sequence[int] | torch.Tensor | None, device: torch.device) -> tuple[Any, torch.Tensor]:
+        last = self._last
+        version = indices._version if isinstance(indices, torch.Tensor) else None
+        if (last is not None and last[0] is indices and last[1] == version and last[2] == batch and last[3] == device
+                and (indices is None or isinstance(indices, (torch.Tensor, tuple, range)))):  # unchanged (a list is compared by value)
+            return last[4], last[5]
+        if isinstance(indices, torch.Tensor) and indices.device.type != "cpu":
+            if indices.numel() != batch:
+                raise ShapeError(f"{indices.numel()} sample indices for a batch of {batch}")
+            key: Any = ("device", next(_ROW_TOKENS))
+            idx = indices.detach().reshape(-1).to(device=device, dtype=torch.int64)
+        elif indices is None:
+            key, idx = ("all", batch), None
+        else:
+            host = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).clone()  # a snapshot: the caller may edit theirs
+            if host.numel() != batch:
+                raise ShapeError(f"{host.numel()} sample indices for a batch of {batch}")
+            key, idx = ("rows", hashlib.blake2b(host.numpy().tobytes(), digest_size=16).digest()), host
+        if last is not None and last[4] == key and last[3] == device:
+            idx = last[5]  # the same rows again (a list re-read): keep the device copy
+        elif idx is None:
+            idx = torch.arange(batch, dtype=torch.int64, device=device)
+        elif idx.device != device:
+            idx = idx.to(device, non_blocking=True)  # host to device without waiting for the device
+        self._last = (indices, version, batch, device, key, idx)
+        return key, idx
 
 
 def brownian_time(lam: float) -> float:
@@ -275,6 +308,7 @@ class BrownianNoise:
         self._values: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
         self._nodes: OrderedDict[int, torch.Tensor] = OrderedDict()  # tag -> the node's keyed normals (float32)
         self._nodes_key: tuple[Any, ...] | None = None
+        self._rows = _Rows()
 
     def __repr__(self) -> str:
         return f"BrownianNoise(seed={self.seed}, depth={self.depth}, channel={self.channel})"
@@ -293,8 +327,8 @@ class BrownianNoise:
         whichever nodes were kept, so the values do not depend on the order of the queries."""
         shape = tuple(int(s) for s in shape)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        idx = _row_indices(shape[0], indices, dev)
-        rows_key = (shape, str(dev), _rows_digest(idx))
+        rows_id, idx = self._rows.get(shape[0], indices, dev)
+        rows_key = (shape, str(dev), rows_id)
         key = (u, *rows_key)
         hit = self._values.get(key)
         if hit is not None:
@@ -309,7 +343,8 @@ class BrownianNoise:
         missing = [t for t in tags if t not in self._nodes]
         if missing:
             rows = _sample_keys(self.seed, idx, 2 * self.channel)
-            keys = _mix(rows[:, None] + torch.tensor(missing, dtype=torch.int64, device=dev))
+            tags_dev = torch.tensor(missing, dtype=torch.int64).to(dev, non_blocking=True)  # no wait for the device
+            keys = _mix(rows[:, None] + tags_dev)
             per = max(1, _CHUNK_ELEMS // max(1, shape[0] * n))  # bounded memory for large batches
             for k0 in range(0, len(missing), per):
                 fresh = keyed_normal_stack(keys[:, k0:k0 + per], n)
@@ -354,6 +389,7 @@ class IntervalNoise:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ArgumentError(f"seed must be an integer, got {seed!r}")
         self.seed, self.channel = seed, int(channel)
+        self._rows = _Rows()
 
     def __repr__(self) -> str:
         return f"IntervalNoise(seed={self.seed}, channel={self.channel})"
@@ -362,7 +398,7 @@ class IntervalNoise:
                   dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         shape = tuple(int(s) for s in shape)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        idx = _row_indices(shape[0], indices, dev)
+        _, idx = self._rows.get(shape[0], indices, dev)
         tag = _signed(_mix_int(_leaf_tag(brownian_time(lam_from)) * _GOLDEN + _leaf_tag(brownian_time(lam_to))))
         keys = _mix(_sample_keys(self.seed, idx, 2 * self.channel + 1)[:, None] + tag)
         return counter_normals(keys, (1.0,), math.prod(shape[1:])).reshape(shape).to(dtype)

@@ -10,7 +10,8 @@ a weighted prefix scan) recomputes every input from those outputs: ``X <- g(X)``
 
 Each round (:class:`_Engine`):
 
-1. ``D_j = model(X_j)`` for the window ``[a, b)`` in one call (micro-batches of ``max_batch`` rows);
+1. ``D_j = model(X_j)`` for the window ``[a, b)`` in one call (micro-batches of whole evaluations, at
+   most ``max_batch`` rows);
 2. replay the program from the last frozen point with those outputs: ``g_j`` for the window, and
    for the evaluations entering it the inputs that holding the last output constant gives;
 3. ``r_j = rms(g_j - X_j) / scale_j`` per sample (``scale_j``: the state's noise level sigma), the
@@ -85,7 +86,9 @@ class ParallelOptions:
     level sigma at that evaluation (0: iterate to the exact fixed point); ``accelerate``: ``"secant"``
     (the secant quasi-Newton replay, the default: fewest rounds measured), ``"taa"`` (triangular
     Anderson) or ``"picard"``; ``history``: Anderson's memory; ``max_batch``: the most
-    rows (samples x evaluations) per model call (micro-batches bound memory; ``None``: no limit);
+    rows (samples x evaluations) per model call (micro-batches bound memory; ``None``: no limit),
+    rounded down to whole evaluations of the batch (a call holds ``k B`` rows, the ``B`` samples at
+    ``k`` evaluations in order, at least one evaluation: per-sample conditioning repeats ``k`` times);
     ``max_rounds``: stop after this many rounds (``None``: never needed, the iteration ends within
     ``M + 1`` rounds); ``record``: keep every evaluation's final input in the info (for
     ``warm_start``); ``first_window``: the inputs of the first round without a warm start,
@@ -334,7 +337,7 @@ class _Engine:
         depth = len(rounds) - 1
         df = torch.stack([(f[-1 - l] - f[-2 - l]) * (rounds[-1 - l][2] * rounds[-2 - l][2])[:, None, None] for l in range(depth)], 2)  # (L, B, d, n)
         dg = torch.stack([(rounds[-1 - l][1] - rounds[-2 - l][1]) * (rounds[-1 - l][2] * rounds[-2 - l][2])[:, None, None] for l in range(depth)], 2)
-        w = torch.tensor([1.0 / scales[j] ** 2 for j in range(c, b)], dtype=dtype, device=dev)[:, None, None]
+        w = torch.tensor([1.0 / scales[j] ** 2 for j in range(c, b)], dtype=dtype).to(dev, non_blocking=True)[:, None, None]  # no wait for the device
         # triangular: evaluation j solves with the prefix sums over c..j (its own and earlier steps only)
         gram = torch.cumsum(w[..., None] * torch.einsum("lbmn,lbkn->lbmk", df, df), 0)
         rhs = torch.cumsum(w * torch.einsum("lbmn,lbn->lbm", df, f[-1]), 0)
@@ -427,14 +430,16 @@ class _PlanProgram:
         t_rows = [self.evals[j].t for j in js for _ in range(bsz)]
         al_rows = [self.evals[j].alpha for j in js for _ in range(bsz)]
         si_rows = [self.evals[j].sigma for j in js for _ in range(bsz)]
-        step = max_batch or stacked.shape[0]
+        # whole evaluations per call: a model may condition row r on sample r % B (per-sample prompts,
+        # class labels), which a call cut inside an evaluation's batch would misalign
+        step = stacked.shape[0] if max_batch is None else max(bsz, max_batch // bsz * bsz)
         parts: list[Any] = []
         for r0 in range(0, stacked.shape[0], step):
             sl = slice(r0, r0 + step)
             if runner.fold:
                 parts.append(model.output_rows(stacked[sl], t_rows[sl], al_rows[sl], si_rows[sl]))
             else:
-                parts.append(model.predict(stacked[sl], torch.tensor(t_rows[sl], dtype=torch.float64, device=stacked.device)))
+                parts.append(model.predict(stacked[sl], torch.tensor(t_rows[sl], dtype=torch.float64).to(stacked.device, non_blocking=True)))
         if runner.fold:
             out = torch.cat(parts)
             return list(out.split(bsz))

@@ -5,11 +5,13 @@ are re-exported here."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .autotune import AutotuneOptions, AutotuneResult, autotune as autotune_choice
@@ -73,6 +75,30 @@ _COMPILED: OrderedDict[tuple[Any, ...], tuple[SolverSchedule, CompiledPlan]] = O
 _COMPILED_MAX = 64
 
 
+class _Unkeyable(Exception):
+    """An option value the plan cache cannot key by value."""
+
+
+def _frozen(value: Any) -> Any:
+    """An option value as a hashable key *by value*: tensors and arrays by dtype, shape and a digest
+    of their contents (hashed by identity, a tensor edited in place would return the stale plan),
+    lists / tuples / dicts element by element; other values as they are (hashed as they hash)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise _Unkeyable("a meta tensor has no values")
+        host = value.detach().to("cpu").contiguous()  # the preset reads these values anyway
+        return ("tensor", str(host.dtype), tuple(host.shape), hashlib.blake2b(host.numpy().tobytes() if host.dtype != torch.bfloat16
+                                                                          else host.view(torch.int16).numpy().tobytes(), digest_size=16).digest())
+    if isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        return ("array", str(arr.dtype), arr.shape, hashlib.blake2b(arr.tobytes(), digest_size=16).digest())
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _frozen(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    return value
+
+
 def _prepare(model: Model, solver: str | SolverSchedule | None, nfe: int | None, options: dict[str, Any],
              data_dim: int | None = None) -> tuple[SolverSchedule, CompiledPlan]:
     """Build and compile the plan; a preset with hashable options is compiled once per noise
@@ -80,10 +106,10 @@ def _prepare(model: Model, solver: str | SolverSchedule | None, nfe: int | None,
     after batch)."""
     key: tuple[Any, ...] | None = None
     if isinstance(solver, str) or (solver is None and not (nfe in model.tuned_schedules and not options)):
-        key = (solver, nfe, tuple(sorted(options.items())), schedule_identity(model.schedule), data_dim)
         try:
+            key = (solver, nfe, _frozen(options), schedule_identity(model.schedule), data_dim)
             hash(key)
-        except TypeError:  # e.g. an explicit list of times
+        except (TypeError, _Unkeyable):  # an unhashable option value, or a tensor whose values cannot be read
             key = None
     if key is not None and key in _COMPILED:
         _COMPILED.move_to_end(key)

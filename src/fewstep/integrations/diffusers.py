@@ -72,7 +72,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     call, :func:`fewstep.defaults.default_call`), ``solver_options`` (preset and grid options;
     ``spacing="diffusers"`` takes the base scheduler's own time steps for the NFE, ending at
     sigma = 0), ``schedule_json`` (a solver schedule instead of a preset), ``seed`` (stochastic
-    presets) and ``data_dim`` (values per latent sample, which moves the default grid as
+    presets; without it the pipeline's ``generator`` keys the noise, else a fresh seed is drawn per
+    call, :meth:`_noise_key`) and ``data_dim`` (values per latent sample, which moves the default grid as
     :func:`fewstep.sample` does; :meth:`from_pipeline` reads it from the network's config)."""
 
     order = 1
@@ -125,6 +126,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.autotune_model: Model | None = None
         self.autotune_result: Any = None  # what autotune chose at the last set_timesteps
         self.latent_shape: tuple[int, ...] | None = None
+        self.noise_seed: int | None = None  # what the last pipeline call's stochastic plan was keyed by (step)
+        self.noise_indices: list[int] | None = None
 
     # ---- construction ----------------------------------------------------------------------------
     def _set_schedule(self, schedule: NoiseSchedule) -> None:
@@ -268,11 +271,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         times = [t * self._time_scale for t in evals]
         if model_times is not None and len(model_times) == len(evals) and all(abs(e - g) <= 1e-9 * max(1.0, abs(g)) for e, g in zip(evals, plan.times)):
             times = model_times  # one evaluation per step start: the model sees the base scheduler's own time steps
-        self.timesteps = torch.tensor(times, dtype=torch.float64, device=device)
+        dev = torch.device(device) if device is not None else None
+        # float64 model times (integers and flow sigmas x 1000 exactly); MPS has no float64
+        self.timesteps = torch.tensor(times, dtype=torch.float32 if dev is not None and dev.type == "mps" else torch.float64).to(dev, non_blocking=True)
+        self._times = [float(v) for v in times]  # the host copy step() checks against (reading self.timesteps would wait for the device)
         self.sigmas = torch.tensor([float(self.schedule.sigma(t)) for t in plan.times], dtype=torch.float64)
         self.num_inference_steps = len(times)
         self._runner = None
         self._k = 0
+        self._checks: list[tuple[torch.Tensor, float]] = []
+        self.noise_seed: int | None = None
+        self.noise_indices: list[int] | None = None
 
     def _check_solver(self) -> None:
         """Refuse an unknown preset or option now, not inside the pipeline's call: build the plan once
@@ -315,27 +324,70 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if self._compiled is None:
             raise SolverError("call set_timesteps before step")
         if self._runner is None:
-            seed = self.config.seed
-            if self._compiled.stochastic and seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if isinstance(generator, torch.Generator) else 0
-            self._runner = PlanRunner(self.model, sample, self._compiled, seed=seed)
+            seed, indices = None, None
+            if self._compiled.stochastic:
+                seed, indices = self._noise_key(generator, sample.shape[0])
+            self.noise_seed, self.noise_indices = seed, indices
+            self._runner = PlanRunner(self.model, sample, self._compiled, seed=seed, sample_indices=indices)
             self._op = self._runner.request()
         runner, op = self._runner, self._op
         if op is None:
             raise SolverError("step called after the last model evaluation of the plan")
-        expected = float(self.timesteps[self._k])
-        if abs(float(timestep) - expected) > 1e-6 * max(1.0, abs(expected)):
-            raise SolverError(f"step got timestep {float(timestep):g}; the plan's next evaluation is at {expected:g} "
-                              "(use scheduler.timesteps in order)")
+        self._check_timestep(timestep, self._times[self._k])
         self._k += 1
         runner.set_pending_input(sample)  # the pipeline's latents are the evaluation's input
         runner.answer(model_output)
         self._op = runner.request()
+        if self._op is None:
+            self._flush_checks()
         prev = runner.result() if self._op is None else runner.pending_input
         prev = prev.to(sample.dtype)
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+    def _noise_key(self, generator: Any, batch: int) -> tuple[int, list[int] | None]:
+        """Seed and sample indices of a stochastic plan's Brownian noise for this pipeline call:
+        the config's ``seed`` when set (rows ``0..B-1``); else from the pipeline's ``generator``: one
+        ``torch.Generator`` gives the seed (a digest of its current state: the same seeded generator,
+        the same noise; it is not advanced, and its state is read on the host whatever its device);
+        a list of them (one per sample, as diffusers allows) gives each row its own index (a digest
+        of that row's generator), so sample k's noise follows its own generator as its latents do;
+        without either, a fresh seed from torch's global generator (``torch.manual_seed`` repeats
+        it). Recorded in :attr:`noise_seed` / :attr:`noise_indices`."""
+        if self.config.seed is not None:
+            return int(self.config.seed), None
+        if isinstance(generator, torch.Generator):
+            return _generator_digest(generator), None
+        if isinstance(generator, (list, tuple)) and generator and all(isinstance(g, torch.Generator) for g in generator):
+            if len(generator) != batch:
+                raise ArgumentError(f"{len(generator)} generators for a batch of {batch}: give one, or one per sample")
+            return 0, [_generator_digest(g) for g in generator]
+        if generator is not None:
+            raise ArgumentError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+        return int(torch.randint(0, 2**62, (1,)).item()), None  # a CPU draw: no device involved
+
+    def _check_timestep(self, timestep: Any, expected: float) -> None:
+        """``timestep`` must be the plan's next model time. A tensor on an accelerator is compared on
+        the device and the comparisons are read once, after the last step (reading each would wait
+        for the device at every step)."""
+        tol = 1e-6 * max(1.0, abs(expected))
+        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            self._checks.append(((timestep.detach().reshape(-1)[:1].to(torch.float32 if timestep.device.type == "mps" else torch.float64)
+                                  - expected).abs() <= tol, expected))
+            return
+        if abs(float(timestep) - expected) > tol:
+            raise SolverError(f"step got timestep {float(timestep):g}; the plan's next evaluation is at {expected:g} "
+                              "(use scheduler.timesteps in order)")
+
+    def _flush_checks(self) -> None:
+        checks, self._checks = self._checks, []
+        if not checks:
+            return
+        ok = torch.cat([c for c, _ in checks]).cpu()
+        if not bool(ok.all()):
+            k = int((~ok).nonzero()[0, 0])
+            raise SolverError(f"step got a timestep other than the plan's evaluation at {checks[k][1]:g} (use scheduler.timesteps in order)")
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``alpha_t x0 + sigma_t noise`` at the (per-sample) ``timesteps`` (img2img, training)."""
@@ -349,6 +401,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
 
+
+
+def _generator_digest(g: torch.Generator) -> int:
+    """A 62-bit number from a generator's current state (``get_state`` is host data on every device)."""
+    state = g.get_state().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(g.device.type.encode() + state, digest_size=8).digest(), "little") >> 2
 
 
 # ---- the direct path: a pipeline's denoiser as a fewstep model ------------------------------------------
@@ -453,12 +511,15 @@ def pipeline_model(
         if pos is None:
             return None
         neg = torch.zeros_like(pos) if neg is None else neg
+        if x_rows % pos.shape[0]:
+            raise ArgumentError(f"the model was called on {x_rows} rows; its embeddings are for a batch of {pos.shape[0]} "
+                                "(rows must be whole repeats of the batch)")
         rep = x_rows // pos.shape[0]
         pos_r, neg_r = pos.repeat(rep, *([1] * (pos.ndim - 1))), neg.repeat(rep, *([1] * (neg.ndim - 1)))
         return torch.cat([neg_r, pos_r]) if guided else pos_r
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tt = (t * scale).to(x.dtype)
+        tt = t * scale  # float32 for half-precision latents (fewstep.Model's times): bfloat16 would round t = 999 to 1000
         xin, tin = (torch.cat([x, x]), torch.cat([tt, tt])) if guided else (x, tt)
         emb = cond(x.shape[0], prompt_embeds, negative_prompt_embeds)
         with torch.no_grad():
@@ -511,6 +572,15 @@ def encode_prompt(pipe: Any, prompt: Any, negative_prompt: Any, batch: int) -> d
     return {k: v.repeat(batch // rows, *([1] * (v.ndim - 1))) for k, v in emb.items() if v is not None}
 
 
+def _device_dtype(net: Any) -> tuple[torch.device, torch.dtype]:
+    """Where the network computes and in which floating dtype (its first floating parameter; a
+    network without parameters: the CPU in float32)."""
+    for p in net.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
 #: keyword arguments of :func:`sample` that go to :func:`pipeline_model`
 CONDITIONING = ("guidance_scale", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "mu")
 
@@ -532,7 +602,9 @@ def sample(
     ``prompt`` (and ``negative_prompt``) are encoded by the pipeline's ``encode_prompt``; the
     conditioning keywords (:data:`CONDITIONING`) go to :func:`pipeline_model`, the others to the
     preset (``spacing="diffusers"`` is not available here: pass a grid). ``latents``: the initial
-    noise (default: ``fewstep.initial_noise`` of the pipeline's sample shape, keyed by ``seed``).
+    noise (default: ``fewstep.initial_noise`` of the pipeline's sample shape, keyed by ``seed``, on
+    the network's device and in its dtype: ``pipe.to("cuda", torch.float16)`` samples float16 latents
+    on the GPU; the solver's state stays float32, see :func:`fewstep.sample`).
     Returns the final latents (decode them as the pipeline would, e.g. with its VAE)."""
     from ..noise import initial_noise
     from ..sample import sample as fewstep_sample
@@ -545,5 +617,6 @@ def sample(
         net = getattr(pipe, "transformer", None) or pipe.unet
         size = net.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        latents = initial_noise(model.schedule, (batch_size, net.config.in_channels, *size), seed)
+        device, dtype = _device_dtype(net)
+        latents = initial_noise(model.schedule, (batch_size, net.config.in_channels, *size), seed, device=device, dtype=dtype)
     return fewstep_sample(model, latents, solver, nfe=nfe, seed=seed, parallel=parallel, return_info=return_info, **kwargs)

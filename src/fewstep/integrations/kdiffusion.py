@@ -42,11 +42,19 @@ def from_denoiser(denoiser: Denoiser, *, sigma_min: float = 0.002, sigma_max: fl
     return Model(fn, sched, "x0", name=name or getattr(denoiser, "__name__", type(denoiser).__name__))
 
 
-def plan_for_sigmas(solver: str, sigmas: Sequence[float], schedule: EDM, **options: Any) -> SolverSchedule:
+def _host_floats(values: torch.Tensor | Sequence[float]) -> list[float]:
+    """Noise levels as host floats: a tensor is read once (one host synchronisation on an
+    accelerator, not one per element)."""
+    if isinstance(values, torch.Tensor):
+        return [float(v) for v in values.detach().to("cpu", torch.float64).reshape(-1).tolist()]
+    return [float(v) for v in values]
+
+
+def plan_for_sigmas(solver: str, sigmas: torch.Tensor | Sequence[float], schedule: EDM, **options: Any) -> SolverSchedule:
     """The preset on exactly the grid ``sigmas`` (decreasing, ending at 0): the largest NFE that gives
     ``len(sigmas) - 1`` steps (a multistep preset: one per step; Heun: two per step and one on the
     last, as k-diffusion's ``sample_heun``)."""
-    grid = [float(s) for s in sigmas]
+    grid = _host_floats(sigmas)
     steps = len(grid) - 1
     if steps < 1:
         raise ArgumentError("sigmas must hold at least two noise levels")
@@ -70,11 +78,14 @@ def sampler(solver: str | SolverSchedule, **options: Any) -> Callable[..., torch
 
     ``model(x, sigma, **extra_args)`` is the denoiser, ``x = sigmas[0] * noise``; ``callback``
     receives ``{"x", "i", "sigma", "sigma_hat"}`` after each step (fewstep's states; no
-    ``denoised``); ``seed`` keys a stochastic preset's Brownian noise (default 0)."""
+    ``denoised``); ``seed`` keys a stochastic preset's Brownian noise (default: a fresh seed from
+    torch's global generator, as k-diffusion's own samplers draw ``torch.randn_like``: ``torch.manual_seed``
+    repeats it). ``sigmas`` may live on the device (``get_sigmas_karras(..., device=...)``): they are
+    read to the host once per call to build the plan (k-diffusion's samplers read them at every step)."""
 
     def sample_fn(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], extra_args: dict[str, Any] | None = None,
-                  callback: Callable[[dict[str, Any]], None] | None = None, disable: bool | None = None, seed: int = 0) -> torch.Tensor:
-        grid = [float(s) for s in sigmas]
+                  callback: Callable[[dict[str, Any]], None] | None = None, disable: bool | None = None, seed: int | None = None) -> torch.Tensor:
+        grid = _host_floats(sigmas)
         positive = [s for s in grid if s > 0]
         if not positive or grid[-1] != 0.0 and len(positive) < 2:
             raise ArgumentError("sigmas must be decreasing noise levels (k-diffusion appends a final 0)")
