@@ -163,3 +163,20 @@ def set_threads(n: int | None = None) -> int:
                 n = os.cpu_count() or 1
     torch.set_num_threads(max(1, int(n)))
     return torch.get_num_threads()
+
+
+def cuda_syncs(fn: "Callable[[], object]") -> int:  # noqa: F821
+    """How many host synchronisations ``fn()`` makes on a CUDA device (``torch.cuda``'s sync debug
+    mode warns at each one)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())

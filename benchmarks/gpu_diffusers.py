@@ -29,20 +29,11 @@ from typing import Any, Callable
 
 import torch
 
-from _common import REPORTS, device_or_dry_run, log, quiet_diffusers, report_header, write_text_atomic
+from _common import REPORTS, cuda_syncs, device_or_dry_run, log, quiet_diffusers, report_header, write_text_atomic
 
 
 def _syncs(dev: torch.device, fn: Callable[[], Any]) -> Any:
-    if dev.type != "cuda":
-        return "-"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    return cuda_syncs(fn) if dev.type == "cuda" else "-"
 
 
 def main(argv: list[str] | None = None) -> int:

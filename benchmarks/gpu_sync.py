@@ -30,14 +30,13 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 import fewstep
-from _common import REPORTS, log, report_header, write_text_atomic
+from _common import REPORTS, cuda_syncs, log, report_header, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -50,19 +49,8 @@ def _net(channels: int) -> torch.nn.Module:
     )
 
 
-def _cuda_syncs(fn: Callable[[], Any]) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
-
-
 def _count_syncs(model: fewstep.Model, x: torch.Tensor, nfe: int) -> int:
-    return _cuda_syncs(lambda: fewstep.sample(model, x, "unipc", nfe=nfe))
+    return cuda_syncs(lambda: fewstep.sample(model, x, "unipc", nfe=nfe))
 
 
 def _traffic(dev: torch.device) -> Any:
@@ -86,7 +74,7 @@ def paths_table(dev: torch.device, net: torch.nn.Module, x: torch.Tensor, nfe: i
     for label, run in cases:
         if dev.type != "meta":
             run()  # warm-up, plan compile
-        syncs = _cuda_syncs(run) if dev.type == "cuda" else "-"
+        syncs = cuda_syncs(run) if dev.type == "cuda" else "-"
         calls0 = model.calls
         with _traffic(dev) as ht:
             out = run()
