@@ -305,7 +305,7 @@ def test_version_is_set_in_one_place_and_has_a_changelog_entry(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"fewstep {fewstep.__version__}"
     pyproject = (root / "pyproject.toml").read_text()
-    assert 'dynamic = ["version"]' in pyproject and 'version = {attr = "fewstep.__version__"}' in pyproject
+    assert 'dynamic = ["version"]' in pyproject and 'version = {attr = "fewstep._version.__version__"}' in pyproject
     assert "\nversion =" not in pyproject.split("[project]")[1].split("\n[")[0]
     changelog = (root / "CHANGELOG.md").read_text()
     assert f"## {fewstep.__version__}" in changelog or f"## [{fewstep.__version__}]" in changelog
