@@ -201,10 +201,17 @@ def held_out_rule(tid: str) -> "fewstep.defaults.DefaultRule | None":
     path = REPORTS / "default_rule.json"
     if not path.is_file():
         return None
-    entry = json.loads(path.read_text())["leave_one_model_out"].get(T.group_of(tid))
-    if entry is None or tid not in entry["members"]:
-        return None
-    return rule_from_json(entry["rule"])
+    chosen = json.loads(path.read_text())
+    entry = chosen["leave_one_model_out"].get(T.group_of(tid))
+    if entry is not None and tid in entry["members"]:
+        return rule_from_json(entry["rule"])
+    if tid not in chosen["targets"] and not any(tid in e["members"] for e in chosen["leave_one_model_out"].values()):
+        return rule_from_json(chosen["shipped"]["rule"])  # never fitted: the rule chosen on all the others is held out from it
+    return None
+
+
+#: the rule the library shipped before the validation zoo (chosen and judged on the same models)
+FORMER_RULE = fewstep.defaults.DefaultRule()
 
 
 def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool) -> dict[str, Any]:
@@ -241,9 +248,15 @@ def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool) -> d
     out["lomo"] = {"rule": None if held is None else repr(held)}
     for n in nfes:
         if held is not None:
-            name, opts = held.call(t.sched, n, T.dimension(t.model))
+            name, opts = held.call(t.sched, n, T.dimension(t.model), t.model.prediction)
             out["lomo"][n] = run_call(t, name, n, metric=True, **opts)
     out["timings"]["held-out rule"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out["former"] = {}
+    for n in nfes:
+        name, opts = FORMER_RULE.call(t.sched, n, T.dimension(t.model), t.model.prediction)
+        out["former"][n] = run_call(t, name, n, metric=True, **opts)
+    out["timings"]["former rule"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out["autotune"] = {}
     for n in nfes:
@@ -576,7 +589,8 @@ def held_out_section(results: dict[str, dict[str, Any]], targets: dict[str, DTar
     lines = ["## Leave one model out: the static rule chosen WITHOUT the judged model / best peer", "",
              "For each model, `benchmarks/default_rule.py select` chose the rule (preset, logistic centre and scale per family, "
              "dimension slope) on every other model's fit noises (`reports/default_rule.md`); here it runs on this model's judge "
-             "noises, against the best peer at its best grid. Searched schedules are off everywhere (`tuned_schedules` emptied). "
+             "noises, against the best peer at its best grid. A model that never entered the fit runs the rule chosen on all the "
+             "others (the library's rule). Searched schedules are off everywhere (`tuned_schedules` emptied). "
              "Target: <= 1 in every cell.", "",
              markdown_table(["target"] + [f"NFE {n}" for n in nfes], rows), "",
              "Worst held-out ratio per NFE: " + ", ".join(f"NFE {n}: {worst[n]:.3g}" for n in nfes)
@@ -584,6 +598,21 @@ def held_out_section(results: dict[str, dict[str, Any]], targets: dict[str, DTar
     lines += ([f"**Held-out bar (<= 1): NOT met** in {len(misses)} of {cells} cells:", ""] + [f"- {m}" for m in misses] + [""]) if misses \
         else [f"**Held-out bar (<= 1): met** in all {cells} cells.", ""]
     return lines
+
+
+def former_section(results: dict[str, dict[str, Any]], targets: dict[str, DTarget], nfes: tuple[int, ...]) -> list[str]:
+    """The rule shipped before the validation zoo, on the same judge noises: what the change bought."""
+    rows, _, cells, ratios = _ratio_grid(results, targets, nfes, "former", 1.0)
+    if not cells or not ratios:
+        return []
+    now = [r for r in _ratio_grid(results, targets, nfes, "default", 1.0)[3]]
+    gm = lambda v: math.exp(sum(map(math.log, v)) / len(v))  # noqa: E731
+    return ["## The former rule (fewstep 0.2.0 before the validation zoo) / best peer", "",
+            f"`{FORMER_RULE!r}`: UniPC on the logistic grid, centre 0 (flow 0.6), scale 1.4 (flow 1.1), no dimension or "
+            "parameterisation term, chosen on the bundled models it was then judged on.", "",
+            markdown_table(["target"] + [f"NFE {n}" for n in nfes], rows), "",
+            f"Geometric mean over {len(ratios)} cells {gm(ratios):.3g}, worst {max(ratios):.3g} "
+            f"(the default call now: {gm(now):.3g}, worst {max(now):.3g}).", ""]
 
 
 def autotune_section(results: dict[str, dict[str, Any]], targets: dict[str, DTarget], nfes: tuple[int, ...]) -> list[str]:
@@ -742,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         for err, cells in failures.items():
             head += [f"- `{err}` in {len(cells)} cells: " + ", ".join(cells)]
         head += [""]
-    head += held_out_section(results, targets, nfes) + autotune_section(results, targets, nfes)
+    head += held_out_section(results, targets, nfes) + former_section(results, targets, nfes) + autotune_section(results, targets, nfes)
     if fb_rows:
         head += ["Where no diffusers scheduler applies (and on request, `--fewstep-best`): ratio default / fewstep's own best "
                  "preset at its best grid (preset, spacing):", "",

@@ -178,13 +178,15 @@ def all_target_ids() -> list[str]:
 
 
 def default_batch(tid: str, noise_set: str) -> int:
-    """Judge: 256 for small oracles, 64 for d >= 1024 oracles and 16x16 / 32x32 networks, 128 for
-    the other networks. Fit: 32 everywhere."""
+    """Judge: 256 for small oracles, 64 for d >= 1024 oracles and the 8x8 / flat networks, 32 for the
+    16x16 / 32x32 networks (8,192-32,768 values per batch; every comparison is paired, on the same
+    noises). Fit: 16 for the 16x16 / 32x32 networks, 32 for the others."""
+    big = "@" not in tid and any(s in tid for s in ("16", "32"))
     if noise_set == "fit":
-        return 32
+        return 16 if big else 32
     if "@" in tid:
         return 64 if any(f"d{d}" in tid for d in (1024, 3072)) else 256
-    return 64 if any(s in tid for s in ("16", "32")) else 128
+    return 32 if big else 64
 
 
 __all__ = ["SCHEDULES", "ORACLES", "ZOO_DIR", "NOISE_SEEDS", "build", "group_of", "all_target_ids", "default_batch", "load_network",

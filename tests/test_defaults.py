@@ -1,6 +1,7 @@
 """The default call and the default grids (issue 13): what ``sample(model, x_T, nfe=N)`` runs, and
 the logistic log-SNR spacing it uses."""
 
+import importlib
 import math
 
 import numpy as np
@@ -11,17 +12,18 @@ import fewstep
 from conftest import ALL_SCHEDULES
 
 
+@pytest.mark.parametrize("nfe", [6, 10])
 @pytest.mark.parametrize("family", sorted(ALL_SCHEDULES))
-def test_default_call_runs_the_documented_default(family):
+def test_default_call_runs_the_documented_default(family, nfe):
     sched = ALL_SCHEDULES[family]()
     g = fewstep.GaussianMixture.random(3, 2, 1, seed=1)
     model = g.as_model(sched, "x0")
     x = fewstep.initial_noise(sched, (4, 3), 0, dtype=torch.float64)
-    out, info = fewstep.sample(model, x, nfe=8, return_info=True)
-    name, opts = fewstep.default_solver(sched)
+    out, info = fewstep.sample(model, x, nfe=nfe, return_info=True)
+    name, opts = fewstep.default_solver(sched, nfe, "x0")
     spacing = fewstep.default_spacing(sched, name)
-    assert info.plan.name == name and info.plan.meta["spacing"] == spacing and info.nfe == 8
-    explicit = fewstep.sample(model, x, name, nfe=8, spacing=spacing, **opts)
+    assert info.plan.name == name and info.plan.meta["spacing"] == spacing and info.nfe == nfe
+    explicit = fewstep.sample(model, x, name, nfe=nfe, spacing=spacing, **opts)
     assert torch.equal(out, explicit)
     assert spacing == "logistic"
 
@@ -72,13 +74,85 @@ def test_logistic_with_centre_zero_scale_one_on_flow_is_uniform_flow_time(shift)
 
 
 def test_family_grid_options_apply_unless_given():
+    from fewstep.defaults import DEFAULT_RULE
+
     flow, vp = fewstep.FlowMatching(), fewstep.DiscreteVP.linear()
+    fg, vg = DEFAULT_RULE.flow.grid, DEFAULT_RULE.vp.grid
     plan = fewstep.preset("unipc", 6, flow)
-    assert plan.times == tuple(fewstep.time_grid(flow, 6, "logistic", logistic_center=0.6, logistic_scale=1.1))
+    assert plan.times == tuple(fewstep.time_grid(flow, 6, "logistic", logistic_center=fg.center, logistic_scale=fg.scale))
     assert plan.times == tuple(fewstep.time_grid(flow, 6))  # time_grid takes the family's defaults too
-    mine = fewstep.preset("unipc", 6, flow, logistic_scale=2.0)
-    assert mine.times == tuple(fewstep.time_grid(flow, 6, "logistic", logistic_center=0.6, logistic_scale=2.0))
-    assert fewstep.preset("unipc", 6, vp).times == tuple(fewstep.time_grid(vp, 6, "logistic", logistic_center=0.0, logistic_scale=1.4))
+    mine = fewstep.preset("unipc", 6, flow, logistic_scale=2.7)
+    assert mine.times == tuple(fewstep.time_grid(flow, 6, "logistic", logistic_center=fg.center, logistic_scale=2.7))
+    assert fewstep.preset("unipc", 6, vp).times == tuple(fewstep.time_grid(vp, 6, "logistic", logistic_center=vg.center, logistic_scale=vg.scale))
+
+
+# ---- the rule's mechanics (whatever its measured parameters are) --------------------------------------
+from fewstep.defaults import DefaultRule, FamilyRule, GridParams, SolverChoice  # noqa: E402
+
+RULE = DefaultRule(
+    vp=FamilyRule(GridParams(0.5, 1.4), SolverChoice("unipc"), SolverChoice("dpmpp_2m"), 6),
+    flow=FamilyRule(GridParams(1.0, 1.0), SolverChoice("unipc", (("order", 2),))),
+    eps=FamilyRule(GridParams(-1.0, 2.0), SolverChoice("deis")),
+    dim_slope=0.8, dim_ref=64, dim_max=3072,
+)
+
+
+@pytest.fixture
+def rule(monkeypatch):
+    import fewstep.defaults as D
+
+    clear = importlib.import_module("fewstep.sample").clear_plan_cache  # compiled plans follow the rule in force
+    monkeypatch.setattr(D, "DEFAULT_RULE", RULE)
+    clear()
+    yield RULE
+    clear()
+
+
+def test_the_grid_centre_moves_with_the_data_dimension_within_the_measured_range(rule):
+    vp = fewstep.DiscreteVP.linear()
+    centre = {d: fewstep.default_call(vp, 10, d)[1]["logistic_center"] for d in (2, 64, 256, 1024, 3072, 65536)}
+    assert centre[2] == centre[64] == 0.5  # below the reference dimension: no shift
+    for d in (256, 1024, 3072):
+        assert centre[d] == pytest.approx(0.5 - 0.8 * 0.5 * math.log(d / 64))
+    assert centre[65536] == centre[3072]  # clamped: beyond what was measured the shift stops growing
+    assert fewstep.default_call(vp, 10, None)[1]["logistic_center"] == 0.5
+
+
+def test_the_rule_reads_the_family_the_parameterisation_and_the_nfe(rule):
+    vp, edm, flow = fewstep.DiscreteVP.linear(), fewstep.EDM(), fewstep.FlowMatching(shift=3.0)
+    assert fewstep.default_call(vp, 5, 64, "x0")[0] == "dpmpp_2m" and fewstep.default_call(vp, 6, 64, "x0")[0] == "dpmpp_2m"
+    assert fewstep.default_call(vp, 8, 64, "v")[0] == "unipc"
+    assert fewstep.default_call(vp, 8, 64, "eps") == ("deis", {"spacing": "logistic", "logistic_center": -1.0, "logistic_scale": 2.0})
+    assert fewstep.default_call(edm, 8, 64, "score")[0] == "deis" and fewstep.default_call(edm, 8, 64, "edm")[0] == "unipc"
+    assert fewstep.default_call(flow, 8, 64, "eps") == ("unipc", {"order": 2, "spacing": "logistic", "logistic_center": 1.0, "logistic_scale": 1.0})
+    assert fewstep.default_solver(vp, 5) == ("dpmpp_2m", {}) and fewstep.default_solver(vp, 20, "eps") == ("deis", {})
+
+
+def test_sample_reads_the_dimension_and_parameterisation_for_the_default_call_and_named_presets(rule):
+    vp = fewstep.DiscreteVP.linear()
+    small = fewstep.GaussianMixture.random(64, 2, 1, seed=1)
+    big = fewstep.GaussianMixture.random(1024, 2, 1, seed=1)
+    for g in (small, big):
+        for prediction in ("x0", "eps"):
+            model = g.as_model(vp, prediction)
+            x = fewstep.initial_noise(vp, (2, g.dim), 0, dtype=torch.float64)
+            name, opts = fewstep.default_call(vp, 8, g.dim, prediction)
+            _, info = fewstep.sample(model, x, nfe=8, return_info=True)
+            assert info.plan.meta["preset"] == name
+            assert info.plan.times == fewstep.preset(name, 8, vp, **opts).times
+            # a preset named without a grid: the same grid as the default call for this model
+            _, named = fewstep.sample(model, x, "dpmpp_2m", nfe=8, return_info=True)
+            assert named.plan.times == tuple(fewstep.time_grid(vp, 8, "logistic", logistic_center=opts["logistic_center"],
+                                                               logistic_scale=opts["logistic_scale"]))
+    # the compiled-plan cache tells the shapes and parameterisations apart
+    m64, m1024 = small.as_model(vp), big.as_model(vp)
+    p64 = fewstep.sample(m64, fewstep.initial_noise(vp, (2, 64), 0, dtype=torch.float64), nfe=8, return_info=True)[1].plan
+    p1024 = fewstep.sample(m1024, fewstep.initial_noise(vp, (2, 1024), 0, dtype=torch.float64), nfe=8, return_info=True)[1].plan
+    assert p64.times != p1024.times and p1024.times[1] > p64.times[1]  # more steps at high noise for the larger data
+    with pytest.raises(fewstep.ArgumentError, match="model_prediction"):
+        fewstep.preset("unipc", 8, vp, model_prediction="noise")
+    with pytest.raises(fewstep.ArgumentError, match="data_dim"):
+        fewstep.preset("unipc", 8, vp, data_dim=0)
 
 
 def test_logistic_grid_ends_at_an_intermediate_time():

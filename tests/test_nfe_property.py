@@ -61,6 +61,9 @@ OPTIONS = {
                                          "corrector": BOOL, "lower_order_final": BOOL}),
     "er_sde": st.fixed_dictionaries({"order": st.integers(1, 3), "eta": st.floats(0.0, 2.0), "lower_order_final": LOF}),
     "dpmpp_sde": st.fixed_dictionaries({"eta": st.floats(0.0, 2.0), "r": st.floats(0.1, 0.9)}),
+    # without statistics= it runs the degenerate form (and warns): the NFE rules are the same
+    "dpm_solver_v3": st.fixed_dictionaries({"order": st.integers(1, 3), "predictor_pseudo": BOOL, "corrector": BOOL, "corrector_pseudo": BOOL,
+                                            "lower_order_final": BOOL}),
 }
 
 

@@ -43,6 +43,11 @@ def oracle():
     return model, x
 
 
+#: the grid the round counts below were measured on (the default grid moves with the default rule;
+#: these tests are about the parallel iteration, not the grid)
+GRID = {"spacing": "logistic", "logistic_center": 0.0, "logistic_scale": 1.4}
+
+
 def _run(model, x, name, nfe, kw, **par):
     out, info = fewstep.sample(model, x, name, nfe=nfe, seed=4, parallel=ParallelOptions(**par), return_info=True, **kw)
     return out, info.extra["parallel"]
@@ -98,25 +103,25 @@ def test_secant_replay_needs_fewer_rounds_and_keeps_the_fixed_point(name, oracle
     samples; with a thresholded model (outputs as an (x0, eps) pair, each component its own slope)
     too, and tolerance 0 is still the sequential run."""
     model, x = oracle
-    seq = fewstep.sample(model, x, name, nfe=100, seed=4)
+    seq = fewstep.sample(model, x, name, nfe=100, seed=4, **GRID)
     rounds = {}
     for accelerate in fewstep.parallel.ACCELERATIONS:
-        out, info = _run(model, x, name, 100, {}, accelerate=accelerate)
+        out, info = _run(model, x, name, 100, GRID, accelerate=accelerate)
         rounds[accelerate] = info.rounds
         assert fewstep.rmse(out, seq) < ParallelOptions().tol / 2, (accelerate, fewstep.rmse(out, seq))
     assert rounds["secant"] < rounds["taa"] < rounds["picard"], rounds
     # the first window from the unit-variance Gaussian trajectory: no more rounds than holding outputs,
     # and tolerance 0 still gives the sequential samples
-    out, held = _run(model, x, name, 100, {}, first_window="held")
+    out, held = _run(model, x, name, 100, GRID, first_window="held")
     assert rounds["secant"] <= held.rounds and fewstep.rmse(out, seq) < ParallelOptions().tol / 2, (rounds, held.rounds)
-    exact, _ = _run(model, x, name, 100, {}, tol=0.0, first_window="held")
+    exact, _ = _run(model, x, name, 100, GRID, tol=0.0, first_window="held")
     assert torch.allclose(exact, seq, rtol=0, atol=1e-12)
     clipped = fewstep.Model(model.fn, model.schedule, "eps", threshold=fewstep.Threshold("static", 3.0))
-    seq = fewstep.sample(clipped, x, name, nfe=40, seed=4)
-    exact, _ = fewstep.sample(clipped, x, name, nfe=40, seed=4, parallel=ParallelOptions(tol=0.0, accelerate="secant"), return_info=True)
+    seq = fewstep.sample(clipped, x, name, nfe=40, seed=4, **GRID)
+    exact, _ = fewstep.sample(clipped, x, name, nfe=40, seed=4, **GRID, parallel=ParallelOptions(tol=0.0, accelerate="secant"), return_info=True)
     assert torch.allclose(exact, seq, rtol=0, atol=1e-12)
-    _, sec = fewstep.sample(clipped, x, name, nfe=40, seed=4, parallel=ParallelOptions(accelerate="secant"), return_info=True)
-    _, pic = fewstep.sample(clipped, x, name, nfe=40, seed=4, parallel=ParallelOptions(accelerate="picard"), return_info=True)
+    _, sec = fewstep.sample(clipped, x, name, nfe=40, seed=4, **GRID, parallel=ParallelOptions(accelerate="secant"), return_info=True)
+    _, pic = fewstep.sample(clipped, x, name, nfe=40, seed=4, **GRID, parallel=ParallelOptions(accelerate="picard"), return_info=True)
     assert sec.extra["parallel"].rounds < pic.extra["parallel"].rounds
 
 
@@ -131,23 +136,23 @@ def test_stochastic_parallel_draws_the_sequential_noise_for_any_shard(oracle):
 
 def test_warm_start_from_a_nearby_problem_needs_fewer_rounds(oracle):
     model, x = oracle
-    _, first = _run(model, x, "dpmpp_2m", 40, {}, record=True)
+    _, first = _run(model, x, "dpmpp_2m", 40, GRID, record=True)
     assert first.inputs is not None and len(first.inputs) == 40
-    _, same = fewstep.sample(model, x, "dpmpp_2m", nfe=40, parallel=ParallelOptions(), warm_start=first, return_info=True)
+    _, same = fewstep.sample(model, x, "dpmpp_2m", nfe=40, **GRID, parallel=ParallelOptions(), warm_start=first, return_info=True)
     # the same problem: every recorded input is already settled, one round per window (the secant
     # replay may take one more: its first slopes are the prior, not the recorded run's secants)
     assert math.ceil(40 / ParallelOptions().window) <= same.extra["parallel"].rounds <= math.ceil(40 / ParallelOptions().window) + 1
-    _, same = fewstep.sample(model, x, "dpmpp_2m", nfe=40, parallel=ParallelOptions(accelerate="taa"),
-                             warm_start=_run(model, x, "dpmpp_2m", 40, {}, record=True, accelerate="taa")[1], return_info=True)
+    _, same = fewstep.sample(model, x, "dpmpp_2m", nfe=40, **GRID, parallel=ParallelOptions(accelerate="taa"),
+                             warm_start=_run(model, x, "dpmpp_2m", 40, GRID, record=True, accelerate="taa")[1], return_info=True)
     assert same.extra["parallel"].rounds == math.ceil(40 / ParallelOptions().window)
     # the tolerance is tol * sigma at every evaluation: on this multimodal oracle a 1e-6 change of x_T
     # moves late inputs by ~1e-2 sigma, so "nearby" is that close here
     nearby = x + 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
-    cold_out, cold = _run(model, nearby, "dpmpp_2m", 40, {})
-    warm_out, info = fewstep.sample(model, nearby, "dpmpp_2m", nfe=40, parallel=ParallelOptions(), warm_start=first, return_info=True)
+    cold_out, cold = _run(model, nearby, "dpmpp_2m", 40, GRID)
+    warm_out, info = fewstep.sample(model, nearby, "dpmpp_2m", nfe=40, **GRID, parallel=ParallelOptions(), warm_start=first, return_info=True)
     warm = info.extra["parallel"]
     assert warm.rounds < 0.6 * cold.rounds, (warm.rounds, cold.rounds)
-    seq = fewstep.sample(model, nearby, "dpmpp_2m", nfe=40)
+    seq = fewstep.sample(model, nearby, "dpmpp_2m", nfe=40, **GRID)
     assert fewstep.rmse(warm_out, seq) < 10 * ParallelOptions().tol
 
 

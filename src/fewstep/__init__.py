@@ -32,6 +32,7 @@ from .solvers.strategy import Step
 from .timesteps import time_grid
 from .defaults import default_call, default_solver, default_spacing
 from .schedule_search import search
+from .statistics import ModelStatistics, model_statistics
 from . import zoo
 
 __all__ = [
@@ -40,5 +41,5 @@ __all__ = [
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "ZooError", "__version__",
     "batched_classifier_free_guidance", "default_solver", "default_spacing", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",
     "frechet_distance", "initial_noise", "keyed_noise", "likelihood_gap", "preset", "preset_names", "preset_options",
-    "reference_solution", "rmse", "sample", "search", "time_grid", "zoo",
+    "reference_solution", "rmse", "sample", "search", "time_grid", "zoo", "ModelStatistics", "model_statistics",
 ]

@@ -92,10 +92,11 @@ class AutotuneResult:
                 "tuning_wall_s": round(float(self.extra.get("tuning_wall_s", self.wall_s)), 3)}
 
 
-def candidates(sched: Any, nfe: int, dim: int | None, preset: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(label, preset, options)`` of every candidate: the default (or ``preset`` on the default grid)
-    first, then the grid moves, then (for the default call only) the other presets."""
-    name, base = default_call(sched, nfe, dim)
+def candidates(sched: Any, nfe: int, dim: int | None, preset: str | None = None, prediction: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, preset, options)`` of every candidate for a model of parameterisation ``prediction``:
+    the default (or ``preset`` on the default grid) first, then the grid moves, then (for the default
+    call only) the other presets."""
+    name, base = default_call(sched, nfe, dim, prediction)
     if preset is not None:
         name, base = preset, {k: v for k, v in base.items() if k in ("spacing", "logistic_center", "logistic_scale")}
     c, s = float(base["logistic_center"]), float(base["logistic_scale"])
@@ -163,7 +164,7 @@ def autotune(model: Model, nfe: int, sample_shape: Sequence[int], run: Callable[
         raise ArgumentError(f"autotune needs nfe= (model evaluations per sample), got {nfe!r}")
     shape = tuple(int(v) for v in sample_shape)
     dim = math.prod(shape)
-    cands = candidates(model.schedule, nfe, dim, preset)
+    cands = candidates(model.schedule, nfe, dim, preset, model.prediction)
     if preset is not None:
         from .solvers.presets import preset as build_preset
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule
 
-__all__ = ["schedule_family", "default_solver", "default_spacing", "default_grid", "default_call", "DefaultRule", "FamilyRule",
+__all__ = ["NOISE_PREDICTIONS", "schedule_family", "default_solver", "default_spacing", "default_grid", "default_call", "DefaultRule", "FamilyRule",
            "GridParams", "SolverChoice", "DEFAULT_RULE", "DEFAULT_SOLVERS", "SPACING_RULES"]
 
 FAMILIES = ("discrete_vp", "linear_vp", "cosine_vp", "edm", "flow")
@@ -26,6 +26,11 @@ def schedule_family(sched: NoiseSchedule) -> str:
         if isinstance(sched, cls):
             return name
     return "other"
+
+
+#: parameterisations whose data prediction divides the network's output error by alpha (large at
+#: high noise): the rule may give them a grid of their own (:attr:`DefaultRule.eps`)
+NOISE_PREDICTIONS = ("eps", "score")
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,20 @@ class DefaultRule:
 
     vp: FamilyRule = field(default_factory=lambda: FamilyRule(GridParams(0.0, 1.4)))
     flow: FamilyRule = field(default_factory=lambda: FamilyRule(GridParams(0.6, 1.1)))
+    eps: FamilyRule | None = None
     dim_slope: float = 0.0
     dim_ref: int = 64
     dim_max: int = 3072
 
-    def family(self, sched: NoiseSchedule) -> FamilyRule:
-        return self.flow if schedule_family(sched) == "flow" else self.vp
+    def family(self, sched: NoiseSchedule, prediction: str | None = None) -> FamilyRule:
+        """The part of the rule for this schedule and parameterisation: ``flow`` on flow matching,
+        ``eps`` for a noise- or score-predicting model on the other schedules (when the rule has one),
+        else ``vp``."""
+        if schedule_family(sched) == "flow":
+            return self.flow
+        if prediction in NOISE_PREDICTIONS and self.eps is not None:
+            return self.eps
+        return self.vp
 
     def center(self, grid: GridParams, dim: int | None) -> float:
         """The grid's centre for data of ``dim`` values per sample (``None``: ``dim_ref``)."""
@@ -86,18 +99,30 @@ class DefaultRule:
         d = min(max(int(dim), self.dim_ref), self.dim_max)
         return grid.center - self.dim_slope * 0.5 * math.log(d / self.dim_ref)
 
-    def grid_options(self, sched: NoiseSchedule, dim: int | None) -> dict[str, float]:
-        grid = self.family(sched).grid
+    def grid_options(self, sched: NoiseSchedule, dim: int | None, prediction: str | None = None) -> dict[str, float]:
+        grid = self.family(sched, prediction).grid
         return {"logistic_center": self.center(grid, dim), "logistic_scale": grid.scale}
 
-    def call(self, sched: NoiseSchedule, nfe: int | None, dim: int | None) -> tuple[str, dict[str, Any]]:
-        """``(preset, options)`` of the default call at ``nfe`` for a model on ``sched`` with ``dim`` values per sample."""
-        choice = self.family(sched).solver_for(nfe)
-        return choice.preset, {**dict(choice.options), "spacing": "logistic", **self.grid_options(sched, dim)}
+    def call(self, sched: NoiseSchedule, nfe: int | None, dim: int | None, prediction: str | None = None) -> tuple[str, dict[str, Any]]:
+        """``(preset, options)`` of the default call at ``nfe`` for a model of parameterisation
+        ``prediction`` on ``sched`` with ``dim`` values per sample."""
+        choice = self.family(sched, prediction).solver_for(nfe)
+        return choice.preset, {**dict(choice.options), "spacing": "logistic", **self.grid_options(sched, dim, prediction)}
 
 
-#: the rule the default call runs (benchmarks/reports/default_rule.md says how it was chosen)
-DEFAULT_RULE = DefaultRule()
+_UNIPC = SolverChoice("unipc")
+_UNIPC_2 = SolverChoice("unipc", (("order", 2),))
+
+#: the rule the default call runs: chosen by ``python benchmarks/default_rule.py select --objective
+#: regret`` on the fit noises of 27 targets (oracles on every schedule family at d = 64..3072 and 11
+#: trained networks), the rule with the least loss over all of them; each model's leave-one-out rule is
+#: judged on held-out noises by ``benchmarks/defaults.py`` (docs/defaults.md).
+DEFAULT_RULE = DefaultRule(
+    vp=FamilyRule(GridParams(0.5, 1.4), solver=_UNIPC, low_nfe_solver=_UNIPC_2, low_nfe_max=8),
+    flow=FamilyRule(GridParams(0.75, 1.4), solver=_UNIPC, low_nfe_solver=_UNIPC_2, low_nfe_max=6),
+    eps=FamilyRule(GridParams(-0.75, 2.0), solver=_UNIPC_2, low_nfe_solver=_UNIPC_2, low_nfe_max=0),
+    dim_slope=0.5,
+)
 
 #: family -> (preset, options) run by ``sample(model, x_T, nfe=N)`` above the rule's low-NFE range
 #: (from :data:`DEFAULT_RULE`; kept for callers of the earlier API)
@@ -109,12 +134,10 @@ DEFAULT_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
 #: (family, preset) -> (spacing, grid options), ``"*"`` matching any; the most specific rule wins, in
 #: the order (family, preset), (family, *), (*, preset), (*, *). ``logistic`` (log-SNR points with a
 #: logistic density, centre c and scale s) is defined on noise levels, so it is one grid for every
-#: schedule family; measured against uniform_t, quadratic, uniform_lambda and karras it was the best or
-#: within a few percent of the best for UniPC, DPM-Solver++(2M/3M), DEIS, LMS and iPNDM on the VP, EDM
-#: and continuous-VP oracles and networks with c = 0 (centred at sigma/alpha = 1), s = 1.4. On flow
-#: models uniform t (c = 0, s = 1) lost to diffusers' UniPC with flow_shift 0.5 on digits-flow at NFE
-#: 10-20; c = 0.6, s = 1.1 (and the schedule's ``shift`` moving c by -log(shift)) beat it on both flow
-#: targets but one cell (1.02x). Consistency sampling keeps diffusers' trailing.
+#: schedule family; its c and s come from :data:`DEFAULT_RULE` (family, parameterisation, dimension).
+#: Measured against uniform_t, quadratic, uniform_lambda and karras it was the best or within a few
+#: percent of the best for UniPC, DPM-Solver++(2M/3M), DEIS, LMS and iPNDM on the VP, EDM and
+#: continuous-VP oracles and networks. Consistency sampling keeps diffusers' trailing.
 SPACING_RULES: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
     ("*", "*"): ("logistic", {}),  # the centre and scale of DEFAULT_RULE for the family and dimension
     ("flow", "*"): ("logistic", {}),
@@ -133,22 +156,26 @@ SPACING_RULES: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
 }
 
 
-def default_solver(sched: NoiseSchedule, nfe: int | None = None) -> tuple[str, dict[str, Any]]:
-    """The preset (and its options) that runs when no solver is named, for this schedule's family and NFE."""
-    choice = DEFAULT_RULE.family(sched).solver_for(nfe)
+def default_solver(sched: NoiseSchedule, nfe: int | None = None, prediction: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The preset (and its options) that runs when no solver is named, for this schedule's family,
+    NFE and the model's parameterisation."""
+    choice = DEFAULT_RULE.family(sched, prediction).solver_for(nfe)
     return choice.preset, dict(choice.options)
 
 
-def default_call(sched: NoiseSchedule, nfe: int | None = None, dim: int | None = None) -> tuple[str, dict[str, Any]]:
-    """``(preset, options)`` that ``sample(model, x_T, nfe=N)`` runs for a model on ``sched`` whose
-    samples have ``dim`` values (:data:`DEFAULT_RULE`), grid options included."""
-    return DEFAULT_RULE.call(sched, nfe, dim)
+def default_call(sched: NoiseSchedule, nfe: int | None = None, dim: int | None = None, prediction: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``(preset, options)`` that ``sample(model, x_T, nfe=N)`` runs for a model of parameterisation
+    ``prediction`` on ``sched`` whose samples have ``dim`` values (:data:`DEFAULT_RULE`), grid
+    options included."""
+    return DEFAULT_RULE.call(sched, nfe, dim, prediction)
 
 
-def default_grid(sched: NoiseSchedule, preset: str | None = None, dim: int | None = None) -> tuple[str, dict[str, float]]:
+def default_grid(sched: NoiseSchedule, preset: str | None = None, dim: int | None = None,
+                 prediction: str | None = None) -> tuple[str, dict[str, float]]:
     """The time grid ``preset`` uses on ``sched`` when no ``spacing`` is given, with its grid options
     (which apply unless the caller sets them); a logistic grid takes :data:`DEFAULT_RULE`'s centre
-    and scale for the family and the data dimension ``dim`` (``None``: no dimension shift)."""
+    and scale for the family, the model's parameterisation ``prediction`` and the data dimension
+    ``dim`` (``None``: no dimension shift)."""
     fam = schedule_family(sched)
     name, opts = "logistic", {}
     for key in ((fam, preset or "*"), (fam, "*"), ("*", preset or "*"), ("*", "*")):
@@ -156,7 +183,7 @@ def default_grid(sched: NoiseSchedule, preset: str | None = None, dim: int | Non
             name, opts = SPACING_RULES[key]
             break
     if name == "logistic":
-        return name, {**DEFAULT_RULE.grid_options(sched, dim), **opts}
+        return name, {**DEFAULT_RULE.grid_options(sched, dim, prediction), **opts}
     return name, dict(opts)
 
 

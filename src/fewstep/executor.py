@@ -3,6 +3,12 @@ the caller answering each model evaluation; :func:`run_plan` answers with one mo
 
 Both sampling paths stand on it: :func:`fewstep.sample` runs :func:`run_plan`, and parallel-in-time
 sampling (:mod:`fewstep.parallel`) replays the same program from a runner's snapshots.
+
+A plan may have per-dimension coefficients (DPM-Solver-v3's, :mod:`fewstep.solvers.ems`): float64
+tensors of the sample shape, cast to the working dtype and moved to the state's device once per
+runner; such a plan may also require one model (its statistics' :func:`~fewstep.identity.model_key`)
+and one sample shape, both checked before the first model call. Plans with scalar coefficients only
+run the same loop as before.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import SolverError
+from .errors import ShapeError, SolverError
 from .models import Model, prediction_coefficients
 from .noise import NoiseSource, make_noise_source
 from .solvers.compile import Combine, CompiledPlan, Evaluate
@@ -29,17 +35,22 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 Key = tuple[str, int]  # ("state" | "out" | "x0" | "eps", index): a tensor the loop keeps
 
 
-def _expand(model: Model, plan: CompiledPlan, fold: bool) -> list[list[tuple[Key, float]]]:
+def _nonzero(c: Any) -> bool:
+    return bool(torch.count_nonzero(c)) if isinstance(c, torch.Tensor) else c != 0.0
+
+
+def _expand(model: Model, plan: CompiledPlan, fold: bool) -> list[list[tuple[Key, Any]]]:
     """Each Combine as ``sum_k c_k T_k`` over kept tensors. With ``fold`` the prediction conversion
     ``D = p X[state] + q out`` (:func:`~fewstep.models.prediction_coefficients`) is folded into the
-    coefficients, so a step costs one multiply-add per distinct tensor and x0/eps are never formed."""
+    coefficients, so a step costs one multiply-add per distinct tensor and x0/eps are never formed.
+    A coefficient is a float, or a float64 tensor of the sample shape (per-dimension weights)."""
     where: dict[int, Evaluate] = {}
-    programs: list[list[tuple[Key, float]]] = []
+    programs: list[list[tuple[Key, Any]]] = []
     for op in plan.ops:
         if isinstance(op, Evaluate):
             where[op.slot] = op
             continue
-        acc: dict[Key, float] = {("state", op.base): op.a}
+        acc: dict[Key, Any] = {("state", op.base): op.a}
         for slot, kind, c in op.terms:
             if fold:
                 ev = where[slot]
@@ -51,11 +62,11 @@ def _expand(model: Model, plan: CompiledPlan, fold: bool) -> list[list[tuple[Key
             for key, w in parts:
                 if w != 0.0:
                     acc[key] = acc.get(key, 0.0) + c * w
-        programs.append([(k, w) for k, w in acc.items() if w != 0.0 or k == ("state", op.base)])
+        programs.append([(k, w) for k, w in acc.items() if k == ("state", op.base) or _nonzero(w)])
     return programs
 
 
-def _last_uses(plan: CompiledPlan, programs: list[list[tuple[Key, float]]]) -> dict[Key, int]:
+def _last_uses(plan: CompiledPlan, programs: list[list[tuple[Key, Any]]]) -> dict[Key, int]:
     last: dict[Key, int] = {("state", plan.output): len(plan.ops)}
     combines = iter(programs)
     for k, op in enumerate(plan.ops):
@@ -99,8 +110,17 @@ class PlanRunner:
         self.in_dtype = x_T.dtype
         self.work = _work_dtype(x_T.dtype)
         self.fold = model.threshold is None
+        _check_requirements(model, x_T, plan)
         self._programs = _expand(model, plan, self.fold)
         self._last = _last_uses(plan, self._programs)
+        #: per-dimension plans: each combination's bias, the coefficients on the state's device and dtype
+        self._biases: list[torch.Tensor | None] | None = None
+        if plan.per_dimension:
+            dev = x_T.device
+            cast = lambda c: c.to(device=dev, dtype=self.work) if isinstance(c, torch.Tensor) else c  # noqa: E731
+            self._programs = [[(k, cast(c)) for k, c in prog] for prog in self._programs]
+            self._biases = [cast(op.bias) for op in plan.ops if isinstance(op, Combine)]
+            self._combine = self._combine_per_dimension  # type: ignore[method-assign]
         self._kept: dict[Key, torch.Tensor] = {("state", 0): x_T.to(self.work)}
         self._ci = 0  # index of the next combination program
         self._k = 0  # index of the next op
@@ -162,11 +182,28 @@ class PlanRunner:
         self._pending = None
         self._k += 1
 
-    def _combine(self, op: Combine, program: list[tuple[Key, float]]) -> None:
+    def _combine(self, op: Combine, program: list[tuple[Key, Any]]) -> None:
         (key0, c0), rest = program[0], program[1:]
         x = self._kept[key0] * c0 if c0 != 1.0 else self._kept[key0].clone()
         for key, c in rest:
             x.add_(self._kept[key], alpha=c)
+        self._finish(op, program, x)
+
+    def _combine_per_dimension(self, op: Combine, program: list[tuple[Key, Any]]) -> None:
+        """:meth:`_combine` where coefficients may be tensors of the sample shape (broadcast over the batch)."""
+        (key0, c0), rest = program[0], program[1:]
+        x = self._kept[key0] * c0 if isinstance(c0, torch.Tensor) or c0 != 1.0 else self._kept[key0].clone()
+        for key, c in rest:
+            if isinstance(c, torch.Tensor):
+                x.addcmul_(self._kept[key], c)
+            else:
+                x.add_(self._kept[key], alpha=c)
+        bias = self._biases[self._ci]  # type: ignore[index]
+        if bias is not None:
+            x.add_(bias)
+        self._finish(op, program, x)
+
+    def _finish(self, op: Combine, program: list[tuple[Key, Any]], x: torch.Tensor) -> None:
         for c, lam_from, lam_to, channel in op.noise:
             z = self._source(channel).increment(lam_from, lam_to, x.shape, indices=self.sample_indices, dtype=self.work, device=x.device)
             x.add_(z, alpha=c)
@@ -192,6 +229,21 @@ class PlanRunner:
         if self._k < len(self.plan.ops) or self._pending is not None:
             raise SolverError("the plan has not finished")
         return self._kept[("state", self.plan.output)].to(self.in_dtype)
+
+
+def _check_requirements(model: Model, x_T: torch.Tensor, plan: CompiledPlan) -> None:
+    """Refuse, before any model call, samples of another shape than the plan's per-dimension
+    coefficients, and a model other than the one the plan's statistics were computed for."""
+    if plan.sample_shape is not None and tuple(x_T.shape[1:]) != tuple(plan.sample_shape):
+        raise ShapeError(f"this plan's DPM-Solver-v3 statistics are for samples of shape {tuple(plan.sample_shape)}, "
+                         f"got a batch of shape {tuple(x_T.shape)}: compute statistics for this model and shape")
+    if plan.model_key is not None:
+        from .identity import model_key
+
+        key = model_key(model)
+        if key != plan.model_key:
+            raise SolverError(f"this plan's DPM-Solver-v3 statistics were computed for another model ({plan.model_key!r}), not "
+                              f"{model.name!r} ({key!r}): compute them for this model (fewstep.model_statistics(model, ...))")
 
 
 def run_plan(

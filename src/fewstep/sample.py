@@ -47,16 +47,17 @@ def resolve_plan(
     data_dim: int | None = None,
 ) -> SolverSchedule:
     """A preset name (with ``nfe`` and grid options), a ready :class:`SolverSchedule`, or ``None``:
-    the measured default for the model's noise schedule and the data dimension ``data_dim`` (values
-    per sample; :func:`fewstep.defaults.default_call`)."""
-    dim_opt = {"data_dim": data_dim} if data_dim is not None and "data_dim" not in options else {}
+    the measured default for the model's noise schedule and parameterisation and the data dimension
+    ``data_dim`` (values per sample; :func:`fewstep.defaults.default_call`). A preset named without a
+    grid gets the default grid for the same (``data_dim`` and ``model_prediction`` grid options)."""
+    dim_opt = {k: v for k, v in (("data_dim", data_dim), ("model_prediction", model.prediction)) if v is not None and k not in options}
     if solver is None:
         if nfe is None:
             raise ArgumentError("give nfe= (model evaluations per sample), or a solver schedule")
         tuned = model.tuned_schedules.get(nfe) if not options else None
         if tuned is not None:
             return tuned
-        name, defaults = default_call(model.schedule, nfe, data_dim)
+        name, defaults = default_call(model.schedule, nfe, data_dim, model.prediction)
         return preset(name, nfe, model.schedule, **{**defaults, **dim_opt, **options})
     if isinstance(solver, SolverSchedule):
         if nfe is not None and nfe != solver.nfe:
@@ -107,7 +108,7 @@ def _prepare(model: Model, solver: str | SolverSchedule | None, nfe: int | None,
     key: tuple[Any, ...] | None = None
     if isinstance(solver, str) or (solver is None and not (nfe in model.tuned_schedules and not options)):
         try:
-            key = (solver, nfe, _frozen(options), schedule_identity(model.schedule), data_dim)
+            key = (solver, nfe, _frozen(options), schedule_identity(model.schedule), data_dim, model.prediction)
             hash(key)
         except (TypeError, _Unkeyable):  # an unhashable option value, or a tensor whose values cannot be read
             key = None

@@ -256,12 +256,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 self.autotune_result = self._autotuned(num_inference_steps, name, opts)
                 name, opts = self.autotune_result.preset, {**opts, **self.autotune_result.options}
             elif name is None:
-                name, chosen = default_call(self.schedule, num_inference_steps, self.config.data_dim)
+                name, chosen = default_call(self.schedule, num_inference_steps, self.config.data_dim, self._prediction)
                 opts = {**chosen, **opts}
             if opts.get("spacing") == "diffusers":
                 opts["spacing"], model_times = self._diffusers_grid(num_inference_steps, mu)
             if self.config.data_dim is not None:
                 opts.setdefault("data_dim", int(self.config.data_dim))
+            opts.setdefault("model_prediction", self._prediction)
             plan = preset(name, num_inference_steps, self.schedule, **opts)
         self.plan = plan
         self._compiled = compile_plan(plan, self.schedule)
@@ -289,7 +290,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         opts = {k: v for k, v in dict(self.config.solver_options or {}).items() if not (k == "spacing" and v == "diffusers")}
         name = self.config.solver
         if name is None:
-            name, chosen = default_call(self.schedule, 20, self.config.data_dim)
+            name, chosen = default_call(self.schedule, 20, self.config.data_dim, self._prediction)
             opts = {**chosen, **opts}
         preset(name, 20, self.schedule, **opts)
 

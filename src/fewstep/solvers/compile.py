@@ -3,27 +3,35 @@
 Every step is affine once the model outputs are known, so a whole solver becomes a short program:
 
 * ``Evaluate(state, t, slot)``: ``D[slot] = model(X[state], t)`` (its x0 and eps);
-* ``Combine(target, base, a, terms, noise)``: ``X[target] = a X[base] + sum c D[slot].kind + sum c_z z``,
-  each ``z`` the normalised increment of one of the sample's Brownian paths (channel 0: the step
-  noise of the SDE rules; channel 1: EDM's churn) over a log-SNR interval.
+* ``Combine(target, base, a, terms, noise, bias)``: ``X[target] = a X[base] + sum c D[slot].kind + sum c_z z
+  (+ bias)``, each ``z`` the normalised increment of one of the sample's Brownian paths (channel 0: the
+  step noise of the SDE rules; channel 1: EDM's churn) over a log-SNR interval.
 
 All coefficients are float64 numbers computed here, once per plan: the sampling loop does no
-schedule maths, and anything that changes a solver changes the plan, never the loop.
+schedule maths, and anything that changes a solver changes the plan, never the loop. A step whose
+weights come from empirical model statistics (DPM-Solver-v3, :mod:`fewstep.solvers.ems`) has
+*per-dimension* coefficients: ``a``, a term's ``c`` and ``bias`` are then float64 CPU tensors of the
+sample shape (the plan's :attr:`CompiledPlan.sample_shape`), still affine in the state and the model
+outputs, which the executor moves to the state's device once per run.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Union
+
+import torch
 
 from ..errors import SolverError
 from ..schedules import NoiseSchedule
 from .coefficients import node_positions, node_weights
+from .ems import ModelStatistics, ems_weights, is_ems
 from .points import Point, point, points
 from .plan import SolverSchedule
 from .strategy import Step
 
-__all__ = ["Evaluate", "Combine", "CompiledPlan", "compile_plan"]
+__all__ = ["Evaluate", "Combine", "CompiledPlan", "compile_plan", "Coef"]
 
 KIND = {"data": "x0", "noise": "eps"}
 
@@ -37,16 +45,27 @@ class Evaluate:
     sigma: float = math.nan
 
 
+#: a coefficient: a float64 number, or (DPM-Solver-v3) a float64 CPU tensor of the sample shape
+Coef = Union[float, torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Combine:
     target: int
     base: int
-    a: float
-    terms: tuple[tuple[int, str, float], ...]  # (slot, "x0" | "eps", coefficient)
+    a: Coef
+    terms: tuple[tuple[int, str, Coef], ...]  # (slot, "x0" | "eps", coefficient)
     grid_index: int | None = None  # set when the target is the state at times[grid_index]
     #: (coefficient, lambda_from, lambda_to, channel): fresh noise, the normalised increment of the
     #: Brownian path ``channel`` over the interval
     noise: tuple[tuple[float, float, float, int], ...] = ()
+    #: a per-dimension constant added to the state (DPM-Solver-v3's b statistic), or None
+    bias: torch.Tensor | None = None
+
+    @property
+    def per_dimension(self) -> bool:
+        """Is any coefficient a per-dimension tensor?"""
+        return isinstance(self.a, torch.Tensor) or self.bias is not None or any(isinstance(c, torch.Tensor) for _, _, c in self.terms)
 
 
 @dataclass(frozen=True)
@@ -57,10 +76,19 @@ class CompiledPlan:
     output: int
     times: tuple[float, ...]
     nfe: int
+    #: the sample shape per-dimension coefficients are shaped for (``None``: scalar coefficients only)
+    sample_shape: tuple[int, ...] | None = None
+    #: :func:`fewstep.identity.model_key` of the only model the plan may run (its statistics' model), or None
+    model_key: str | None = None
 
     @property
     def stochastic(self) -> bool:
         return any(isinstance(op, Combine) and op.noise for op in self.ops)
+
+    @property
+    def per_dimension(self) -> bool:
+        """Does any combination have per-dimension coefficients?"""
+        return any(isinstance(op, Combine) and op.per_dimension for op in self.ops)
 
 
 class _Builder:
@@ -75,11 +103,11 @@ class _Builder:
         self.ops.append(Evaluate(state, p.t, slot, p.alpha, p.sigma))
         return slot
 
-    def combine(self, base: int, a: float, terms: list[tuple[int, str, float]], grid_index: int | None = None,
-                noise: tuple[tuple[float, float, float, int], ...] = ()) -> int:
+    def combine(self, base: int, a: Coef, terms: list[tuple[int, str, Coef]], grid_index: int | None = None,
+                noise: tuple[tuple[float, float, float, int], ...] = (), bias: torch.Tensor | None = None) -> int:
         target = self.n_states
         self.n_states += 1
-        self.ops.append(Combine(target, base, a, tuple(terms), grid_index, tuple(nz for nz in noise if nz[0] != 0.0)))
+        self.ops.append(Combine(target, base, a, tuple(terms), grid_index, tuple(nz for nz in noise if nz[0] != 0.0), bias))
         return target
 
 
@@ -93,6 +121,22 @@ def _weights(step: Step, variant: str, sched: NoiseSchedule, s: Point, t: Point,
     except SolverError as exc:
         raise SolverError(f"{exc}") from None
     return a, w, ((c, s.lam, t.lam, 0),) if c != 0.0 else ()
+
+
+def _ems_combination(stats: ModelStatistics | None, step: Step, variant: str, s: Point, t: Point,
+                     nodes: list[tuple[Point, int]], i: int) -> tuple[Coef, list[tuple[int, str, Coef]], torch.Tensor | None]:
+    """``(a, terms, bias)`` of a DPM-Solver-v3 combination (:func:`~fewstep.solvers.ems.ems_weights`)."""
+    if stats is None:
+        raise SolverError(f"step {i} takes its weights from empirical model statistics ({variant!r}) but the plan carries none: build it "
+                          "with fewstep.preset('dpm_solver_v3', nfe, schedule, statistics=fewstep.model_statistics(model))")
+    if step.method != "multistep" or step.interp != "lambda" or step.uniform_nodes or step.noise != "none" or step.churn:
+        raise SolverError(f"step {i}: DPM-Solver-v3 weights ({variant!r}) apply to deterministic multistep steps interpolating in "
+                          f"lambda (method='multistep', interp='lambda', no uniform_nodes, noise='none', no churn), got {step}")
+    a, per_node, bias = ems_weights(stats, s, t, [p for p, _ in nodes], pseudo=variant == "ems_pseudo")
+    terms: list[tuple[int, str, Coef]] = []
+    for (_, slot), (c_x0, c_eps) in zip(nodes, per_node):
+        terms += [(slot, kind, c) for kind, c in (("x0", c_x0), ("eps", c_eps)) if c is not None]
+    return a, terms, bias
 
 
 #: the Brownian channel of EDM's churn noise (independent of the step noise on channel 0)
@@ -119,6 +163,8 @@ def _churn(b: _Builder, sched: NoiseSchedule, step: Step, cur: int, s: Point, t:
 def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
     """Turn a solver schedule into affine operations for the noise schedule ``sched``."""
     plan.check_schedule(sched)
+    stats = plan.statistics
+    uses_stats = False
     b = _Builder()
     pts = points(sched, plan.times)
     start_slots: list[int] = []
@@ -143,17 +189,28 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
             taus = None
             if cstep.uniform_nodes:
                 taus = [0.0] + [-float(h) for h in cstep.history[: len(cnodes) - 1]] + [1.0]
-            nodes = cnodes + [(ct, e0)]
-            a, w, nz = _weights(cstep, cstep.corrector_variant or cstep.variant, sched, cs, ct, [p for p, _ in nodes], taus)
-            # the corrected state re-uses the predictor's noise: the same Brownian increment
-            cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i, noise=nz)
+            cvariant = cstep.corrector_variant or cstep.variant
+            if is_ems(cvariant):  # nodes in the reference's order: the start, the new point, earlier starts
+                a, terms, bias = _ems_combination(stats, cstep, cvariant, cs, ct, cnodes[:1] + [(ct, e0)] + cnodes[1:], i - 1)
+                cur = b.combine(cbase, a, terms, grid_index=i, bias=bias)
+                uses_stats = True
+            else:
+                nodes = cnodes + [(ct, e0)]
+                a, w, nz = _weights(cstep, cvariant, sched, cs, ct, [p for p, _ in nodes], taus)
+                # the corrected state re-uses the predictor's noise: the same Brownian increment
+                cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i, noise=nz)
             pending = None
         if step.method == "multistep":
             nodes = [(s, e0)] + [(starts[i - h], start_slots[i - h]) for h in step.history]
-            taus = [0.0] + [-float(h) for h in step.history] if step.uniform_nodes else None
-            a, w, nz = _weights(step, step.variant, sched, s, t, [p for p, _ in nodes], taus)
             # a corrected state is reported (grid_index) by its corrector, once, in its final form
-            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], grid_index=None if step.corrector else i + 1, noise=nz)
+            if is_ems(step.variant):
+                a, terms, bias = _ems_combination(stats, step, step.variant, s, t, nodes, i)
+                new = b.combine(cur, a, terms, grid_index=None if step.corrector else i + 1, bias=bias)
+                uses_stats = True
+            else:
+                taus = [0.0] + [-float(h) for h in step.history] if step.uniform_nodes else None
+                a, w, nz = _weights(step, step.variant, sched, s, t, [p for p, _ in nodes], taus)
+                new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], grid_index=None if step.corrector else i + 1, noise=nz)
             if step.corrector:
                 pending = (step, cur, s, t, nodes[: step.corrector - 1], 0.0)
         else:
@@ -173,4 +230,8 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
             a, w, nz = _weights(step, step.variant, sched, s, t, [p for p, _ in final], None)
             new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(final, w)], grid_index=i + 1, noise=nz)
         cur = new
-    return CompiledPlan(tuple(b.ops), b.n_states, b.n_slots, cur, plan.times, b.n_slots)
+    shape = key = None
+    if uses_stats and stats is not None:
+        shape = stats.sample_shape if stats.sample_shape != () else None
+        key = stats.model
+    return CompiledPlan(tuple(b.ops), b.n_states, b.n_slots, cur, plan.times, b.n_slots, shape, key)

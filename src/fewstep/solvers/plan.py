@@ -1,6 +1,15 @@
 """``SolverSchedule``: a time grid plus one :class:`Step` strategy per step, saved as JSON.
 
 The JSON file is versioned and validated field by field; loading it never executes code.
+
+A plan whose steps take their weights from empirical model statistics (DPM-Solver-v3, variants
+``ems`` / ``ems_pseudo``) carries them (:attr:`SolverSchedule.statistics`). Its file records them in
+the top-level field ``statistics``: embedded when small (at most
+:data:`~fewstep.solvers.ems.EMBED_MAX_NUMBERS` numbers, e.g. the degenerate constant statistics),
+otherwise referenced by the statistics file's path (relative to the schedule file when saved with
+:meth:`SolverSchedule.save`) and SHA-256, with the model key and schedule fingerprint; loading reads
+and checks that file (a changed or missing file is an error). Saving a plan whose large statistics
+were never saved is refused, naming :meth:`~fewstep.ModelStatistics.save`.
 """
 
 from __future__ import annotations
@@ -16,14 +25,17 @@ from typing import Any, Sequence
 from ..atomic import write_atomic
 from ..errors import ScheduleFileError, SolverError
 from ..schedules import NoiseSchedule
+from .ems import ModelStatistics, StatisticsError, is_ems
 from .strategy import Step
 
 __all__ = ["SolverSchedule", "schedule_fingerprint", "schedule_identity", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fewstep.solver_schedule"
-#: 2: steps carry ``noise`` / ``eta`` (version 1's ``renoise`` fraction is read as the ``renoise`` rule)
+#: 2: steps carry ``noise`` / ``eta`` (version 1's ``renoise`` fraction is read as the ``renoise`` rule).
+#: A plan with empirical model statistics adds the top-level field ``statistics`` (readers that do not
+#: know it refuse the file as having an unknown field)
 FORMAT_VERSION = 2
-_TOP_FIELDS = {"format", "version", "name", "times", "steps", "schedule", "meta"}
+_TOP_FIELDS = {"format", "version", "name", "times", "steps", "schedule", "meta", "statistics"}
 
 
 def _digest(cfg: dict[str, Any]) -> str:
@@ -59,6 +71,8 @@ class SolverSchedule:
     #: fingerprint of the noise schedule the times refer to (``None`` = not recorded)
     schedule: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: the empirical model statistics of steps whose weights come from them (DPM-Solver-v3), or None
+    statistics: ModelStatistics | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -86,6 +100,11 @@ class SolverSchedule:
                 )
         if self.steps[-1].corrector:
             raise SolverError("the last step cannot have a corrector: no model evaluation follows it")
+        if self.statistics is not None and not isinstance(self.statistics, ModelStatistics):
+            raise SolverError(f"statistics must be a fewstep.ModelStatistics, got {type(self.statistics).__name__}")
+        if self.statistics is None and self.uses_statistics:
+            raise SolverError("steps with DPM-Solver-v3 weights ('ems' / 'ems_pseudo') need the plan's statistics: build it with "
+                              "fewstep.preset('dpm_solver_v3', nfe, schedule, statistics=fewstep.model_statistics(model))")
 
     # ---- derived ----------------------------------------------------------------------------
     @property
@@ -102,6 +121,11 @@ class SolverSchedule:
         """Model evaluations per sample."""
         return sum(s.nfe for s in self.steps)
 
+    @property
+    def uses_statistics(self) -> bool:
+        """Do some steps take their weights from empirical model statistics (DPM-Solver-v3)?"""
+        return any(is_ems(s.variant) or (s.corrector and is_ems(s.corrector_variant or s.variant)) for s in self.steps)
+
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Raise if this plan was made for another noise schedule, or its times fall outside it."""
         # fewstep 0.1.0 wrote the hash of the whole config (schedule_identity); still accepted
@@ -111,9 +135,16 @@ class SolverSchedule:
                 f"but the model uses {schedule_fingerprint(schedule)} ({schedule!r})"
             )
         schedule.check_times(list(self.times), what=f"times of solver schedule {self.name!r}")
+        st = self.statistics
+        if st is not None and st.schedule is not None and st.schedule not in (schedule_fingerprint(schedule), schedule_identity(schedule)):
+            raise SolverError(
+                f"solver schedule {self.name!r} carries DPM-Solver-v3 statistics computed on noise schedule {st.schedule}, "
+                f"but the model uses {schedule_fingerprint(schedule)} ({schedule!r}): compute them on this model"
+            )
 
     def replace(self, **changes: Any) -> "SolverSchedule":
-        data = {"times": self.times, "steps": self.steps, "name": self.name, "schedule": self.schedule, "meta": dict(self.meta)}
+        data = {"times": self.times, "steps": self.steps, "name": self.name, "schedule": self.schedule, "meta": dict(self.meta),
+                "statistics": self.statistics}
         data.update(changes)
         return SolverSchedule(**data)
 
@@ -139,11 +170,15 @@ class SolverSchedule:
                 f"  {i:3d}: t {self.times[i]:.6g} -> {self.times[i + 1]:.6g}  {st.method} order {st.order} "
                 f"{st.prediction} {st.variant}/{st.interp}{extra}"
             )
+        if self.statistics is not None:
+            lines.append(f"  statistics: {self.statistics!r}")
         return "\n".join(lines)
 
     # ---- JSON ----------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, base: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """The JSON object of the file; a statistics file is referenced relative to the folder ``base``
+        (default: by its absolute path)."""
+        out = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "name": self.name,
@@ -152,12 +187,20 @@ class SolverSchedule:
             "steps": [s.to_dict() for s in self.steps],
             "meta": self.meta,
         }
+        if self.statistics is not None:
+            try:
+                out["statistics"] = self.statistics.reference(None if base is None else Path(base))
+            except StatisticsError as exc:
+                raise SolverError(str(exc)) from None
+        return out
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+    def to_json(self, base: str | os.PathLike[str] | None = None) -> str:
+        return json.dumps(self.to_dict(base), indent=1, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "SolverSchedule":
+    def from_dict(cls, data: Any, base: str | os.PathLike[str] | None = None) -> "SolverSchedule":
+        """Parse and validate a schedule file's JSON object; a referenced statistics file is read
+        relative to the folder ``base`` (default: the working directory)."""
         if not isinstance(data, dict):
             raise ScheduleFileError(f"a solver schedule must be a JSON object, got {type(data).__name__}")
         missing = {"format", "version", "times", "steps"} - set(data)
@@ -189,6 +232,12 @@ class SolverSchedule:
             json.dumps(meta, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ScheduleFileError(f"'meta' must hold plain JSON values (no NaN/Infinity): {exc}") from None
+        stats = None
+        if "statistics" in data:
+            try:
+                stats = ModelStatistics.from_reference(data["statistics"], None if base is None else Path(base))
+            except StatisticsError as exc:
+                raise ScheduleFileError(f"solver schedule statistics: {exc}") from None
         parsed = []
         for i, s in enumerate(steps):
             try:
@@ -196,23 +245,24 @@ class SolverSchedule:
             except (SolverError, TypeError) as exc:
                 raise ScheduleFileError(f"invalid solver schedule: steps[{i}]: {exc}") from None
         try:
-            return cls(times=tuple(times), steps=tuple(parsed), name=name, schedule=sched, meta=meta)
+            return cls(times=tuple(times), steps=tuple(parsed), name=name, schedule=sched, meta=meta, statistics=stats)
         except (SolverError, TypeError) as exc:
             raise ScheduleFileError(f"invalid solver schedule: {exc}") from None
 
     @classmethod
-    def from_json(cls, text: str) -> "SolverSchedule":
+    def from_json(cls, text: str, base: str | os.PathLike[str] | None = None) -> "SolverSchedule":
         try:
             data = json.loads(text, parse_constant=_reject_constant)
         except ScheduleFileError:
             raise
         except ValueError as exc:  # JSONDecodeError, or an integer literal beyond Python's digit limit
             raise ScheduleFileError(f"solver schedule is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, base)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically (temp file + rename) so an interrupted save never leaves a broken file."""
-        return write_atomic(path, self.to_json())
+        """Write atomically (temp file + rename) so an interrupted save never leaves a broken file.
+        Statistics files are referenced relative to the schedule file's folder."""
+        return write_atomic(path, self.to_json() if self.statistics is None else self.to_json(base=Path(path).parent))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "SolverSchedule":
@@ -220,7 +270,7 @@ class SolverSchedule:
             text = Path(path).read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise ScheduleFileError(f"cannot read solver schedule {str(path)!r}: {exc}") from None
-        return cls.from_json(text)
+        return cls.from_json(text, base=Path(path).parent)
 
     @classmethod
     def uniform(cls, times: Sequence[float], step: Step, *, name: str = "custom", schedule: str | None = None) -> "SolverSchedule":

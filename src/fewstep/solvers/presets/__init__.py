@@ -11,7 +11,8 @@ importing it) plus a test row. The families:
 * :mod:`.linear_multistep`: PNDM / PLMS, iPNDM, LMS;
 * :mod:`.edm`: Euler, Heun, EDM's stochastic sampler (k-diffusion / EDM);
 * :mod:`.ancestral`: DDPM, Euler ancestral, DPM-Solver++ (2M) / (3M) SDE, DPM-Solver++ SDE;
-* :mod:`.sa_solver`, :mod:`.er_sde` (with its noise rule), :mod:`.lcm`.
+* :mod:`.sa_solver`, :mod:`.er_sde` (with its noise rule), :mod:`.lcm`;
+* :mod:`.dpm_solver_v3`: DPM-Solver-v3, whose weights come from the model's empirical statistics.
 
 This module is the front door: :func:`preset` builds a named preset with the default grid of its
 noise schedule, :func:`preset_options` lists what it accepts.
@@ -24,9 +25,10 @@ from typing import Any
 
 from ...defaults import default_grid
 from ...errors import ArgumentError, SolverError
+from ...models import PREDICTION_TYPES
 from ...schedules import NoiseSchedule
 from ..plan import SolverSchedule
-from . import ancestral, edm, er_sde, exponential, lcm, linear_multistep, sa_solver, singlestep  # noqa: F401  (register their presets)
+from . import ancestral, dpm_solver_v3, edm, er_sde, exponential, lcm, linear_multistep, sa_solver, singlestep  # noqa: F401  (register their presets)
 from .building import DEFAULT_FINAL_ORDER, GRID_OPTIONS, PRESETS, PresetFn, preset_names, register_preset
 
 __all__ = ["preset", "preset_options", "preset_names", "register_preset", "PRESETS", "GRID_OPTIONS",
@@ -47,7 +49,8 @@ def preset(name: str, nfe: int, sched: NoiseSchedule, **options: Any) -> SolverS
 
     Options: ``spacing`` (a name from :data:`fewstep.timesteps.SPACINGS` or explicit times; default
     :func:`fewstep.default_spacing` of the preset and schedule), ``t_start``, ``t_end``,
-    ``t_noisy_start``, ``t_noisy_end``, ``rho``, ``data_dim`` (values per sample: moves the default
+    ``t_noisy_start``, ``t_noisy_end``, ``rho``, ``data_dim`` and ``model_prediction`` (values per
+    sample and the model's parameterisation: they choose the default
     logistic grid, :class:`fewstep.defaults.DefaultRule`; :func:`fewstep.sample` passes it), and
     preset-specific ones (:func:`preset_options`).
     """
@@ -62,13 +65,15 @@ def preset(name: str, nfe: int, sched: NoiseSchedule, **options: Any) -> SolverS
     data_dim = options.pop("data_dim", None)
     if data_dim is not None and (not isinstance(data_dim, int) or isinstance(data_dim, bool) or data_dim < 1):
         raise ArgumentError(f"data_dim must be a positive integer (values per sample), got {data_dim!r}")
+    model_prediction = options.pop("model_prediction", None)
+    if model_prediction is not None and model_prediction not in PREDICTION_TYPES:
+        raise ArgumentError(f"model_prediction must be one of {PREDICTION_TYPES}, got {model_prediction!r}")
     if options.get("spacing") is None:
-        options["spacing"], grid_defaults = default_grid(sched, name, data_dim)
+        options["spacing"], grid_defaults = default_grid(sched, name, data_dim, model_prediction)
         for key, value in grid_defaults.items():
             options.setdefault(key, value)
     plan = PRESETS[name](nfe, sched, **options)
-    if data_dim is not None:
-        options["data_dim"] = data_dim
+    options.update({k: v for k, v in (("data_dim", data_dim), ("model_prediction", model_prediction)) if v is not None})
     sp = options["spacing"]
     plan.meta["spacing"] = sp if isinstance(sp, str) else "explicit"
     grid = {k: options[k] for k in GRID_OPTIONS if k != "spacing" and k in options}

@@ -36,9 +36,10 @@ DEFAULT_FINAL_ORDER = 2
 #: every registered preset by name (:func:`register_preset`)
 PRESETS: dict[str, PresetFn] = {}
 #: options every preset accepts (forwarded to :func:`fewstep.time_grid`; ``data_dim``, the number of
-#: values per sample, only moves the default grid: :func:`fewstep.defaults.default_grid`)
+#: values per sample, and ``model_prediction``, the model's parameterisation, only choose the default
+#: grid: :func:`fewstep.defaults.default_grid`)
 GRID_OPTIONS = ("spacing", "t_start", "t_end", "t_noisy_start", "t_noisy_end", "rho", "steps_offset", "logistic_center", "logistic_scale",
-                "data_dim")
+                "data_dim", "model_prediction")
 
 
 def register_preset(name: str) -> Callable[[PresetFn], PresetFn]:

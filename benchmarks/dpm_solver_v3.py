@@ -1,0 +1,179 @@
+"""DPM-Solver-v3 (issue 26): what its empirical model statistics cost, and its error against UniPC and
+DPM-Solver++(2M / 3M) on the same grid.
+
+    python benchmarks/dpm_solver_v3.py            # gmm-d64@vp: statistics of 64 / 256 / 1024 samples x 1201 log-SNRs
+                                                  #   (1024 x 1201: the reference's CIFAR-10 setting); digits-vp-eps: 64 / 256 x 121
+    python benchmarks/dpm_solver_v3.py --full     # and digits-vp-eps 1024 x 121, gmm-d3072@vp 64 x 241 (slow on a CPU)
+    python benchmarks/dpm_solver_v3.py --quick    # gmm-d64@vp: 64 / 256 samples x 241 log-SNRs (a few minutes)
+
+Per target (benchmarks/targets.py: model, the judge noises and their reference solutions), the
+statistics are computed by ``fewstep.model_statistics`` from ODE trajectories of keyed noises of seed
+``--seed`` (1: not the judge noises, seed 0), cached under ``benchmarks/.cache`` as safetensors (a rerun
+reads them and reports the cost measured when they were made). Then RMSE against the reference at
+NFE 5, 6, 8, 10 of:
+
+* UniPC (fewstep's ``unipc``: bh2, order 3), DPM-Solver++(2M) (midpoint) and DPM-Solver++(3M) (exact
+  weights), on the preset's default logistic grid;
+* DPM-Solver-v3 (fewstep's defaults: order 3, the corrector of as many nodes as the predictor, as the
+  reference's EDM / score_sde codebases; lower order at the end) on the same grid, with each set of
+  statistics; also without statistics (its degenerate form l = 1, s = b = 0) and with the README's
+  pseudo-order corrector of p + 1 nodes (``corrector_pseudo=True``), with the largest statistics.
+
+Benchmarks never assert; the report says what was measured and where.
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fewstep
+from fewstep.defaults import default_grid
+from fewstep.identity import model_key
+from fewstep.solvers.compile import compile_plan
+
+import targets as T
+from _common import CACHE, REPORTS, log, report_header, write_text_atomic
+
+NFES = (5, 6, 8, 10)
+DEFAULT = {"gmm-d64@vp": [(64, 1201), (256, 1201), (1024, 1201)], "digits-vp-eps": [(64, 121), (256, 121)]}
+FULL = {**DEFAULT, "digits-vp-eps": [(64, 121), (256, 121), (1024, 121)], "gmm-d3072@vp": [(64, 241)]}
+QUICK = {"gmm-d64@vp": [(64, 241), (256, 241)]}
+BASELINES = (("UniPC", "unipc", {}), ("DPM++(2M)", "dpmpp_2m", {}), ("DPM++(3M)", "dpmpp_3m", {}))
+
+
+def _statistics(target: Any, n_samples: int, n_times: int, seed: int, batch: int) -> tuple[fewstep.ModelStatistics, bool]:
+    """The target model's statistics, from the cache when it has them (and they are this model's)."""
+    tag = target.name.replace("@", "-")
+    path = CACHE / f"ems-{tag}-n{n_samples}-t{n_times}-s{seed}.safetensors"
+    key = model_key(target.model)
+    if path.is_file():
+        try:
+            st = fewstep.ModelStatistics.load(path)
+            if st.model == key:
+                return st, True
+        except fewstep.FewstepError as exc:
+            log(f"[{target.name}] ignoring cached statistics {path.name}: {exc}")
+    log(f"[{target.name}] statistics: {n_samples} samples x {n_times} log-SNRs ...")
+    st = fewstep.model_statistics(target.model, n_samples=n_samples, n_times=n_times, seed=seed, batch_size=batch,
+                                  dtype=torch.float32 if target.kind == "zoo" else torch.float64)
+    st.save(path)
+    log(f"[{target.name}]   {st.cost}")
+    return st, False
+
+
+def _rmse(target: Any, solver: str, nfe: int, grid: list[float], **opts: Any) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # v3 without statistics says it runs its degenerate form
+        x = fewstep.sample(target.model, target.x_T, solver, nfe=nfe, spacing=grid, **opts)
+    return fewstep.rmse(x.to(torch.float64), target.ref)
+
+
+def run_target(tid: str, settings: list[tuple[int, int]], seed: int, nfes: tuple[int, ...]) -> dict[str, Any]:
+    target = T.build(tid, T.default_batch(tid, "judge"), "judge")
+    sched = target.model.schedule
+    dim = T.dimension(target.model)
+    grid_name, grid_opts = default_grid(sched, "unipc", dim)
+    grids = {n: [float(t) for t in fewstep.time_grid(sched, n, grid_name, **grid_opts)] for n in nfes}
+    stats = []
+    for n_samples, n_times in settings:
+        st, cached = _statistics(target, n_samples, n_times, seed, batch=min(256, n_samples))
+        plan = fewstep.preset("dpm_solver_v3", max(nfes), sched, statistics=st, spacing=grids[max(nfes)])
+        st._cache.clear()
+        t0 = time.perf_counter()
+        compile_plan(plan, sched)
+        stats.append({"n_samples": n_samples, "n_times": n_times, "stats": st, "cached": cached, "compile_s": time.perf_counter() - t0})
+    rows = []
+    for n in nfes:
+        row: dict[str, Any] = {"nfe": n}
+        for label, name, opts in BASELINES:
+            row[label] = _rmse(target, name, n, grids[n], **opts)
+        row["v3 degenerate"] = _rmse(target, "dpm_solver_v3", n, grids[n])
+        for s in stats:
+            row[f"v3 {s['n_samples']}x{s['n_times']}"] = _rmse(target, "dpm_solver_v3", n, grids[n], statistics=s["stats"])
+        big = stats[-1]
+        row[f"v3 {big['n_samples']}x{big['n_times']} c=p+1"] = _rmse(target, "dpm_solver_v3", n, grids[n], statistics=big["stats"], corrector_pseudo=True)
+        rows.append(row)
+        log(f"[{tid}] NFE {n}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "nfe"))
+    return {"target": target, "grid": (grid_name, grid_opts), "stats": stats, "rows": rows}
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def report(results: list[dict[str, Any]], argv: list[str], wall: float, quick: bool) -> str:
+    lines = report_header("DPM-Solver-v3: cost of the statistics and RMSE" + (" (quick)" if quick else ""), "dpm_solver_v3.py", argv, wall)
+    lines += [
+        "DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023) against UniPC and DPM-Solver++(2M / 3M) on the same grid (the default",
+        "logistic grid of each target), RMSE against each target's reference on its judge noises. The statistics come from",
+        "`fewstep.model_statistics` on ODE trajectories of noises of another seed (docs/mathematics.md, \"DPM-Solver-v3\").",
+        "",
+        "## Cost of the statistics",
+        "",
+        "Each sample at each log-SNR costs two Jacobian-vector products (forward-mode AD): one for l, one for the total",
+        "derivative in lambda that s and b need; the trajectories reuse the first JVP's output (no extra model call).",
+        "Wall time is on this machine (CPU, shared); `compile` is building the v3 plan's per-dimension weights at the",
+        "largest NFE the first time (later calls reuse them).",
+        "",
+        "| target | samples | log-SNRs | model calls | JVPs (rows) | wall s | ms per JVP row | compile s | cached |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for res in results:
+        for s in res["stats"]:
+            c = s["stats"].cost
+            per = 1e3 * c["wall_s"] / max(1, c["jvps"])
+            lines.append(f"| {res['target'].name} | {s['n_samples']} | {s['n_times']} | {c['model_calls']} | {c['jvps']} | {c['wall_s']:.1f} | "
+                         f"{per:.3f} | {s['compile_s']:.2f} | {'yes' if s['cached'] else 'no'} |")
+    lines += ["", "Rows marked cached were computed by an earlier run of this command; their cost is what that run measured",
+              "(kept in the statistics file's metadata).", "",
+              "The reference's settings: 1024 samples x 1201 log-SNRs (EDM CIFAR-10, NFE < 10), 4096 x 1201 (score_sde),",
+              "1024 x 121 (EDM at NFE >= 10, LSUN), 1024 x 501 (ImageNet-256 guided), 1024 x 251 (Stable Diffusion).", ""]
+    for res in results:
+        t = res["target"]
+        name, opts = res["grid"]
+        lines += [f"## {t.name}", "", t.describe, f"Grid: `{name}` {opts}.", ""]
+        keys = [k for k in res["rows"][0] if k != "nfe"]
+        lines += ["| NFE | " + " | ".join(keys) + " | best v3 / UniPC | best v3 / best DPM++ |",
+                  "|---:|" + "---:|" * (len(keys) + 2)]
+        for row in res["rows"]:
+            v3 = min(v for k, v in row.items() if k.startswith("v3 ") and k != "v3 degenerate")
+            dpmpp = min(row["DPM++(2M)"], row["DPM++(3M)"])
+            lines.append(f"| {row['nfe']} | " + " | ".join(_fmt(row[k]) for k in keys) + f" | {v3 / row['UniPC']:.3f} | {v3 / dpmpp:.3f} |")
+        lines.append("")
+    lines += ["Columns: `v3 NxT`: DPM-Solver-v3 (defaults: corrector of p nodes) with statistics of N samples x T log-SNRs;",
+              "`c=p+1`: with the pseudo-order corrector of p + 1 nodes instead (the README's example);",
+              "`v3 degenerate`: without statistics (l = 1, s = b = 0: DPM-Solver++ with exact weights plus the corrector).",
+              "The ratios take the best v3 column (statistics and corrector variants) at that NFE.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="gmm-d64@vp with 64 / 256 samples x 241 log-SNRs")
+    ap.add_argument("--full", action="store_true", help="add gmm-d3072@vp")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the statistics' noises (the judge noises are seed 0)")
+    ap.add_argument("--nfes", default=",".join(map(str, NFES)))
+    ap.add_argument("--out", type=Path, default=REPORTS / "dpm_solver_v3.md")
+    args = ap.parse_args(argv)
+    plan = QUICK if args.quick else FULL if args.full else DEFAULT
+    nfes = tuple(int(v) for v in args.nfes.split(","))
+    t0 = time.perf_counter()
+    results = [run_target(tid, settings, args.seed, nfes) for tid, settings in plan.items()]
+    text = report(results, argv, time.perf_counter() - t0, args.quick)
+    write_text_atomic(args.out, text)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
