@@ -183,15 +183,11 @@ def network_target(name: str, heldout: int) -> STarget:
 
 
 def _reference_path(model: fewstep.Model, noises: torch.Tensor, cache_dir: Path | None, reference_nfe: int = 200) -> Path | None:
-    """Where ``reference_set`` caches the references of ``noises`` (mirrors its key; None if that fails)."""
-    try:
-        from fewstep.schedule_search import objective as O
+    """Where ``reference_set`` caches the references of ``noises`` (the library's own key; None if that fails)."""
+    from fewstep.schedule_search.objective import reference_cache_path
 
-        method = f"unipc at NFE {reference_nfe} (logistic grid, lower_order_final=False)"
-        digest = O.tensor_digest(noises).split("@")[0] if hasattr(O, "tensor_digest") else O._digest(noises)
-        key = hashlib.sha256(json.dumps([O.model_identity(model), digest, list(noises.shape), method]).encode()).hexdigest()[:20]
-        folder = Path(cache_dir) if cache_dir is not None else O.default_cache_dir()
-        return folder / f"reference-{key}.npy"
+    try:
+        return reference_cache_path(model, noises, reference_nfe=reference_nfe, cache_dir=cache_dir)
     except Exception:  # noqa: BLE001
         return None
 
