@@ -34,7 +34,7 @@ from .models import Model, to_prediction
 from .noise import _hash32, keyed_noise
 from .solvers.plan import schedule_fingerprint
 
-__all__ = ["weights_digest", "digest_tensor", "find_modules", "model_key", "Probe", "probe_for", "IdentityWarning", "PROBE_LAMBDAS",
+__all__ = ["weights_digest", "digest_tensor", "find_modules", "walk_callable", "modules_device", "model_key", "Probe", "probe_for", "IdentityWarning", "PROBE_LAMBDAS",
            "PROBE_SEED", "PROBE_SIZE", "PROBE_RTOL"]
 
 #: the half log-SNRs ``log(alpha / sigma)`` the probe evaluates the model at (clipped to the schedule)
@@ -233,7 +233,8 @@ class _Walk:
         return [m for m in self.modules if id(m) not in inner]
 
 
-def _walk(fn: Callable[..., Any]) -> _Walk:
+def walk_callable(fn: Callable[..., Any]) -> _Walk:
+    """Everything ``fn`` reaches (modules, functions, objects), as :func:`find_modules` describes."""
     w = _Walk()
     w.visit(fn, 0)
     return w
@@ -247,7 +248,7 @@ def find_modules(fn: Callable[..., Any]) -> list[torch.nn.Module]:
     depth of 6, each object once); the attributes of plain objects (a callable object's modules,
     a captured ``self``). A module inside another module found is left out (its weights are the
     outer one's)."""
-    return _walk(fn).outermost_modules()
+    return walk_callable(fn).outermost_modules()
 
 
 def model_key(model: Model) -> str:
@@ -268,7 +269,7 @@ def model_key(model: Model) -> str:
         tail += f"|threshold:{t.kind},{t.max_value!r},{t.ratio!r}"
     if model.identity:
         return f"{model.identity}|{tail}"
-    walk = _walk(model.fn)
+    walk = walk_callable(model.fn)
     mods = walk.outermost_modules()
     weights = hashlib.sha256("\n".join(f"{type(m).__qualname__}:{weights_digest(m)}" for m in mods).encode()).hexdigest()[:16] if mods else "none"
     code = hashlib.sha256("\n".join(walk.code).encode()).hexdigest()[:16]
@@ -276,7 +277,8 @@ def model_key(model: Model) -> str:
 
 
 # ---- the behaviour probe ------------------------------------------------------------------------------
-def _param_device(modules: Sequence[torch.nn.Module]) -> torch.device | None:
+def modules_device(modules: Sequence[torch.nn.Module]) -> torch.device | None:
+    """The device of the first parameter or buffer of ``modules`` (None when they hold none)."""
     for m in modules:
         for t in (*m.parameters(), *m.buffers()):
             return t.device
@@ -352,7 +354,7 @@ class Probe:
         shape = tuple(int(s) for s in sample_shape)
         dt = dtype or torch.float32
         modules = find_modules(model.fn)
-        dev = torch.device(device) if device is not None else (_param_device(modules) or torch.device("cpu"))
+        dev = torch.device(device) if device is not None else (modules_device(modules) or torch.device("cpu"))
         sched = model.schedule
         lo, hi = sorted((float(sched.t_min), float(sched.t_max)))
         times = []
@@ -451,7 +453,7 @@ def probe_for(model: Model, like: torch.Tensor | None = None, *, device: torch.d
     if shape is None:
         raise ArgumentError("the model has no sample_shape: give the noises it is sampled from")
     if device is None:
-        device = _param_device(find_modules(model.fn)) or (like.device if like is not None else None)
+        device = modules_device(find_modules(model.fn)) or (like.device if like is not None else None)
     return Probe.take(model, shape, device=device, dtype=like.dtype if like is not None else None)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .._version import __version__
 from ..errors import ArgumentError
-from ..identity import _param_device, find_modules, model_key, probe_for
+from ..identity import modules_device, find_modules, model_key, probe_for
 from ..metrics import rmse
 from ..models import Model
 from ..noise import initial_noise
@@ -50,7 +50,7 @@ def _noises(model: Model, given: torch.Tensor | None, n: int, seed: int, start: 
     if like is not None:
         dtype, device = like.dtype, like.device
     else:
-        dtype, device = torch.float32, _param_device(find_modules(model.fn)) or torch.device("cpu")
+        dtype, device = torch.float32, modules_device(find_modules(model.fn)) or torch.device("cpu")
     return initial_noise(model.schedule, (n, *shape), seed, t_start=t_start, indices=range(start, start + n), dtype=dtype, device=device)
 
 

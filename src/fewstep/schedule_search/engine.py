@@ -31,7 +31,7 @@ import numpy as np
 
 from ..atomic import write_atomic
 from ..errors import ArgumentError, FewstepError, SolverError
-from ..identity import Probe, _walk, model_key, probe_for, weights_digest
+from ..identity import Probe, walk_callable, model_key, probe_for, weights_digest
 from ..metrics import rmse
 from ..models import Model
 from ..schedules import DiscreteVP
@@ -73,7 +73,7 @@ def metric_identity(metric: Callable[..., Any] | None) -> str:
     lambdas, or one feature network with other weights, are two metrics."""
     if metric is None or metric is rmse:
         return "rmse"
-    walk = _walk(metric)
+    walk = walk_callable(metric)
     code = hashlib.sha256("\n".join(walk.code).encode()).hexdigest()[:16]
     mods = walk.outermost_modules()
     weights = hashlib.sha256("\n".join(weights_digest(m) for m in mods).encode()).hexdigest()[:16] if mods else "none"
