@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import fewstep
-from fewstep.defaults import DEFAULT_RULE, NOISE_PREDICTIONS, DefaultRule, FamilyRule, GridParams, SolverChoice
+from fewstep.defaults import DEFAULT_RULE, NOISE_PREDICTIONS, DefaultRule, FamilyRule, GridParams, SolverChoice, rule_from_dict
 from fewstep.report import markdown_table
 
 from _common import CACHE, REPORTS, RecordCache, log, machine_lines, set_threads, write_text_atomic
@@ -277,16 +277,8 @@ def rule_json(rule: DefaultRule) -> dict[str, Any]:
 
 
 def rule_from_json(data: dict[str, Any]) -> DefaultRule:
-    """The inverse of :func:`rule_json`."""
-
-    def family(f: dict[str, Any]) -> FamilyRule:
-        def solver(c: dict[str, Any]) -> SolverChoice:
-            return SolverChoice(c["preset"], tuple(tuple(kv) for kv in c["options"]))
-
-        return FamilyRule(GridParams(**f["grid"]), solver(f["solver"]), solver(f["low_nfe_solver"]), int(f["low_nfe_max"]))
-
-    return DefaultRule(vp=family(data["vp"]), flow=family(data["flow"]), eps=family(data["eps"]) if data.get("eps") else None,
-                       dim_slope=float(data["dim_slope"]), dim_ref=int(data["dim_ref"]), dim_max=int(data["dim_max"]))
+    """The inverse of :func:`rule_json` (the library's :func:`fewstep.defaults.rule_from_dict`)."""
+    return rule_from_dict(data)
 
 
 def describe_rule(rule: DefaultRule) -> str:

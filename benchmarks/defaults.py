@@ -214,7 +214,7 @@ def held_out_rule(tid: str) -> "fewstep.defaults.DefaultRule | None":
 FORMER_RULE = fewstep.defaults.DefaultRule()
 
 
-def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool) -> dict[str, Any]:
+def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool, final_order_table: bool = True) -> dict[str, Any]:
     t = dt.target
     t_start = time.perf_counter()
     out: dict[str, Any] = {"default": {}, "previous": {}, "final_order": [], "fewstep_best": {}, "timings": {}}
@@ -232,7 +232,7 @@ def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool) -> d
         out["previous"][n] = run_call(t, name, n, metric=True, **opts)
     out["timings"]["previous default"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for p in FINAL_ORDER_PRESETS:
+    for p in FINAL_ORDER_PRESETS if final_order_table else ():
         for n in nfes:
             if n not in FINAL_ORDER_NFES:
                 continue
@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fewstep-best", action="store_true",
                     help="also search fewstep's best preset at its best grid on every target (always on for linear-vp, cosine-vp)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $FEWSTEP_BENCH_THREADS or all CPUs of this process)")
+    ap.add_argument("--no-final-order", action="store_true", help="leave out the table of final_order=1 against each preset's default")
     ap.add_argument("--peers-only", action="store_true", help="only run (and cache) the peers of the targets; no report")
     ap.add_argument("--out", default=None, help="report path (default reports/defaults.md, or reports/defaults_quick.md with --quick); JSON beside it")
     args = ap.parse_args(argv)
@@ -696,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.peers_only:
             peers_side(dt, nfes, kdiffusion=not args.no_kdiffusion, read_cache=not args.no_peers_cache)
             continue
-        fs = fewstep_side(dt, nfes, fewstep_best=args.fewstep_best or dt.sched_key in FEWSTEP_BEST_SCHEDULES)
+        fs = fewstep_side(dt, nfes, fewstep_best=args.fewstep_best or dt.sched_key in FEWSTEP_BEST_SCHEDULES,
+                          final_order_table=not args.no_final_order)
         pe = peers_side(dt, nfes, kdiffusion=not args.no_kdiffusion, read_cache=not args.no_peers_cache)
         results[dt.id] = {"fewstep": fs, "peers": pe, "timings": {"build_s": dt.build_s, "fewstep_s": fs["timings"]["total"],
                                                                   "peers_s": pe["wall_s"]}}

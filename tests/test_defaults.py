@@ -175,3 +175,17 @@ def test_default_beats_the_previous_default_on_the_oracle():
         new = fewstep.rmse(fewstep.sample(model, x, nfe=nfe), ref)
         old = fewstep.rmse(fewstep.sample(model, x, "ddim", nfe=nfe, spacing="uniform_t"), ref)
         assert new < 0.5 * old, (nfe, new, old)
+
+
+def test_the_library_runs_the_rule_the_benchmark_chose():
+    """``DEFAULT_RULE`` is the rule ``benchmarks/default_rule.py select`` chose on all the targets
+    (``benchmarks/reports/default_rule.json``): a hand edit of either shows here."""
+    import json
+    from pathlib import Path
+
+    from fewstep.defaults import DEFAULT_RULE, rule_from_dict
+
+    chosen = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "reports" / "default_rule.json").read_text())
+    assert rule_from_dict(chosen["shipped"]["rule"]) == DEFAULT_RULE
+    for entry in chosen["leave_one_model_out"].values():  # the held-out rules parse too
+        assert isinstance(rule_from_dict(entry["rule"]), type(DEFAULT_RULE))

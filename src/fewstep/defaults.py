@@ -14,7 +14,7 @@ from typing import Any
 
 from .schedules import EDM, CosineVP, DiscreteVP, FlowMatching, LinearVP, NoiseSchedule
 
-__all__ = ["NOISE_PREDICTIONS", "schedule_family", "default_solver", "default_spacing", "default_grid", "default_call", "DefaultRule", "FamilyRule",
+__all__ = ["NOISE_PREDICTIONS", "rule_from_dict", "schedule_family", "default_solver", "default_spacing", "default_grid", "default_call", "DefaultRule", "FamilyRule",
            "GridParams", "SolverChoice", "DEFAULT_RULE", "DEFAULT_SOLVERS", "SPACING_RULES"]
 
 FAMILIES = ("discrete_vp", "linear_vp", "cosine_vp", "edm", "flow")
@@ -108,6 +108,20 @@ class DefaultRule:
         ``prediction`` on ``sched`` with ``dim`` values per sample."""
         choice = self.family(sched, prediction).solver_for(nfe)
         return choice.preset, {**dict(choice.options), "spacing": "logistic", **self.grid_options(sched, dim, prediction)}
+
+
+def rule_from_dict(data: dict[str, Any]) -> DefaultRule:
+    """A :class:`DefaultRule` from its plain-JSON form (``benchmarks/reports/default_rule.json``
+    stores the chosen rule so; ``benchmarks/default_rule.py`` writes it)."""
+
+    def solver(c: dict[str, Any]) -> SolverChoice:
+        return SolverChoice(c["preset"], tuple(tuple(kv) for kv in c["options"]))
+
+    def family(f: dict[str, Any]) -> FamilyRule:
+        return FamilyRule(GridParams(**f["grid"]), solver(f["solver"]), solver(f["low_nfe_solver"]), int(f["low_nfe_max"]))
+
+    return DefaultRule(vp=family(data["vp"]), flow=family(data["flow"]), eps=family(data["eps"]) if data.get("eps") else None,
+                       dim_slope=float(data["dim_slope"]), dim_ref=int(data["dim_ref"]), dim_max=int(data["dim_max"]))
 
 
 _UNIPC = SolverChoice("unipc")
