@@ -214,6 +214,16 @@ def held_out_rule(tid: str) -> "fewstep.defaults.DefaultRule | None":
 FORMER_RULE = fewstep.defaults.DefaultRule()
 
 
+def run_rule(t: Q.Target, rule: "fewstep.defaults.DefaultRule", nfes: tuple[int, ...]) -> dict[int, dict[str, Any]]:
+    """What ``rule`` would run on ``t`` at each NFE (its preset and grid for the model's declared
+    schedule, parameterisation and dimension), run and measured."""
+    out = {}
+    for n in nfes:
+        name, opts = rule.call(t.sched, n, T.dimension(t.model), t.model.prediction)
+        out[n] = run_call(t, name, n, metric=True, **opts)
+    return out
+
+
 def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool, final_order_table: bool = True) -> dict[str, Any]:
     t = dt.target
     t_start = time.perf_counter()
@@ -245,17 +255,10 @@ def fewstep_side(dt: DTarget, nfes: tuple[int, ...], *, fewstep_best: bool, fina
     out["timings"]["final_order table"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     held = held_out_rule(dt.id)
-    out["lomo"] = {"rule": None if held is None else repr(held)}
-    for n in nfes:
-        if held is not None:
-            name, opts = held.call(t.sched, n, T.dimension(t.model), t.model.prediction)
-            out["lomo"][n] = run_call(t, name, n, metric=True, **opts)
+    out["lomo"] = {"rule": None if held is None else repr(held), **(run_rule(t, held, nfes) if held is not None else {})}
     out["timings"]["held-out rule"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out["former"] = {}
-    for n in nfes:
-        name, opts = FORMER_RULE.call(t.sched, n, T.dimension(t.model), t.model.prediction)
-        out["former"][n] = run_call(t, name, n, metric=True, **opts)
+    out["former"] = run_rule(t, FORMER_RULE, nfes)
     out["timings"]["former rule"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out["autotune"] = {}
