@@ -211,7 +211,8 @@ def held_out_rule(tid: str) -> "fewstep.defaults.DefaultRule | None":
 
 
 #: the rule the library shipped before the validation zoo (chosen and judged on the same models)
-FORMER_RULE = fewstep.defaults.DefaultRule()
+FORMER_RULE = fewstep.defaults.DefaultRule(vp=fewstep.defaults.FamilyRule(fewstep.defaults.GridParams(0.0, 1.4)),
+                                           flow=fewstep.defaults.FamilyRule(fewstep.defaults.GridParams(0.6, 1.1)), eps=None, dim_slope=0.0)
 
 
 def run_rule(t: Q.Target, rule: "fewstep.defaults.DefaultRule", nfes: tuple[int, ...]) -> dict[int, dict[str, Any]]:

@@ -61,6 +61,12 @@ def schedule_identity(schedule: NoiseSchedule) -> str:
     return cached
 
 
+def recorded_for(recorded: str | None, schedule: NoiseSchedule) -> bool:
+    """Was a file's recorded schedule id (a fingerprint, or fewstep 0.1.0's whole-config identity)
+    written for ``schedule``? ``None`` (not recorded) matches any."""
+    return recorded is None or recorded in (schedule_fingerprint(schedule), schedule_identity(schedule))
+
+
 @dataclass(frozen=True)
 class SolverSchedule:
     """A complete solver: ``times[0] > ... > times[n]`` and ``steps[i]`` taking ``times[i] -> times[i+1]``."""
@@ -129,14 +135,14 @@ class SolverSchedule:
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Raise if this plan was made for another noise schedule, or its times fall outside it."""
         # fewstep 0.1.0 wrote the hash of the whole config (schedule_identity); still accepted
-        if self.schedule is not None and self.schedule not in (schedule_fingerprint(schedule), schedule_identity(schedule)):
+        if not recorded_for(self.schedule, schedule):
             raise SolverError(
                 f"solver schedule {self.name!r} was made for noise schedule {self.schedule}, "
                 f"but the model uses {schedule_fingerprint(schedule)} ({schedule!r})"
             )
         schedule.check_times(list(self.times), what=f"times of solver schedule {self.name!r}")
         st = self.statistics
-        if st is not None and st.schedule is not None and st.schedule not in (schedule_fingerprint(schedule), schedule_identity(schedule)):
+        if st is not None and not recorded_for(st.schedule, schedule):
             raise SolverError(
                 f"solver schedule {self.name!r} carries DPM-Solver-v3 statistics computed on noise schedule {st.schedule}, "
                 f"but the model uses {schedule_fingerprint(schedule)} ({schedule!r}): compute them on this model"

@@ -34,7 +34,7 @@ from ...errors import SolverError
 from ...schedules import NoiseSchedule
 from ...timesteps import time_grid
 from ..ems import ModelStatistics, StatisticsError
-from ..plan import SolverSchedule, schedule_fingerprint, schedule_identity
+from ..plan import SolverSchedule, recorded_for, schedule_fingerprint
 from ..points import points
 from ..strategy import Step
 from .building import DEFAULT_FINAL_ORDER, check_int, check_nfe, ends_clean, into_clean, multistep_orders, pure_noise_start, register_preset
@@ -82,7 +82,7 @@ def dpm_solver_v3(nfe: int, sched: NoiseSchedule, *, statistics: ModelStatistics
     elif not isinstance(statistics, ModelStatistics):
         raise SolverError(f"preset {name!r}: statistics must be a fewstep.ModelStatistics (fewstep.model_statistics(model)), "
                           f"got {type(statistics).__name__}")
-    elif statistics.schedule is not None and statistics.schedule not in (schedule_fingerprint(sched), schedule_identity(sched)):
+    elif not recorded_for(statistics.schedule, sched):
         raise StatisticsError(f"preset {name!r}: the statistics were computed on noise schedule {statistics.schedule}, not on "
                               f"{schedule_fingerprint(sched)} ({sched!r}): compute them for the model to sample")
     orders = multistep_orders(n, order, lower_order_final, ends, final_order)
