@@ -12,11 +12,20 @@ import fewstep
 from fewstep import SolverSchedule, Step
 from fewstep.errors import ScheduleFileError, SolverError
 from fewstep.solvers.plan import FORMAT, FORMAT_VERSION
-from fewstep.solvers.strategy import INTERPS, MAX_ORDER, METHODS, PREDICTIONS
+from fewstep.solvers.strategy import INTERPS, MAX_CORRECTION_DIFFERENCES, MAX_ORDER, METHODS, PREDICTIONS
 from fewstep.solvers.registry import noise_rule_names
 from fewstep.solvers.strategy import VARIANTS as ALL_VARIANTS
 
 VARIANTS = ["phi", "bh1", "bh2", "dpm3m", "adams"]
+
+
+@st.composite
+def corrections(draw, index):
+    """None, or an IIA correction reading at most ``index`` previous steps."""
+    if not index or draw(st.booleans()):
+        return None
+    coefs = st.lists(st.floats(-1e3, 1e3, allow_nan=False), max_size=min(index, MAX_CORRECTION_DIFFERENCES))
+    return (tuple(draw(coefs)), tuple(draw(coefs)))
 
 
 @st.composite
@@ -30,14 +39,15 @@ def steps(draw, index):
         history = draw(st.permutations(list(range(1, index + 1)))) if index else []
         corrector = draw(st.sampled_from([0] + list(range(2, order + 2)))) if order >= 1 else 0
         return Step(order=order, prediction=prediction, variant=variant, interp=interp, history=tuple(history[: order - 1]),
-                    uniform_nodes=draw(st.booleans()), corrector=corrector)
+                    uniform_nodes=draw(st.booleans()), corrector=corrector, correction=draw(corrections(index)))
     order = draw(st.integers(1, 4))
     stages = sorted(draw(st.lists(st.floats(0.01, 1.0), min_size=order - 1, max_size=order - 1, unique=True)))
     final = None
     if order > 1 and draw(st.booleans()):
         final = (0, order - 1)
     return Step(order=order, prediction=prediction, method="singlestep", variant=variant, interp=interp,
-                stages=tuple(stages), final_nodes=final, stage_variant=draw(st.sampled_from([None] + VARIANTS)))
+                stages=tuple(stages), final_nodes=final, stage_variant=draw(st.sampled_from([None] + VARIANTS)),
+                correction=draw(corrections(index)))
 
 
 @st.composite
@@ -78,6 +88,18 @@ def _or_none(ok):
     return lambda v: v is None or ok(v)
 
 
+def _finite(v):
+    try:
+        return _number(v) and math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _correction(v):
+    return (isinstance(v, dict) and set(v) == {"x0", "eps"}
+            and all(_list_of(_finite)(c) and len(c) <= MAX_CORRECTION_DIFFERENCES for c in v.values()))
+
+
 # The file format's contract for each field's value taken alone. A file that breaks it anywhere must
 # be rejected; one that meets it may still be rejected for how its fields combine (times not
 # decreasing, a history the step's order cannot use, ...), or load.
@@ -108,6 +130,7 @@ STEP_CONTRACT = {
     "eta": lambda v: _number(v) and 0.0 <= v,
     "churn": lambda v: _number(v) and 0.0 <= v < math.inf,
     "churn_noise": lambda v: _number(v) and 0.0 <= v < math.inf,
+    "correction": _or_none(_correction),
 }
 
 
@@ -138,7 +161,7 @@ def _check_loader(obj):
     assert plan.times == tuple(float(t) for t in obj["times"])
     assert (plan.name, plan.schedule, plan.meta) == (obj.get("name", "custom"), obj.get("schedule"), obj.get("meta", {}))
     for step, given_fields in zip(plan.steps, obj["steps"], strict=True):
-        loaded = {"churn": step.churn, "churn_noise": step.churn_noise, **step.to_dict()}  # written only when set
+        loaded = {"churn": step.churn, "churn_noise": step.churn_noise, "correction": None, **step.to_dict()}  # written only when set
         derived = {"history": [], "stages": []}  # empty: the order's default nodes
         assert all(loaded[k] == v for k, v in given_fields.items() if derived.get(k, ...) != v), (loaded, given_fields)
     back = SolverSchedule.from_dict(plan.to_dict())
@@ -203,6 +226,7 @@ def _valid_dict():
     sched = fewstep.DiscreteVP.linear()
     d = fewstep.preset("unipc", 6, sched).to_dict()
     d["steps"][0].update(churn=0.25, churn_noise=1.01)  # written only when set: make the fuzzer see them
+    d["steps"][2]["correction"] = {"x0": [0.1, -0.05], "eps": [0.02]}
     return d
 
 

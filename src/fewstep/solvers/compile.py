@@ -7,6 +7,11 @@ Every step is affine once the model outputs are known, so a whole solver becomes
   (+ bias)``, each ``z`` the normalised increment of one of the sample's Brownian paths (channel 0: the
   step noise of the SDE rules; channel 1: EDM's churn) over a log-SNR interval.
 
+A step's IIA correction (:attr:`~fewstep.solvers.strategy.Step.correction`, fitted by
+:func:`fewstep.fit_iia`) is more terms of the combination that makes the step's result (its
+corrector's, with a UniC corrector): ``+c (D_j - D_(j-1))`` on the predictions at two steps' first
+evaluations (:attr:`CompiledPlan.starts`).
+
 All coefficients are float64 numbers computed here, once per plan: the sampling loop does no
 schedule maths, and anything that changes a solver changes the plan, never the loop. A step whose
 weights come from empirical model statistics (DPM-Solver-v3, :mod:`fewstep.solvers.ems`) has
@@ -80,6 +85,8 @@ class CompiledPlan:
     sample_shape: tuple[int, ...] | None = None
     #: :func:`fewstep.identity.model_key` of the only model the plan may run (its statistics' model), or None
     model_key: str | None = None
+    #: the slot of each step's first evaluation (at its start, or its churned start)
+    starts: tuple[int, ...] = ()
 
     @property
     def stochastic(self) -> bool:
@@ -139,6 +146,22 @@ def _ems_combination(stats: ModelStatistics | None, step: Step, variant: str, s:
     return a, terms, bias
 
 
+def _correction_terms(step: Step, i: int, start_slots: list[int]) -> list[tuple[int, str, Coef]]:
+    """Step ``i``'s IIA correction (:attr:`Step.correction`) as terms of its result's combination:
+    ``c[k-1] (D_(i-k+1) - D_(i-k))`` for the x0 and eps predictions ``D`` at the steps' first
+    evaluations (zero coefficients add nothing, so an all-zero correction leaves the program as it was)."""
+    if step.correction is None:
+        return []
+    if step.correction_depth > i:
+        raise SolverError(f"step {i} has an IIA correction reading {step.correction_depth} previous steps but only {i} exist")
+    terms: list[tuple[int, str, Coef]] = []
+    for kind, coefs in zip(("x0", "eps"), step.correction):
+        for k, c in enumerate(coefs, 1):
+            if c != 0.0:
+                terms += [(start_slots[i - k + 1], kind, c), (start_slots[i - k], kind, -c)]
+    return terms
+
+
 #: the Brownian channel of EDM's churn noise (independent of the step noise on channel 0)
 CHURN_CHANNEL = 1
 
@@ -192,25 +215,29 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
             cvariant = cstep.corrector_variant or cstep.variant
             if is_ems(cvariant):  # nodes in the reference's order: the start, the new point, earlier starts
                 a, terms, bias = _ems_combination(stats, cstep, cvariant, cs, ct, cnodes[:1] + [(ct, e0)] + cnodes[1:], i - 1)
-                cur = b.combine(cbase, a, terms, grid_index=i, bias=bias)
+                cur = b.combine(cbase, a, terms + _correction_terms(cstep, i - 1, start_slots), grid_index=i, bias=bias)
                 uses_stats = True
             else:
                 nodes = cnodes + [(ct, e0)]
                 a, w, nz = _weights(cstep, cvariant, sched, cs, ct, [p for p, _ in nodes], taus)
                 # the corrected state re-uses the predictor's noise: the same Brownian increment
-                cur = b.combine(cbase, a, [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)], grid_index=i, noise=nz)
+                terms = [(slot, KIND[cstep.prediction], c) for (_, slot), c in zip(nodes, w)] + _correction_terms(cstep, i - 1, start_slots)
+                cur = b.combine(cbase, a, terms, grid_index=i, noise=nz)
             pending = None
         if step.method == "multistep":
             nodes = [(s, e0)] + [(starts[i - h], start_slots[i - h]) for h in step.history]
-            # a corrected state is reported (grid_index) by its corrector, once, in its final form
+            # a corrected state is reported (grid_index) by its corrector, once, in its final form; the
+            # IIA correction goes to the step's result: the corrected state when there is a corrector
+            corr = [] if step.corrector else _correction_terms(step, i, start_slots)
             if is_ems(step.variant):
                 a, terms, bias = _ems_combination(stats, step, step.variant, s, t, nodes, i)
-                new = b.combine(cur, a, terms, grid_index=None if step.corrector else i + 1, bias=bias)
+                new = b.combine(cur, a, terms + corr, grid_index=None if step.corrector else i + 1, bias=bias)
                 uses_stats = True
             else:
                 taus = [0.0] + [-float(h) for h in step.history] if step.uniform_nodes else None
                 a, w, nz = _weights(step, step.variant, sched, s, t, [p for p, _ in nodes], taus)
-                new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(nodes, w)], grid_index=None if step.corrector else i + 1, noise=nz)
+                terms = [(slot, kind, c) for (_, slot), c in zip(nodes, w)] + corr
+                new = b.combine(cur, a, terms, grid_index=None if step.corrector else i + 1, noise=nz)
             if step.corrector:
                 pending = (step, cur, s, t, nodes[: step.corrector - 1], 0.0)
         else:
@@ -228,10 +255,11 @@ def compile_plan(plan: SolverSchedule, sched: NoiseSchedule) -> CompiledPlan:
                 nodes.append((pr, b.evaluate(xr, pr)))
             final = nodes if step.final_nodes is None else [nodes[j] for j in step.final_nodes]
             a, w, nz = _weights(step, step.variant, sched, s, t, [p for p, _ in final], None)
-            new = b.combine(cur, a, [(slot, kind, c) for (_, slot), c in zip(final, w)], grid_index=i + 1, noise=nz)
+            terms = [(slot, kind, c) for (_, slot), c in zip(final, w)] + _correction_terms(step, i, start_slots)
+            new = b.combine(cur, a, terms, grid_index=i + 1, noise=nz)
         cur = new
     shape = key = None
     if uses_stats and stats is not None:
         shape = stats.sample_shape if stats.sample_shape != () else None
         key = stats.model
-    return CompiledPlan(tuple(b.ops), b.n_states, b.n_slots, cur, plan.times, b.n_slots, shape, key)
+    return CompiledPlan(tuple(b.ops), b.n_states, b.n_slots, cur, plan.times, b.n_slots, shape, key, tuple(start_slots))

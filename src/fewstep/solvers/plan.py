@@ -104,6 +104,9 @@ class SolverSchedule:
                     f"step {i} (order {st.order}) reads {st.depth} previous steps but only {i} exist; "
                     "use a lower order on the first steps (warm-up)"
                 )
+            if st.correction_depth > i:
+                raise SolverError(f"step {i} has an IIA correction over {st.correction_depth} differences, which reads "
+                                  f"{st.correction_depth} previous steps' model outputs, but only {i} exist; shorten or drop it")
         if self.steps[-1].corrector:
             raise SolverError("the last step cannot have a corrector: no model evaluation follows it")
         if self.statistics is not None and not isinstance(self.statistics, ModelStatistics):
@@ -172,6 +175,8 @@ class SolverSchedule:
             extra += f" corrector_variant={st.corrector_variant}" if st.corrector_variant else ""
             extra += f" noise={st.noise} eta={st.eta:g}" if st.noise != "none" else ""
             extra += f" churn={st.churn:g} churn_noise={st.churn_noise:g}" if st.churn else ""
+            if st.correction is not None:
+                extra += " correction=" + " ".join(f"{k}[{', '.join(f'{c:.4g}' for c in cs)}]" for k, cs in zip(("x0", "eps"), st.correction))
             lines.append(
                 f"  {i:3d}: t {self.times[i]:.6g} -> {self.times[i + 1]:.6g}  {st.method} order {st.order} "
                 f"{st.prediction} {st.variant}/{st.interp}{extra}"
@@ -286,6 +291,8 @@ class SolverSchedule:
             st = step
             if step.depth > i:
                 st = step.with_(order=i + 1, corrector=min(step.corrector, i + 2) if step.corrector else 0)
+            if st.correction_depth > i:  # an IIA correction reads previous steps: none where there are too few
+                st = st.with_(correction=None)
             steps.append(st)
         return cls(times=tuple(times), steps=tuple(steps), name=name, schedule=schedule)
 

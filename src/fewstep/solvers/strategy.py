@@ -26,7 +26,7 @@ from ..errors import SolverError
 
 from .registry import noise_rule, variant_names
 
-__all__ = ["Step", "PREDICTIONS", "METHODS", "VARIANTS", "INTERPS"]
+__all__ = ["Step", "PREDICTIONS", "METHODS", "VARIANTS", "INTERPS", "CORRECTION_KEYS", "MAX_CORRECTION_DIFFERENCES"]
 
 PREDICTIONS = ("data", "noise")
 METHODS = ("multistep", "singlestep")
@@ -61,6 +61,43 @@ def _unit_number(name: str, value: Any, open_low: bool = False) -> float:
         rng = "(0, 1]" if open_low else "[0, 1]"
         raise SolverError(f"Step.{name} must hold numbers in {rng}, got {value!r:.60}")
     return v
+
+
+#: the keys of a correction record: coefficients of differences of the data (x0) and noise (eps) predictions
+CORRECTION_KEYS = ("x0", "eps")
+#: at most this many consecutive differences per prediction in a correction
+MAX_CORRECTION_DIFFERENCES = 3
+
+
+def _correction(value: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """A correction record (``None``, ``{"x0": [...], "eps": [...]}`` or a pair of sequences; a number
+    stands for a list of one) as a pair of tuples of finite floats."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if set(value) != set(CORRECTION_KEYS):
+            raise SolverError(f"Step.correction must be an object with exactly the keys {list(CORRECTION_KEYS)}, "
+                              f"got the keys {sorted(map(str, value))!r:.80}")
+        value = tuple(value[k] for k in CORRECTION_KEYS)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise SolverError(f'Step.correction must be null or {{"x0": [c_1, ...], "eps": [c_1, ...]}}, got {value!r:.80}')
+    out = []
+    for key, part in zip(CORRECTION_KEYS, value):
+        coefs = part if isinstance(part, (tuple, list)) else (part,)
+        if len(coefs) > MAX_CORRECTION_DIFFERENCES:
+            raise SolverError(f"Step.correction[{key!r}] may hold at most {MAX_CORRECTION_DIFFERENCES} coefficients, got {len(coefs)}")
+        nums = []
+        for c in coefs:
+            ok = isinstance(c, (int, float)) and not isinstance(c, bool)
+            try:
+                v = float(c) if ok else math.nan
+            except OverflowError:
+                v = math.nan
+            if not math.isfinite(v):
+                raise SolverError(f"Step.correction[{key!r}] must hold finite numbers, got {part!r:.60}")
+            nums.append(v)
+        out.append(tuple(nums))
+    return out[0], out[1]
 
 
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
@@ -104,6 +141,12 @@ class Step:
     churn: float = 0.0
     #: EDM's S_noise: the churn noise is scaled by this factor (slightly above 1 offsets detail loss)
     churn_noise: float = 1.0
+    #: IIA correction (Zhang, Niwa & Kleijn, ICLR 2024; :func:`fewstep.fit_iia`): ``(c_x0, c_eps)``, two
+    #: tuples of coefficients, adds ``sum_k c_x0[k-1] (x0_(i-k+1) - x0_(i-k)) + sum_k c_eps[k-1] (eps_(i-k+1) -
+    #: eps_(i-k))`` to step ``i``'s result (with a corrector: to the corrected state), ``x0_j, eps_j`` the
+    #: model's predictions at step ``j``'s first evaluation. ``None``: none. Also given as
+    #: ``{"x0": [...], "eps": [...]}`` (a number stands for a list of one).
+    correction: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.order, int) or isinstance(self.order, bool) or not 1 <= self.order <= MAX_ORDER:
@@ -147,6 +190,7 @@ class Step:
             if not (0.0 <= v < math.inf):
                 raise SolverError(f"Step.{name} must be a finite number >= 0, got {value!r:.60}")
             object.__setattr__(self, name, v)
+        object.__setattr__(self, "correction", _correction(self.correction))
 
         if self.method == "multistep":
             if not hist and self.order > 1:
@@ -189,6 +233,11 @@ class Step:
         return noise_rule(self.noise).stochastic(self.eta) or (self.churn > 0.0 and self.churn_noise > 0.0)
 
     @property
+    def correction_depth(self) -> int:
+        """How many previous step starts the IIA correction reads (its number of differences)."""
+        return 0 if self.correction is None else max(len(c) for c in self.correction)
+
+    @property
     def depth(self) -> int:
         """How many previous step starts this step reads."""
         return max(self.history, default=0)
@@ -196,6 +245,9 @@ class Step:
     def with_(self, **changes: Any) -> "Step":
         """A copy with some fields changed (re-validated). Changing ``order`` resets derived defaults."""
         data = self.to_dict()
+        if changes.get("correction") is not None:  # the file's form
+            c = _correction(changes["correction"])
+            changes = {**changes, "correction": {k: list(v) for k, v in zip(CORRECTION_KEYS, c)}}  # type: ignore[union-attr]
         if "order" in changes:
             data.update(history=(), stages=(), final_nodes=None)
         data.update(changes)
@@ -208,6 +260,10 @@ class Step:
         d["final_nodes"] = None if self.final_nodes is None else list(self.final_nodes)
         if self.churn == 0.0 and self.churn_noise == 1.0:  # files without churn read as before
             del d["churn"], d["churn_noise"]
+        if self.correction is None:  # files without IIA corrections read as before
+            del d["correction"]
+        else:
+            d["correction"] = {k: list(v) for k, v in zip(CORRECTION_KEYS, self.correction)}
         return d
 
     @classmethod
@@ -226,4 +282,7 @@ class Step:
         for key in ("history", "stages", "final_nodes"):
             if isinstance(args.get(key), list):
                 args[key] = tuple(args[key])
+        corr = args.get("correction")
+        if corr is not None and not (isinstance(corr, dict) and all(isinstance(v, list) for v in corr.values())):
+            raise SolverError(f'Step.correction must be null or an object {{"x0": [c_1, ...], "eps": [c_1, ...]}} of lists of numbers, got {corr!r:.80}')
         return cls(**args)
