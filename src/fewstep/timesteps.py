@@ -6,11 +6,14 @@ levels (``uniform_lambda``, ``karras``) cannot reach it: they place ``n`` points
 ``[t_start, t_noisy_end]`` (default the schedule's ``t_min``) and append the clean time, as
 k-diffusion appends sigma = 0 and diffusers a final zero sigma. Spacings defined in time
 (``uniform_t``, ``quadratic``) reach it directly. ``leading`` / ``trailing`` / ``linspace``
-reproduce diffusers' integer timesteps for :class:`~fewstep.DiscreteVP`.
+reproduce diffusers' integer timesteps for :class:`~fewstep.DiscreteVP`. ``dmn`` (and ``dmn1`` ..
+``dmn3``) are noise-level grids optimised for a multistep solver's order from the schedule alone
+(Xue et al. 2024; :mod:`fewstep.optimized_steps`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -18,9 +21,10 @@ import numpy as np
 import torch
 
 from .errors import ScheduleError
+from .optimized_steps import default_dmn_order, dmn_grid
 from .schedules import DiscreteVP, FlowMatching, NoiseSchedule
 
-__all__ = ["time_grid", "SPACINGS", "validate_grid", "default_spacing"]
+__all__ = ["time_grid", "SPACINGS", "DMN_SPACINGS", "validate_grid", "default_spacing"]
 
 
 def _check_n(n: int) -> None:
@@ -107,6 +111,19 @@ def _logistic(sched: NoiseSchedule, n: int, t0: float, t1: float, t_noisy_end: f
     return np.concatenate([[t0], inner, [t1]])
 
 
+def _dmn(sched: NoiseSchedule, n: int, t0: float, t1: float, *, order: int, prior: int = 0, after: int = 0, **_: float) -> np.ndarray:
+    """Log-SNR points optimised for a multistep solver of ``order`` (Xue et al. 2024: the bound on
+    the solver's error from bounded data predictions, minimised from the noise schedule alone; see
+    :mod:`fewstep.optimized_steps`), on ``[t0, t1]`` with finite log-SNR at both ends; ``prior`` /
+    ``after`` steps of the solve lie before / after this part (the pure-noise and clean steps)."""
+    return dmn_grid(sched, n, t0, t1, order=order, prior=prior, after=after)
+
+
+#: the dmn spacings -> the solver order each is optimised for (``None``: the order of the solver that
+#: ``fewstep.sample`` runs by default for that many steps, :func:`fewstep.optimized_steps.default_dmn_order`)
+DMN_SPACINGS: dict[str, int | None] = {"dmn": None, "dmn1": 1, "dmn2": 2, "dmn3": 3}
+
+
 def _discrete(sched: NoiseSchedule, what: str) -> DiscreteVP:
     if not isinstance(sched, DiscreteVP):
         raise ScheduleError(f"the {what!r} spacing is defined for DiscreteVP schedules only, not {sched!r}")
@@ -151,7 +168,8 @@ def _linspace(sched: NoiseSchedule, n: int, t0: float, t1: float, **_: float) ->
 
 Spacing = Callable[..., np.ndarray]
 #: name -> (function, kind): "time" spacings reach the clean time, "noise" ones append it, "logistic" is
-#: defined on noise levels with both ends handled in :func:`_logistic`, "discrete" are diffusers integer grids
+#: defined on noise levels with both ends handled in :func:`_logistic`, "dmn" are noise spacings optimised
+#: for a solver order (:data:`DMN_SPACINGS`), "discrete" are diffusers integer grids
 SPACINGS: dict[str, tuple[Spacing, str]] = {
     "uniform_t": (_uniform_t, "time"),
     "quadratic": (_quadratic, "time"),
@@ -159,6 +177,7 @@ SPACINGS: dict[str, tuple[Spacing, str]] = {
     "logsnr": (_uniform_lambda, "noise"),
     "karras": (_karras, "noise"),
     "logistic": (_logistic, "logistic"),
+    **{name: (_dmn, "dmn") for name in DMN_SPACINGS},
     "leading": (_leading, "discrete"),
     "leading_multistep": (_leading_multistep, "discrete"),
     "trailing": (_trailing, "discrete"),
@@ -283,6 +302,11 @@ def time_grid(
     sched.check_times(torch.tensor([t0, t1], dtype=torch.float64), what="t_start/t_end")
     if kind == "noise":
         ts = _noise_level_grid(sched, n, fn, t0, t1, t_noisy_start, t_noisy_end, rho)
+    elif kind == "dmn":  # a noise spacing told the solver's order and the steps around its part
+        order = DMN_SPACINGS[name] or default_dmn_order(sched, n)
+        pure, clean = float(sched.alpha(t0)) == 0.0, t1 == sched.t_clean or float(sched.sigma(t1)) == 0.0
+        part = functools.partial(fn, order=order, prior=int(pure), after=int(clean))
+        ts = _noise_level_grid(sched, n, part, t0, t1, t_noisy_start, t_noisy_end, rho)
     elif kind == "logistic":
         ts = fn(sched, n, t0, t1, t_noisy_end=t_noisy_end, logistic_center=logistic_center, logistic_scale=logistic_scale)
     else:
