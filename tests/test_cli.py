@@ -174,12 +174,16 @@ def test_search_settings_are_checked_first_and_name_the_flags(tmp_path, capsys, 
     assert main([*run, "--population", "1"]) == 2
     err = capsys.readouterr().err
     assert "--population must be an integer >= 2, got 1" in err and "search" not in err.split("error:")[0][-30:]
-    assert main([*run, "--generations", "3", "--refine-generations", "3"]) == 2
+    assert main([*run, "--budget", "none", "--generations", "3", "--refine-generations", "3"]) == 2
     assert "--refine-generations (3) must be below --generations (3)" in capsys.readouterr().err
+    assert main([*run, "--refine-generations", "3"]) == 2  # a budgeted search refines with the end of its budget
+    assert "--refine-generations applies to the long search (--budget none)" in capsys.readouterr().err
+    assert main([*run, "--budget", "500"]) == 2  # too small for the references: said before any model call
+    assert "a search budget of 500 sample-evaluations is too small at NFE 5" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
-TINY_SEARCH = ["search", "--oracle", "gmm-d2", "--nfe", "5", "--calibration", "16", "--heldout", "16", "--generations", "3",
+TINY_SEARCH = ["search", "--budget", "none", "--oracle", "gmm-d2", "--nfe", "5", "--calibration", "16", "--heldout", "16", "--generations", "3",
                "--refine-generations", "1", "--population", "3", "--offspring", "8", "--reference-nfe", "20"]
 
 

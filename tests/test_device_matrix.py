@@ -268,7 +268,7 @@ def test_search_tiny(tmp_path, dtype):
     model.identity = f"device-matrix-linear-{dtype}"
     cal = _noise(schedule, batch=8, device=VALUE_DEVICE, dtype=dtype)
     plan = fewstep.search(model, 4, calibration=cal, heldout=_noise(schedule, batch=8, device=VALUE_DEVICE, dtype=dtype) * 0.9,
-                          cache_dir=tmp_path, generations=2, refine_generations=1, population=3, offspring=6, reference_nfe=24,
+                          cache_dir=tmp_path, generations=2, population=3, offspring=6, reference_nfe=24,
                           seed_presets=[("dpmpp_2m", {})], seed_spacings=["logistic"])
     out = fewstep.sample(model, cal, plan)
     assert plan.nfe == 4 and out.dtype == dtype and out.device.type == VALUE_DEVICE.type and bool(torch.isfinite(out).all())

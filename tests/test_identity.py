@@ -18,7 +18,7 @@ from fewstep.schedule_search import StateError, reference_set
 
 VP = fewstep.DiscreteVP.linear()
 NOISES = fewstep.initial_noise(VP, (4, 3), 0, dtype=torch.float64)
-TINY = dict(n_calibration=8, n_heldout=8, generations=2, refine_generations=1, population=2, offspring=4, reference_nfe=16,
+TINY = dict(budget=None, n_calibration=8, n_heldout=8, generations=2, refine_generations=1, population=2, offspring=4, reference_nfe=16,
             seed_presets=[("unipc", {})], seed_spacings=["logistic"], screen=4, seed_keep=2)
 
 

@@ -28,7 +28,7 @@ def _oracle_model(sched=VP):
     return model
 
 
-SMALL = dict(n_calibration=48, n_heldout=48, generations=5, refine_generations=2, population=4, offspring=24,
+SMALL = dict(budget=None, n_calibration=48, n_heldout=48, generations=5, refine_generations=2, population=4, offspring=24,
              reference_nfe=64, seed_presets=[("unipc", {}), ("dpmpp_2m", {})], seed_spacings=["logistic", "quadratic"])
 
 

@@ -604,7 +604,7 @@ def _search_model(args: argparse.Namespace) -> Model:
 
 #: search settings (``fewstep.schedule_search.SearchConfig``) by their command-line flags
 _SEARCH_FLAGS = {"refine_generations": "--refine-generations", "generations": "--generations", "population": "--population",
-                 "offspring": "--offspring", "nfe": "--nfe"}
+                 "offspring": "--offspring", "nfe": "--nfe", "reference_nfe": "--reference-nfe"}
 
 
 def check_search_settings(args: argparse.Namespace) -> None:
@@ -612,9 +612,18 @@ def check_search_settings(args: argparse.Namespace) -> None:
     any model call, with the command-line flags named in the message."""
     from .schedule_search import SearchConfig
 
+    from .schedule_search import resolve_budget
+    from .schedule_search.budget import plan_budget
+
+    given = {k: getattr(args, k) for k in ("population", "offspring", "generations", "refine_generations") if getattr(args, k) is not None}
     try:
-        SearchConfig(nfe=args.nfe, seed=args.seed, population=args.population, offspring=args.offspring, generations=args.generations,
-                     refine_generations=args.refine_generations)
+        SearchConfig(nfe=args.nfe, seed=args.seed, **given)
+        budget = resolve_budget(args.budget, args.nfe)
+        if budget is not None:
+            if args.refine_generations is not None:
+                raise ArgumentError("refine_generations applies to the long search (--budget none): a budgeted search refines the grid "
+                                    "with the last 30 % of its budget")
+            plan_budget(budget, args.nfe, n_calibration=args.calibration, n_heldout=args.heldout, reference_nfe=args.reference_nfe)
     except ArgumentError as exc:
         pattern = re.compile(r"\b(" + "|".join(_SEARCH_FLAGS) + r")\b")
         raise ArgumentError(pattern.sub(lambda m: _SEARCH_FLAGS[m.group(1)], str(exc))) from None
@@ -624,12 +633,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import schedule_search
+    from .schedule_search import SearchConfig
 
     check_search_settings(args)
     model = _search_model(args)
     out = Path(args.out)
     state = Path(args.state) if args.state else out.with_name(out.name + ".state.json")
-    bar = tqdm(total=args.generations, desc=f"search {model.name} NFE {args.nfe}", unit="gen")
+    bar = tqdm(total=args.generations or (None if args.budget is not None else SearchConfig.generations), desc=f"search {model.name} NFE {args.nfe}",
+               unit="gen")
 
     def progress(g: int, entry: dict[str, object]) -> None:
         bar.n = g + 1
@@ -638,7 +649,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     try:
         plan, report = schedule_search.search(
-            model, args.nfe, n_calibration=args.calibration, n_heldout=args.heldout, noise_seed=args.noise_seed, seed=args.seed,
+            model, args.nfe, budget=args.budget, n_calibration=args.calibration, n_heldout=args.heldout, noise_seed=args.noise_seed, seed=args.seed,
             generations=args.generations, refine_generations=args.refine_generations, population=args.population,
             offspring=args.offspring, cache_dir=args.cache_dir, state=state, reference_nfe=args.reference_nfe, on_generation=progress,
             log=_log, return_report=True)
@@ -791,12 +802,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nfe", type=at_least(1), required=True, help="model evaluations per sample of the searched schedule")
     q.add_argument("--out", required=True, help="the schedule file to write (JSON); its state goes to OUT.state.json unless --state")
     q.add_argument("--state", default=None, help="search state file: re-running the same command resumes from it")
-    q.add_argument("--calibration", type=at_least(2), default=256, help="calibration noises: the error minimised is measured on them (default 256)")
-    q.add_argument("--heldout", type=at_least(2), default=256, help="held-out noises, reported, never searched on (default 256)")
+    q.add_argument("--calibration", type=at_least(2), default=None,
+                   help="calibration noises: the error minimised is measured on them (default: what the budget buys, 8-48; long search 256)")
+    q.add_argument("--heldout", type=at_least(2), default=None, help="held-out noises, reported, never searched on (default: as many as --calibration; long search 256)")
     q.add_argument("--noise-seed", type=int, default=0, help="seed of the calibration and held-out noises (default 0)")
     q.add_argument("--seed", type=int, default=0, help="seed of the search's random generator (default 0)")
     add_budget_arguments(q)
-    q.add_argument("--reference-nfe", type=at_least(4), default=200, help="NFE of the reference solves (default 200)")
+    q.add_argument("--reference-nfe", type=at_least(4), default=None, help="NFE of the reference solves (default max(48, 8 NFE); long search 200)")
     q.add_argument("--cache-dir", default=None, help="where reference solutions are cached (default: $FEWSTEP_CACHE or ~/.cache/fewstep)")
     q.set_defaults(func=cmd_search)
     return p

@@ -7,11 +7,15 @@ and save the result as a schedule file (``fewstep.search``; the CLI ``fewstep se
 * cost: all candidates of a generation evaluated together, one batched model call per evaluation
   index (:mod:`.evaluate`);
 * method: best presets on their best grids first, then surrogate-ranked evolution and grid
-  refinement, seeded and resumable (:mod:`.engine`).
+  refinement, seeded and resumable (:mod:`.engine`);
+* budget: at most ``budget`` sample-evaluations in all (default :func:`.budget.default_budget`:
+  30,000 up to NFE 10), candidates raced on a few noises first (:mod:`.budget`); ``budget=None``
+  runs the long search of fixed generations.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -24,12 +28,13 @@ from ..metrics import rmse
 from ..models import Model
 from ..noise import initial_noise
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
+from .budget import AUTO, BUDGET_SEED_PRESETS, BudgetPlan, default_budget, plan_budget, resolve_budget
 from .engine import SEED_PRESETS, SEED_SPACINGS, SearchConfig, SearchReport, StateError, run_search, seed_plan
 from .evaluate import evaluate_plans
 from .objective import Objective, default_cache_dir, reference_set
 from .space import Candidate, Gene, Space
 
-__all__ = ["search", "SearchConfig", "SearchReport", "StateError", "Space", "Candidate", "Gene", "Objective",
+__all__ = ["search", "default_budget", "resolve_budget", "AUTO", "SearchConfig", "SearchReport", "StateError", "Space", "Candidate", "Gene", "Objective",
            "reference_set", "evaluate_plans", "default_cache_dir"]
 
 
@@ -54,36 +59,58 @@ def _noises(model: Model, given: torch.Tensor | None, n: int, seed: int, start: 
     return initial_noise(model.schedule, (n, *shape), seed, t_start=t_start, indices=range(start, start + n), dtype=dtype, device=device)
 
 
+def _default_seed(model: Model, nfe: int, dim: int) -> tuple[str, tuple[tuple[str, Any], ...], str] | None:
+    """The default call (:func:`fewstep.defaults.default_call` for this model and sample size) as a
+    ``(preset, options, spacing)`` seed, so that a search never starts below what the user has."""
+    from ..defaults import default_call
+
+    try:
+        name, opts = default_call(model.schedule, nfe, dim, model.prediction)
+    except Exception:  # noqa: BLE001  a schedule without a rule: the sweep's seeds only
+        return None
+    opts = dict(opts)
+    spacing = str(opts.pop("spacing", "logistic"))
+    return name, tuple(sorted(opts.items())), spacing
+
+
 def search(
     model: Model,
     nfe: int,
     *,
+    budget: int | str | None = AUTO,
     calibration: torch.Tensor | None = None,
     heldout: torch.Tensor | None = None,
-    n_calibration: int = 256,
-    n_heldout: int = 256,
+    n_calibration: int | None = None,
+    n_heldout: int | None = None,
     noise_seed: int = 0,
     seed: int = 0,
     metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
     metric_name: str | None = None,
-    reference_nfe: int = 200,
+    reference_nfe: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     state: str | os.PathLike[str] | None = None,
     t_start: float | None = None,
-    population: int = SearchConfig.population,
-    offspring: int = SearchConfig.offspring,
-    generations: int = SearchConfig.generations,
-    refine_generations: int = SearchConfig.refine_generations,
+    population: int | None = None,
+    offspring: int | None = None,
+    generations: int | None = None,
+    refine_generations: int | None = None,
     max_rows: int = SearchConfig.max_rows,
-    seed_presets: Sequence[tuple[str, dict[str, Any]]] = SEED_PRESETS,
+    seed_presets: Sequence[tuple[str, dict[str, Any]]] | None = None,
     seed_spacings: Sequence[str] = SEED_SPACINGS,
-    screen: int = SearchConfig.screen,
-    seed_keep: int = SearchConfig.seed_keep,
+    screen: int | None = None,
+    seed_keep: int | None = None,
     on_generation: Callable[[int, dict[str, Any]], None] | None = None,
     log: Callable[[str], None] | None = None,
     return_report: bool = False,
 ) -> SolverSchedule | tuple[SolverSchedule, SearchReport]:
     """Search the time grid and per-step strategies of a solver for ``model`` at ``nfe`` evaluations.
+
+    ``budget``: sample-evaluations (model rows) the whole call may spend, references, probe and
+    held-out check included, whether or not the references come from the cache (default
+    :data:`AUTO`: :func:`default_budget`, 30,000 up to NFE 10); the unset settings below are derived
+    from it (:func:`~fewstep.schedule_search.budget.plan_budget`) and candidates are raced.
+    ``budget=None``: the long search, ``generations`` of ``population`` candidates, 256 + 256
+    noises, references at NFE 200, no cap.
 
     ``calibration`` / ``heldout``: noises at the start time ``t_start`` (default: the schedule's
     start; default noises: ``n_calibration`` / ``n_heldout`` keyed noises of ``noise_seed`` on the
@@ -104,22 +131,42 @@ def search(
     """
     if not isinstance(model, Model):
         raise ArgumentError(f"model must be a fewstep.Model, got {type(model).__name__}")
-    config = SearchConfig(nfe=nfe, seed=seed, population=population, offspring=offspring, generations=generations,
-                          refine_generations=refine_generations, max_rows=max_rows,
-                          seed_presets=tuple((n, tuple(sorted(dict(o).items()))) for n, o in seed_presets),
-                          seed_spacings=tuple(seed_spacings), screen=screen, seed_keep=seed_keep)
+    cap = resolve_budget(budget, nfe) if isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1 else None
+    rows_given = {k: int(v.shape[0]) for k, v in (("calibration", calibration), ("heldout", heldout)) if isinstance(v, torch.Tensor) and v.ndim >= 2}
+    spend: BudgetPlan | None = None
+    if cap is not None:
+        if refine_generations is not None:
+            raise ArgumentError("refine_generations applies to the long search (budget=None): a budgeted search refines the grid "
+                                "with the last 30 % of its budget")
+        spend = plan_budget(cap, nfe, n_calibration=rows_given.get("calibration", n_calibration),
+                            n_heldout=rows_given.get("heldout", n_heldout), reference_nfe=reference_nfe)
+        n_calibration, n_heldout, reference_nfe = spend.n_calibration, spend.n_heldout, spend.reference_nfe
+    else:
+        n_calibration, n_heldout = n_calibration or 256, n_heldout or 256
+        reference_nfe = 200 if reference_nfe is None else reference_nfe
     cal = _noises(model, calibration, n_calibration, noise_seed, 0, "calibration", t_start)
     held = _noises(model, heldout, n_heldout, noise_seed, cal.shape[0], "heldout", t_start, like=cal)
     if tuple(cal.shape[1:]) != tuple(held.shape[1:]):
         raise ArgumentError(f"calibration and held-out noises differ in shape: {tuple(cal.shape)} vs {tuple(held.shape)}")
+    default_seed = _default_seed(model, nfe, math.prod(cal.shape[1:]))
+    config = SearchConfig(
+        nfe=nfe, seed=seed, max_rows=max_rows, seed_spacings=tuple(seed_spacings),
+        population=population or SearchConfig.population, offspring=offspring or (48 if spend else SearchConfig.offspring),
+        generations=generations or (100_000 if spend else SearchConfig.generations),
+        refine_generations=SearchConfig.refine_generations if refine_generations is None else refine_generations,
+        seed_presets=tuple((n, tuple(sorted(dict(o).items()))) for n, o in (seed_presets or (BUDGET_SEED_PRESETS if spend else SEED_PRESETS))),
+        screen=screen or (spend.race if spend else SearchConfig.screen), seed_keep=seed_keep or (4 if spend else SearchConfig.seed_keep),
+        extra_seeds=(default_seed,) if default_seed else (),
+        budget=spend.search if spend else None, race=spend.race if spend else 0)
     key = model_key(model)  # once: the weights are hashed once per search
     probe = probe_for(model, cal)  # what the model computes: checked against cached references and the state
     evaluations0 = model.evaluations
+    bar_rows = spend.error_bar_rows if spend else None
     objective = Objective(
         calibration=reference_set(model, cal, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe,
-                                  t_start=t_start),
+                                  t_start=t_start, error_bar_rows=bar_rows),
         heldout=reference_set(model, held, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe,
-                              t_start=t_start),
+                              t_start=t_start, error_bar_rows=bar_rows),
         metric=metric or rmse, metric_name=metric_name or (getattr(metric, "__name__", "custom") if metric else "rmse"),
     )
     reference_evaluations = model.evaluations - evaluations0  # 0 when the references came from the cache
@@ -129,11 +176,17 @@ def search(
     plan = space.schedule(best, name=f"searched-{model.name}-nfe{nfe}")
     base = report.baseline
     base_plan = seed_plan(base["preset"], base["options"], base["spacing"], model.schedule, nfe, space.t_start) if base else None
+    if base_plan is not None and base["calibration_error"] < report.best_calibration:
+        # a seed the space cannot express (or not evaluated as a candidate) won: return it rather than something worse
+        plan, report.best_calibration = base_plan.replace(name=f"searched-{model.name}-nfe{nfe}"), float(base["calibration_error"])
     plans = [plan] + ([base_plan] if base_plan is not None else [])
     held_samples, cost = evaluate_plans(model, plans, held, max_rows=max_rows)
     held_errors = [objective.error(x, "heldout") for x in held_samples]
     report.best_heldout = held_errors[0]
     report.baseline_heldout = held_errors[1] if base_plan is not None else None
+    if objective.calibration.error_bar > 0.2 * report.best_calibration and log:
+        log(f"search: the references' error bar ({objective.calibration.error_bar:.3g}) is more than a fifth of the best error "
+            f"({report.best_calibration:.3g}): raise reference_nfe")
     meta = {
         "model": key, "schedule_fingerprint": schedule_fingerprint(model.schedule), "nfe": nfe,
         "objective": objective.metric_name, "fewstep_version": __version__, "seed": seed,
@@ -141,9 +194,12 @@ def search(
         "heldout": {"noises": int(held.shape[0]), "error": report.best_heldout},
         "reference": {"method": objective.calibration.method, "error_bar": objective.calibration.error_bar},
         "baseline": {**base, "heldout_error": report.baseline_heldout} if base else None,
-        "budget": {"generations": generations, "population": population, "offspring": offspring,
+        "budget": {"budget": cap, "generations": len(report.history), "population": config.population, "offspring": config.offspring,
+                   "race": config.race, "raced_out": report.history[-1].get("raced_out", 0) if report.history else 0,
                    "model_calls": report.calls + cost.calls, "model_evaluations": report.evaluations + cost.evaluations,
                    "reference_evaluations": reference_evaluations, "probe_evaluations": probe.evaluations,
+                   "charged_evaluations": (probe.evaluations + spend.reserved["calibration_references"] + spend.reserved["heldout_references"]
+                                           + report.evaluations + cost.evaluations if spend else None),
                    "search_wall_s": round(report.wall_s, 2)},
     }
     plan = plan.replace(meta={"search": meta})

@@ -14,6 +14,14 @@ for real, plus one at random to keep it honest), and keeps the best ``population
 evaluated. The last ``refine_generations`` refine the best grid only by pattern search (every grid
 logit moved up and down, all moves evaluated together, the step halved when none improves). Everything is seeded; the state (population, archive,
 random generator) is written atomically after every generation.
+
+With a ``budget`` (model rows the search may spend) the search is *raced*: every new candidate runs
+first on the first ``race`` calibration noises only (the same noises for all: common random numbers),
+and only one whose error there is within ``race_margin`` of the best fully evaluated candidate's error
+on the same noises goes on to the rest (successive halving in two stages; the losers keep an estimate
+``error_race * best_full / best_race``, which is never below the best). The last ``refine_fraction``
+of the budget refines the grid; no batch is started that would spend more than is left, and the
+search stops when nothing fits.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from ..atomic import write_atomic
 from ..errors import ArgumentError, FewstepError, SolverError
@@ -45,7 +54,8 @@ __all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_S
            "add_budget_arguments", "metric_identity"]
 
 STATE_FORMAT = "fewstep.search_state"
-STATE_VERSION = 3  # 2: keyed by fewstep.identity.model_key, with the model's probe; 3: the reference settings and the metric's code
+STATE_VERSION = 4  # 2: keyed by fewstep.identity.model_key, with the model's probe; 3: the reference settings and the metric's code;
+# 4: a budget, racing, and the default call among the seeds
 
 #: the presets a search starts from (each at every seed spacing): every deterministic preset
 #: (aliases folded: ``plms`` is ``pndm``; ``lcm`` is stochastic) and the option variants users set
@@ -56,7 +66,7 @@ SEED_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("unipc", {}), ("unipc", {"order": 2}), ("unipc", {"lower_order_final": False}),
 )
 #: the grids each seed preset is tried on; DiscreteVP schedules also get diffusers' discrete grids
-SEED_SPACINGS: tuple[str, ...] = ("logistic", "quadratic", "uniform_t", "uniform_lambda", "karras")
+SEED_SPACINGS: tuple[str, ...] = ("logistic", "quadratic", "uniform_t", "uniform_lambda", "karras", "dmn")
 DISCRETE_SEED_SPACINGS: tuple[str, ...] = ("leading", "leading_multistep", "trailing")
 
 
@@ -81,6 +91,10 @@ def metric_identity(metric: Callable[..., Any] | None) -> str:
     return f"{getattr(metric, '__module__', None) or '?'}.{name}|code:{code}|weights:{weights}"
 
 
+class _BudgetSpent(Exception):
+    """Raised inside a generation when the next batch no longer fits in the search's budget."""
+
+
 class StateError(ArgumentError):
     """A search state file does not belong to this search (other model, noises, NFE or settings), or
     was written by a model that computes something else (its stored probe does not match)."""
@@ -101,31 +115,72 @@ class SearchConfig:
     seed_spacings: tuple[str, ...] = SEED_SPACINGS
     screen: int = 32
     seed_keep: int = 12
+    #: ``(preset, options, spacing)`` seeds tried besides the preset x spacing sweep (the default call)
+    extra_seeds: tuple[tuple[str, tuple[tuple[str, Any], ...], str], ...] = ()
+    #: model rows (samples x NFE) the search may spend in all (``None``: no cap; ``generations`` ends it)
+    budget: int | None = None
+    #: calibration noises every new candidate runs on first (0: no racing)
+    race: int = 0
+    race_margin: float = 0.02
+    #: with a budget: the share of it (at the end) that refines the grid only
+    refine_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         for name, lo in (("nfe", 1), ("seed", 0), ("population", 2), ("offspring", 1), ("generations", 1), ("refine_generations", 0), ("max_rows", 1),
-                         ("screen", 2), ("seed_keep", 1)):
+                         ("screen", 2), ("seed_keep", 1), ("race", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ArgumentError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if self.refine_generations >= self.generations:
+        if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1):
+            raise ArgumentError(f"budget must be a positive integer (model rows) or None, got {self.budget!r}")
+        for name in ("race_margin", "refine_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
+                raise ArgumentError(f"{name} must be a number in [0, 1), got {v!r}")
+        if self.budget is None and self.refine_generations >= self.generations:
             raise ArgumentError(f"refine_generations ({self.refine_generations}) must be below generations ({self.generations})")
 
     def to_json(self) -> dict[str, Any]:
         return {"nfe": self.nfe, "seed": self.seed, "population": self.population, "offspring": self.offspring,
                 "generations": self.generations, "refine_generations": self.refine_generations, "max_rows": self.max_rows,
                 "seed_presets": [[n, dict(o)] for n, o in self.seed_presets], "seed_spacings": list(self.seed_spacings),
-                "screen": self.screen, "seed_keep": self.seed_keep}
+                "screen": self.screen, "seed_keep": self.seed_keep, "extra_seeds": [[n, dict(o), sp] for n, o, sp in self.extra_seeds],
+                "budget": self.budget, "race": self.race, "race_margin": self.race_margin, "refine_fraction": self.refine_fraction}
+
+    @property
+    def raced(self) -> bool:
+        return self.race > 0
 
 
-def add_budget_arguments(parser: Any) -> None:
-    """The search budget as command-line options, defaulting to :class:`SearchConfig`'s (``fewstep
-    search`` and ``python -m fewstep.zoo.tune``)."""
-    parser.add_argument("--generations", type=int, default=SearchConfig.generations, help="generations in all (generation 0: the seed presets)")
-    parser.add_argument("--refine-generations", type=int, default=SearchConfig.refine_generations,
-                        help="the last generations, which refine the best grid only")
-    parser.add_argument("--population", type=int, default=SearchConfig.population, help="candidates evaluated per generation")
-    parser.add_argument("--offspring", type=int, default=SearchConfig.offspring, help="children bred per generation")
+def _budget_value(text: str) -> int | str | None:
+    """``--budget``: a positive integer, ``auto`` or ``none`` (the long search)."""
+    import argparse
+
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        value = int(low.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the budget must be positive, got {value}")
+    return value
+
+
+def add_budget_arguments(parser: Any, default_budget: str | None = "auto") -> None:
+    """The search budget as command-line options (``fewstep search`` and ``python -m fewstep.zoo.tune``):
+    ``--budget`` (sample-evaluations in all, ``auto``, or ``none`` for the long search) and the
+    settings it would otherwise derive (unset: derived from the budget, or :class:`SearchConfig`'s
+    for the long search)."""
+    parser.add_argument("--budget", type=_budget_value, default=default_budget,
+                        help=f"sample-evaluations the search may spend in all, references included: an integer, 'auto' (30,000 up to NFE 10, "
+                             f"3,000 per NFE above) or 'none' (the long search of --generations; default {default_budget or 'none'})")
+    parser.add_argument("--generations", type=int, default=None, help=f"generations in all (generation 0: the seed presets; long search: {SearchConfig.generations})")
+    parser.add_argument("--refine-generations", type=int, default=None,
+                        help=f"long search: the last generations, which refine the best grid only ({SearchConfig.refine_generations})")
+    parser.add_argument("--population", type=int, default=None, help=f"candidates evaluated per generation ({SearchConfig.population})")
+    parser.add_argument("--offspring", type=int, default=None, help=f"children bred per generation (long search: {SearchConfig.offspring}; budgeted: 48)")
 
 
 @dataclass
@@ -179,6 +234,9 @@ class _Search:
         self._probe = probe
         self.cost = BatchCost()
         self.archive: dict[str, tuple[Candidate, float]] = {}
+        self.race_errors: dict[str, float] = {}  # error on the first ``race`` calibration noises
+        self.partial: set[str] = set()  # keys of candidates that lost the race (their archive error is an estimate)
+        self.exhausted = False  # the budget ended the search
         self.population: list[Candidate] = []
         self.presets: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
@@ -202,7 +260,8 @@ class _Search:
         _write_json_atomic(self.state_path, {
             **self.identity, "probe": self.probe.to_json(), "generation": self.generation, "rng": _rng_state_to_json(self.rng),
             "population": [c.to_dict() for c in self.population],
-            "archive": [[c.to_dict(), e] for c, e in self.archive.values()],
+            "archive": [[c.to_dict(), e, self.race_errors.get(k), k in self.partial] for k, (c, e) in self.archive.items()],
+            "exhausted": self.exhausted,
             "presets": self.presets, "history": self.history,
             "cost": {"calls": self.cost.calls, "evaluations": self.cost.evaluations}, "wall_s": self.wall, "delta": self.delta,
         })
@@ -238,10 +297,15 @@ class _Search:
             self.generation = int(data["generation"])
             self.rng = _rng_from_json(data["rng"])
             self.population = [Candidate.from_dict(c) for c in data["population"]]
-            self.archive = {}
-            for c, e in data["archive"]:
+            self.archive, self.race_errors, self.partial = {}, {}, set()
+            for c, e, race_e, partial in data["archive"]:
                 cand = Candidate.from_dict(c)
                 self.archive[cand.key()] = (cand, float(e))
+                if race_e is not None:
+                    self.race_errors[cand.key()] = float(race_e)
+                if partial:
+                    self.partial.add(cand.key())
+            self.exhausted = bool(data["exhausted"])
             self.presets, self.history = list(data["presets"]), list(data["history"])
             self.cost = BatchCost(int(data["cost"]["calls"]), int(data["cost"]["evaluations"]))
             self.wall = float(data["wall_s"])
@@ -252,18 +316,74 @@ class _Search:
         return True
 
     # ---- evaluation ------------------------------------------------------------------------
-    def _evaluate(self, plans: Sequence[SolverSchedule]) -> list[float]:
-        samples, cost = evaluate_plans(self.model, plans, self.objective.calibration.noises, max_rows=self.config.max_rows)
+    def _fitting(self, k: int, rows: int) -> int:
+        """How many of ``k`` plans run on ``rows`` noises fit in what is left of the budget."""
+        if self.config.budget is None:
+            return k
+        return max(0, min(k, (self.config.budget - self.cost.evaluations) // (rows * self.config.nfe)))
+
+    def _samples(self, plans: Sequence[SolverSchedule], noises: torch.Tensor) -> list[torch.Tensor]:
+        """Final samples of ``plans`` from ``noises`` (the caller has checked that they fit the budget)."""
+        samples, cost = evaluate_plans(self.model, plans, noises, max_rows=self.config.max_rows)
         self.cost.add(cost)
-        return [self.objective.error(x) for x in samples]
+        return samples
+
+    def _errors(self, x: torch.Tensor) -> tuple[float, float | None]:
+        """The error of full-batch samples ``x``, and on their first ``race`` rows when racing."""
+        race = self.config.race
+        return self.objective.error(x), (self.objective.error(x[:race], first=race) if 0 < race < x.shape[0] else None)
+
+    def _record(self, cand: Candidate, x: torch.Tensor) -> float:
+        e, race_e = self._errors(x)
+        self.archive[cand.key()] = (cand, e)
+        if race_e is not None:
+            self.race_errors[cand.key()] = race_e
+        return e
+
+    def _best_full(self) -> tuple[Candidate, float] | None:
+        """The best candidate evaluated on every calibration noise."""
+        return next(((c, e) for c, e in self._ranked() if c.key() not in self.partial), None)
 
     def _evaluate_candidates(self, cands: Sequence[Candidate]) -> None:
+        """Evaluate the new ``cands``: on all calibration noises, or raced (see the module docstring)."""
         todo = [c for c in dict.fromkeys(cands, None) if c.key() not in self.archive]
         if not todo:
             return
-        errors = self._evaluate([self.space.schedule(c) for c in todo])
-        for c, e in zip(todo, errors):
-            self.archive[c.key()] = (c, e)
+        noises = self.objective.calibration.noises
+        n, race = int(noises.shape[0]), self.config.race
+        best = self._best_full()
+        best_race = self.race_errors.get(best[0].key()) if best is not None else None
+        if not 0 < race < n or best is None or best_race is None or not math.isfinite(best[1]) or best_race <= 0:
+            k = self._fitting(len(todo), n)
+            for c, x in zip(todo[:k], self._samples([self.space.schedule(c) for c in todo[:k]], noises) if k else []):
+                self._record(c, x)
+            if k < len(todo):
+                raise _BudgetSpent
+            return
+        wanted = len(todo)
+        k = self._fitting(wanted, race)
+        if k == 0:
+            raise _BudgetSpent
+        todo = todo[:k]
+        plans = [self.space.schedule(c) for c in todo]
+        heads = self._samples(plans, noises[:race])
+        head_errors = [self.objective.error(x, first=race) for x in heads]
+        bar = best_race * (1.0 + self.config.race_margin)
+        winners = [i for i, e in enumerate(head_errors) if math.isfinite(e) and e <= bar]
+        go_on = self._fitting(len(winners), n - race)
+        for i, c in enumerate(todo):
+            if i in winners[:go_on]:
+                continue
+            e = head_errors[i]
+            self.archive[c.key()] = (c, e * best[1] / best_race if math.isfinite(e) else math.inf)
+            self.race_errors[c.key()] = e
+            self.partial.add(c.key())
+        if go_on:
+            tails = self._samples([plans[i] for i in winners[:go_on]], noises[race:])
+            for i, tail in zip(winners[:go_on], tails):
+                self._record(todo[i], torch.cat([heads[i], tail]))
+        if go_on < len(winners) or k < wanted:
+            raise _BudgetSpent
 
     def _ranked(self) -> list[tuple[Candidate, float]]:
         return sorted(self.archive.values(), key=lambda ce: (ce[1], ce[0].key()))
@@ -279,31 +399,44 @@ class _Search:
         discrete = isinstance(self.model.schedule, DiscreteVP) and self.t_start_given is None
         spacings = cfg.seed_spacings + (DISCRETE_SEED_SPACINGS if discrete else ())
         distinct: dict[str, tuple[SolverSchedule, list[tuple[str, dict[str, Any], str]]]] = {}
-        for name, opts in cfg.seed_presets:
-            for sp in dict.fromkeys(spacings):
-                try:
-                    plan = seed_plan(name, dict(opts), sp, self.model.schedule, cfg.nfe, self.space.t_start)
-                except (FewstepError, ValueError):  # a spacing this schedule does not have, an NFE too small
-                    continue
-                if plan.nfe != cfg.nfe:
-                    continue
-                d = plan.to_dict()
-                key = json.dumps([d["times"], d["steps"]], sort_keys=True)
-                distinct.setdefault(key, (plan, []))[1].append((name, dict(opts), sp))
+        seeds_wanted = [(name, dict(opts), sp) for name, opts, sp in cfg.extra_seeds]
+        seeds_wanted += [(name, dict(opts), sp) for name, opts in cfg.seed_presets for sp in dict.fromkeys(spacings)]
+        for name, opts, sp in seeds_wanted:
+            try:
+                plan = seed_plan(name, opts, sp, self.model.schedule, cfg.nfe, self.space.t_start)
+            except (FewstepError, ValueError):  # a spacing this schedule does not have, an NFE too small
+                continue
+            if plan.nfe != cfg.nfe:
+                continue
+            d = plan.to_dict()
+            key = json.dumps([d["times"], d["steps"]], sort_keys=True)
+            distinct.setdefault(key, (plan, []))[1].append((name, opts, sp))
         if not distinct:
             raise SolverError(f"no seed preset builds a plan of exactly {cfg.nfe} evaluations on this schedule")
-        entries = list(distinct.values())
+        entries = list(distinct.values())  # the extra seeds (the default call) first: a tight budget screens them first
         noises = self.objective.calibration.noises
-        screen = min(cfg.screen, int(noises.shape[0]))
-        if len(entries) > cfg.seed_keep and screen < noises.shape[0]:
-            samples, cost = evaluate_plans(self.model, [p for p, _ in entries], noises[:screen], max_rows=self.config.max_rows)
-            self.cost.add(cost)
-            screened = [self.objective.error(x, first=screen) for x in samples]
+        n = int(noises.shape[0])
+        screen = min(cfg.screen, n)
+        heads: dict[int, torch.Tensor] = {}
+        if len(entries) > cfg.seed_keep and screen < n:
+            k = self._fitting(len(entries), screen)
+            samples = self._samples([p for p, _ in entries[:k]], noises[:screen]) if k else []
+            heads = dict(enumerate(samples)) if cfg.budget is not None else {}  # reused below when the budget counts
+            screened = [self.objective.error(x, first=screen) for x in samples] + [float("nan")] * (len(entries) - k)
         else:
             screened = [float("nan")] * len(entries)
         order = sorted(range(len(entries)), key=lambda i: (not math.isfinite(screened[i]), screened[i] if math.isfinite(screened[i]) else 0.0, i))
-        kept = order[: cfg.seed_keep]
-        errors = dict(zip(kept, self._evaluate([entries[i][0] for i in kept])))
+        kept = [i for i in order if math.isfinite(screened[i]) or not heads][: cfg.seed_keep]
+        rest = noises[screen:] if heads else noises
+        kept = kept[: self._fitting(len(kept), int(rest.shape[0]))]
+        if not kept:
+            raise SolverError(f"the search's budget ({cfg.budget} model rows) ends before one seed plan is evaluated on the calibration noises: "
+                              "raise the budget")
+        errors: dict[int, float] = {}
+        full = self._samples([entries[i][0] for i in kept], rest)
+        full_samples = {i: torch.cat([heads[i], x]) if heads else x for i, x in zip(kept, full)}
+        for i, x in full_samples.items():
+            errors[i] = self._errors(x)[0]
         if not any(math.isfinite(e) for e in errors.values()):
             raise SolverError(f"every seed plan diverged ({len(kept)} evaluated: non-finite samples, NaN/Inf model outputs or "
                               "ModelOutputError on every one): check the model's outputs on these noises before searching")
@@ -318,8 +451,8 @@ class _Search:
             cand = exact or self._started_here(entries[i][0])
             if cand is None or cand in seeds:
                 continue
-            if exact is not None and i in errors:
-                self.archive.setdefault(cand.key(), (cand, errors[i]))  # the same plan: already evaluated
+            if exact is not None and i in errors and cand.key() not in self.archive:
+                self._record(cand, full_samples[i])  # the same plan: already evaluated
             seeds.append(cand)
             if len(seeds) >= cfg.population and i not in kept:
                 break
@@ -379,7 +512,7 @@ class _Search:
         """Pattern search on the grid of the best candidate: ``population / 2`` logits (chosen at
         random, all of them for short grids) moved by +-delta, evaluated together; the step halves
         when no move improves (delta starts at 0.4)."""
-        best, best_e = self._ranked()[0]
+        best, best_e = self._best_full() or self._ranked()[0]
         n = len(best.z)
         coords = sorted(self.rng.permutation(n)[: max(1, self.config.population // 2)].tolist()) if n > self.config.population // 2 else range(n)
         trials = []
@@ -388,35 +521,42 @@ class _Search:
                 z = list(best.z)
                 z[i] = float(np.clip(z[i] + sign * self.delta, -6.0, 6.0))
                 trials.append(Candidate(best.genes, tuple(z)))
-        self._evaluate_candidates(trials)
-        if self._ranked()[0][1] >= best_e:
-            self.delta *= 0.5
+        try:
+            self._evaluate_candidates(trials)
+        finally:
+            if (self._best_full() or self._ranked()[0])[1] >= best_e:
+                self.delta *= 0.5
         self.population = [c for c, _ in self._ranked()[: self.config.population]]
 
     def run(self) -> tuple[Candidate, SearchReport]:
         cfg = self.config
         self._load()
         evo_end = cfg.generations - cfg.refine_generations
-        while self.generation < cfg.generations:
+        while self.generation < cfg.generations and not self.exhausted:
             t0 = time.perf_counter()
             g = self.generation
-            if g == 0:
-                self._seed_generation()
-            elif g < evo_end:
-                self._evolve_generation()
-            else:
-                self._refine_generation()
-            best_c, best_e = self._ranked()[0]
+            try:
+                if g == 0:
+                    self._seed_generation()
+                elif (g < evo_end) if cfg.budget is None else (self.cost.evaluations < (1.0 - cfg.refine_fraction) * cfg.budget):
+                    self._evolve_generation()
+                else:
+                    self._refine_generation()
+            except _BudgetSpent:
+                self.exhausted = True
+            best_c, best_e = self._best_full() or self._ranked()[0]
+            self.population = [c for c, _ in self._ranked()[: cfg.population]]
             self.wall += time.perf_counter() - t0
             self.generation += 1
-            entry = {"generation": g, "best": best_e, "evaluated": len(self.archive), "evaluations": self.cost.evaluations}
+            entry = {"generation": g, "best": best_e, "evaluated": len(self.archive), "evaluations": self.cost.evaluations,
+                     "raced_out": len(self.partial)}
             self.history.append(entry)
             self._save()
             if self.log:
                 self.log(f"generation {g}: best calibration error {best_e:.4g} ({len(self.archive)} candidates, {self.cost.evaluations} model evaluations)")
             if self.on_generation:
                 self.on_generation(g, entry)
-        best_c, best_e = self._ranked()[0]
+        best_c, best_e = self._best_full() or self._ranked()[0]
         finite_presets = [p for p in self.presets if math.isfinite(p["calibration_error"])]
         baseline = min(finite_presets, key=lambda p: p["calibration_error"]) if finite_presets else {}
         report = SearchReport(baseline=baseline, presets=self.presets, history=self.history, calls=self.cost.calls,

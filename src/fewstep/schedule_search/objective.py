@@ -2,8 +2,8 @@
 noises, on a calibration batch, with a held-out batch of other noises reported beside it.
 
 References are very fine solves of the probability-flow ODE from the noises' start time ``t_start``
-(UniPC at ``reference_nfe`` on its default grid, full order to the end; its change from half the NFE
-is recorded as its error bar), computed once and cached on disk as ``.npy`` files named by a hash of
+(UniPC at ``reference_nfe`` on its default grid, full order to the end; its change from half the NFE,
+on every noise or on the first ``error_bar_rows``, is recorded as its error bar), computed once and cached on disk as ``.npy`` files named by a hash of
 the model's key (:func:`fewstep.identity.model_key`), the noises and the reference settings (the
 start time and the grid's times included); a cached entry comes back on the noises' device and
 dtype, like a fresh one. The entry's side file
@@ -110,7 +110,7 @@ def reference_cache_path(model: Model, noises: torch.Tensor, *, reference_nfe: i
 
 def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 200, cache_dir: str | os.PathLike[str] | None = None,
                   max_rows: int = 4096, log: Callable[[str], None] | None = None, key: str | None = None,
-                  probe: Probe | None = None, t_start: float | None = None) -> ReferenceSet:
+                  probe: Probe | None = None, t_start: float | None = None, error_bar_rows: int | None = None) -> ReferenceSet:
     """The reference solutions of ``noises`` (computed, or read from the cache), solved from
     ``t_start`` (default: the schedule's start), where the noises are; on the noises' device and dtype.
 
@@ -118,7 +118,8 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     the noises, the method, ``t_start`` and the reference grid's times, and stores ``probe`` (default: :func:`~fewstep.identity.probe_for`
     ``(model, noises)``, taken now: ``rows x 3`` model evaluations). An entry whose stored probe does
     not match was written by a model that computes something else under the same key: it is
-    recomputed and overwritten, with an :class:`~fewstep.identity.IdentityWarning` (and ``log``)."""
+    recomputed and overwritten, with an :class:`~fewstep.identity.IdentityWarning` (and ``log``).
+    ``error_bar_rows``: the error bar's half-NFE solves run on the first rows only (default: all)."""
     if not isinstance(reference_nfe, int) or isinstance(reference_nfe, bool) or reference_nfe < 4:
         raise ArgumentError(f"reference_nfe must be an integer >= 4, got {reference_nfe!r}")
     if t_start is not None and (not isinstance(t_start, (int, float)) or isinstance(t_start, bool) or not math.isfinite(float(t_start))):
@@ -155,8 +156,9 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     if log:
         log(f"reference: {noises.shape[0]} fine solves ({method}) ...")
     fine = _fine_solution(model, noises, fine_plan, max_rows)
-    coarse = _fine_solution(model, noises, coarse_plan, max_rows)
-    bar = rmse(coarse, fine)
+    rows = int(noises.shape[0]) if error_bar_rows is None else max(1, min(int(error_bar_rows), int(noises.shape[0])))
+    coarse = _fine_solution(model, noises[:rows], coarse_plan, max_rows)
+    bar = rmse(coarse, fine[:rows])
     buf = io.BytesIO()
     np.save(buf, fine.to(torch.float64).cpu().numpy(), allow_pickle=False)
     write_atomic(path, buf.getvalue())

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--heldout", type=int, default=1000)
-    add_budget_arguments(ap)
+    add_budget_arguments(ap, default_budget=None)  # the shipped schedules come from the long search
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state-dir", default=None, help="search states (default: the reference cache folder)")
     ap.add_argument("--cache-dir", default=None)
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     state_dir = Path(args.state_dir) if args.state_dir else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     for nfe in args.nfe:
-        plan, report = search(model, nfe, n_calibration=args.calibration, n_heldout=args.heldout, seed=args.seed,
+        plan, report = search(model, nfe, budget=args.budget, n_calibration=args.calibration, n_heldout=args.heldout, seed=args.seed,
                               generations=args.generations, refine_generations=args.refine_generations,
                               population=args.population, offspring=args.offspring, cache_dir=args.cache_dir,
                               state=state_dir / f"tune-{args.name}-nfe{nfe}.state.json", return_report=True,

@@ -1,0 +1,123 @@
+"""The search budget (issue 26): ``fewstep.search(model, nfe, budget=N)`` never spends more than N
+model rows, references included, whether or not they are cached (and gives the same schedule both
+ways); it never returns something worse on its calibration noises than the default call or the best
+seed preset; racing looks at more candidates for the same rows; an interrupted budgeted search
+resumes to the uninterrupted result; a budget too small is refused before any model call."""
+
+import json
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.schedule_search import SearchConfig, default_budget
+from fewstep.schedule_search.budget import plan_budget
+from fewstep.schedule_search.engine import run_search
+from fewstep.schedule_search.objective import Objective, reference_set
+
+VP = fewstep.DiscreteVP.linear()
+
+
+def _oracle_model(dim=8, sched=VP):
+    g = fewstep.GaussianMixture.random(dim, 4, 2, seed=11)
+    model = g.as_model(sched)
+    model.sample_shape = (dim,)
+    model.identity = f"test-budget-gmm-d{dim}|{type(sched).__name__}"
+    return model
+
+
+@pytest.mark.parametrize("nfe,budget", [(4, 4_000), (6, 9_000), (10, 14_000)])
+def test_the_budget_is_never_exceeded_counting_every_model_row(tmp_path, nfe, budget):
+    model = _oracle_model()
+    plan = fewstep.search(model, nfe, budget=budget, cache_dir=tmp_path)
+    spent = plan.meta["search"]["budget"]
+    assert model.evaluations <= budget and spent["budget"] == budget
+    assert spent["charged_evaluations"] == model.evaluations  # nothing was cached: charged = counted
+    assert model.evaluations > 0.9 * budget  # and the budget is used, not left idle
+    model.reset_counters()  # again with every reference cached: fewer rows counted, the same charged, the same schedule
+    again = fewstep.search(model, nfe, budget=budget, cache_dir=tmp_path)
+    assert model.evaluations < again.meta["search"]["budget"]["charged_evaluations"] <= budget
+    assert again.times == plan.times and again.steps == plan.steps
+
+
+def test_a_budgeted_search_is_never_worse_than_the_default_call_or_the_best_seed_on_its_calibration_noises(tmp_path):
+    model = _oracle_model(sched=fewstep.FlowMatching())
+    plan, report = fewstep.search(model, 5, budget=8_000, cache_dir=tmp_path, return_report=True)
+    meta = plan.meta["search"]
+    seeds = [p["calibration_error"] for p in report.presets if p["calibration_error"] == p["calibration_error"]]
+    assert meta["calibration"]["error"] <= min(seeds)
+    default = [p for p in report.presets if (p["preset"], p["spacing"]) == ("unipc", "logistic") and "logistic_center" in p["options"]]
+    assert default, "the default call is among the seeds"
+    cal_noises = fewstep.initial_noise(model.schedule, (meta["calibration"]["noises"], 8), 0, indices=range(meta["calibration"]["noises"]))
+    objective = Objective(reference_set(model, cal_noises, reference_nfe=plan_budget(8_000, 5).reference_nfe, cache_dir=tmp_path))
+    x_default = fewstep.sample(model, cal_noises, nfe=5)
+    assert meta["calibration"]["error"] <= objective.error(x_default) * (1 + 1e-9)
+
+
+def test_the_budgeted_search_beats_the_best_preset_on_held_out_noises(tmp_path):
+    model = _oracle_model(dim=16)
+    plan = fewstep.search(model, 6, cache_dir=tmp_path)  # the default budget
+    meta = plan.meta["search"]
+    assert meta["budget"]["budget"] == default_budget(6) == 30_000 and model.evaluations <= 30_000
+    assert meta["heldout"]["error"] < 0.9 * meta["baseline"]["heldout_error"]
+
+
+def _engine(model, tmp_path, race):
+    cal = fewstep.initial_noise(VP, (32, 8), 0, dtype=torch.float64)
+    objective = Objective(reference_set(model, cal, reference_nfe=48, cache_dir=tmp_path))
+    config = SearchConfig(nfe=5, budget=6_000, race=race, screen=8, seed_keep=3, generations=10_000, offspring=24,
+                          seed_presets=(("unipc", ()), ("dpmpp_2m", ())), seed_spacings=("logistic", "quadratic"))
+    model.reset_counters()
+    _, best, report = run_search(model, objective, config)
+    return best, report, model.evaluations
+
+
+def test_racing_looks_at_more_candidates_for_the_same_rows_and_a_raced_out_candidate_never_wins(tmp_path):
+    model = _oracle_model()
+    _, plain, rows_plain = _engine(model, tmp_path, race=0)
+    best, raced, rows_raced = _engine(model, tmp_path, race=4)
+    assert rows_plain <= 6_000 and rows_raced <= 6_000
+    assert raced.history[-1]["evaluated"] > 1.5 * plain.history[-1]["evaluated"]
+    assert raced.history[-1]["raced_out"] > 0 and plain.history[-1]["raced_out"] == 0
+    assert raced.best_calibration <= plain.best_calibration * 1.05
+
+
+def test_an_interrupted_budgeted_search_resumes_to_the_uninterrupted_result(tmp_path):
+    model = _oracle_model()
+    full = fewstep.search(model, 5, budget=6_000, cache_dir=tmp_path)
+
+    def stop_at_3(g, entry):
+        if g == 3:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.json"
+    with pytest.raises(KeyboardInterrupt):
+        fewstep.search(model, 5, budget=6_000, cache_dir=tmp_path, state=state, on_generation=stop_at_3)
+    assert json.loads(state.read_text())["generation"] == 4
+    resumed, report = fewstep.search(model, 5, budget=6_000, cache_dir=tmp_path, state=state, return_report=True)
+    assert report.resumed_from == 4
+    assert resumed.times == full.times and resumed.steps == full.steps
+    assert resumed.meta["search"]["calibration"] == full.meta["search"]["calibration"]
+    finished, report = fewstep.search(model, 5, budget=6_000, cache_dir=tmp_path, state=state, return_report=True)
+    assert report.resumed_from == report.history[-1]["generation"] + 1  # an exhausted state does not search on
+    assert finished.times == full.times
+
+
+def test_a_budget_too_small_or_malformed_is_refused_before_any_model_call(tmp_path):
+    model = _oracle_model()
+    with pytest.raises(fewstep.ArgumentError, match=r"a search budget of 900 sample-evaluations is too small at NFE 6.*give budget >= \d+"):
+        fewstep.search(model, 6, budget=900, cache_dir=tmp_path)
+    for bad in (0, -5, 2.5, "lots", True):
+        with pytest.raises(fewstep.ArgumentError, match="budget must be a positive integer"):
+            fewstep.search(model, 6, budget=bad, cache_dir=tmp_path)
+    with pytest.raises(fewstep.ArgumentError, match="refine_generations applies to the long search"):
+        fewstep.search(model, 6, refine_generations=2, cache_dir=tmp_path)
+    assert model.evaluations == 0 and not list(tmp_path.iterdir())
+
+
+def test_given_noises_set_the_budgets_noise_counts(tmp_path):
+    model = _oracle_model()
+    cal = fewstep.initial_noise(VP, (12, 8), 3)
+    plan = fewstep.search(model, 4, budget=5_000, calibration=cal, cache_dir=tmp_path)
+    meta = plan.meta["search"]
+    assert meta["calibration"]["noises"] == 12 and meta["heldout"]["noises"] == 12 and model.evaluations <= 5_000
