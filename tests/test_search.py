@@ -378,3 +378,17 @@ def test_a_model_that_overflows_on_every_seed_plan_is_a_clear_error():
 def test_search_config_validates_the_seed(seed):
     with pytest.raises(fewstep.ArgumentError, match="seed"):
         fewstep.schedule_search.SearchConfig(nfe=5, seed=seed)
+
+
+def test_crossover_of_parents_with_different_singlestep_layouts_stays_legal():
+    """Uniform crossover of [ss2, ms, ms] and [ms, ss2, ms] (both NFE 4) can pick [ms, ms, ms] (NFE 3):
+    such a child is never bred (it once stopped a budgeted search with 'candidate has NFE 3')."""
+    space = Space(VP, 4)
+    ms, ss2 = Gene(), Gene(method="ss2")
+    a, b = Candidate((ss2, ms, ms), (0.0, 0.1, 0.2)), Candidate((ms, ss2, ms), (0.2, 0.1, 0.0))
+    assert space.is_legal(a) and space.is_legal(b)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        child = space.crossover(a, b, rng)
+        assert space.is_legal(child)
+        space.schedule(space.mutate(child, rng))

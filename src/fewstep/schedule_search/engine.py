@@ -491,7 +491,7 @@ class _Search:
                 child = space.crossover(a, parents[int(rng.integers(len(parents)))], rng)
             for _ in range(1 + int(rng.integers(3))):
                 child = space.mutate(child, rng)
-            if child.key() not in self.archive:
+            if child.key() not in self.archive and space.is_legal(child):
                 children.setdefault(child.key(), child)
         pool = list(children.values())
         if not pool:

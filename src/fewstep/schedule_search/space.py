@@ -237,14 +237,17 @@ class Space:
         return Candidate(tuple(genes), tuple(z))
 
     def crossover(self, a: Candidate, b: Candidate, rng: np.random.Generator) -> Candidate:
-        """Uniform crossover of genes and grid logits (parents with the same number of steps)."""
+        """Uniform crossover of genes and grid logits (parents with the same number of steps); ``a``
+        when the child would not spend exactly the NFE (parents whose singlestep steps sit at other
+        positions: ``[ss2, ms, ms]`` x ``[ms, ss2, ms]`` can give ``[ms, ms, ms]``)."""
         if len(a.genes) != len(b.genes):
             return a
         pick = rng.random(len(a.genes)) < 0.5
         genes = tuple(ga if p else gb for ga, gb, p in zip(a.genes, b.genes, pick))
         mix = rng.random()
         z = tuple(float(mix * za + (1 - mix) * zb) for za, zb in zip(a.z, b.z))
-        return Candidate(genes, z)
+        child = Candidate(genes, z)
+        return child if self.is_legal(child) else a
 
     # ---- features for the cheap predictor ----------------------------------------------------
     def features(self, cand: Candidate) -> np.ndarray:
