@@ -184,13 +184,6 @@ def search(
     held_errors = [objective.error(x, "heldout") for x in held_samples]
     report.best_heldout = held_errors[0]
     report.baseline_heldout = held_errors[1] if base_plan is not None else None
-    rejected = None
-    if spend is not None and base_plan is not None and not held_errors[0] <= held_errors[1]:
-        # a budgeted search fits few noises: a winner that loses to the best seed on the held-out
-        # noises overfitted them, and the seed is returned (the held-out set then chose between two)
-        rejected = {"calibration_error": report.best_calibration, "heldout_error": held_errors[0]}
-        plan, report.best_calibration, report.best_heldout = (base_plan.replace(name=f"searched-{model.name}-nfe{nfe}"),
-                                                              float(base["calibration_error"]), held_errors[1])
     if objective.calibration.error_bar > 0.2 * report.best_calibration and log:
         log(f"search: the references' error bar ({objective.calibration.error_bar:.3g}) is more than a fifth of the best error "
             f"({report.best_calibration:.3g}): raise reference_nfe")
@@ -198,7 +191,7 @@ def search(
         "model": key, "schedule_fingerprint": schedule_fingerprint(model.schedule), "nfe": nfe,
         "objective": objective.metric_name, "fewstep_version": __version__, "seed": seed,
         "calibration": {"noises": int(cal.shape[0]), "noise_seed": noise_seed if calibration is None else None, "error": report.best_calibration},
-        "heldout": {"noises": int(held.shape[0]), "error": report.best_heldout, "rejected_search": rejected},
+        "heldout": {"noises": int(held.shape[0]), "error": report.best_heldout},
         "reference": {"method": objective.calibration.method, "error_bar": objective.calibration.error_bar},
         "baseline": {**base, "heldout_error": report.baseline_heldout} if base else None,
         "budget": {"budget": cap, "generations": len(report.history), "population": config.population, "offspring": config.offspring,
