@@ -197,10 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=30_000)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="search_budget.md")
+    ap.add_argument("--merge", action="store_true", help="keep the other targets' results of the report's JSON (a run split in parts)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     t_all = time.perf_counter()
     results: dict[str, dict[int, dict[str, Any]]] = {}
+    old = REPORTS / args.out.replace(".md", ".json")
+    if args.merge and old.is_file():
+        results = {tid: {int(n): r for n, r in cells.items()} for tid, cells in json.loads(old.read_text()).items() if tid not in args.targets}
     for tid in args.targets:
         t = T.build(tid, T.default_batch(tid, "judge"), "judge")
         t.model.sample_shape = tuple(t.x_T.shape[1:])
