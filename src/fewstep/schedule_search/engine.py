@@ -147,10 +147,6 @@ class SearchConfig:
                 "screen": self.screen, "seed_keep": self.seed_keep, "extra_seeds": [[n, dict(o), sp] for n, o, sp in self.extra_seeds],
                 "budget": self.budget, "race": self.race, "race_margin": self.race_margin, "refine_fraction": self.refine_fraction}
 
-    @property
-    def raced(self) -> bool:
-        return self.race > 0
-
 
 def _budget_value(text: str) -> int | str | None:
     """``--budget``: a positive integer, ``auto`` or ``none`` (the long search)."""
@@ -436,7 +432,7 @@ class _Search:
         full = self._samples([entries[i][0] for i in kept], rest)
         full_samples = {i: torch.cat([heads[i], x]) if heads else x for i, x in zip(kept, full)}
         for i, x in full_samples.items():
-            errors[i] = self._errors(x)[0]
+            errors[i] = self.objective.error(x)
         if not any(math.isfinite(e) for e in errors.values()):
             raise SolverError(f"every seed plan diverged ({len(kept)} evaluated: non-finite samples, NaN/Inf model outputs or "
                               "ModelOutputError on every one): check the model's outputs on these noises before searching")
