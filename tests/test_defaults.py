@@ -155,6 +155,51 @@ def test_sample_reads_the_dimension_and_parameterisation_for_the_default_call_an
         fewstep.preset("unipc", 8, vp, data_dim=0)
 
 
+def test_a_family_takes_its_high_nfe_grid_and_preset_from_the_band_threshold(monkeypatch):
+    """``FamilyRule.high_grid`` applies from ``high_nfe_min`` on, to the default call, to presets named
+    without a grid and to the diffusers scheduler; below it the low-NFE grid; it round-trips through
+    the rule's JSON form."""
+    import fewstep.defaults as D
+    from dataclasses import asdict, replace
+
+    eps = FamilyRule(GridParams(-1.0, 2.0), SolverChoice("unipc"), SolverChoice("unipc", (("order", 2),)), 11, GridParams(0.25, 4.0), 12)
+    banded = replace(RULE, eps=eps)
+    monkeypatch.setattr(D, "DEFAULT_RULE", banded)
+    clear = importlib.import_module("fewstep.sample").clear_plan_cache
+    clear()
+    vp = fewstep.DiscreteVP.linear()
+    assert fewstep.default_call(vp, 11, 64, "eps") == ("unipc", {"order": 2, "spacing": "logistic", "logistic_center": -1.0, "logistic_scale": 2.0})
+    assert fewstep.default_call(vp, 12, 64, "eps") == ("unipc", {"spacing": "logistic", "logistic_center": 0.25, "logistic_scale": 4.0})
+    assert fewstep.default_call(vp, 12, 64, "x0")[1]["logistic_scale"] == 1.4  # other families keep theirs
+    assert fewstep.preset("dpmpp_2m", 20, vp, model_prediction="eps", data_dim=64).times == tuple(
+        fewstep.time_grid(vp, 20, "logistic", logistic_center=0.25, logistic_scale=4.0))
+    assert fewstep.preset("dpmpp_2m", 10, vp, model_prediction="eps", data_dim=64).times == tuple(
+        fewstep.time_grid(vp, 10, "logistic", logistic_center=-1.0, logistic_scale=2.0))
+    model = fewstep.GaussianMixture.random(64, 2, 1, seed=1).as_model(vp, "eps")
+    x = fewstep.initial_noise(vp, (2, 64), 0, dtype=torch.float64)
+    assert fewstep.sample(model, x, nfe=15, return_info=True)[1].plan.meta["grid"]["logistic_scale"] == 4.0
+    assert D.rule_from_dict(asdict(banded)) == banded
+    clear()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_the_rule_keeps_the_declared_fraction_of_a_flow_schedules_shift(monkeypatch, weight):
+    """``flow_shift_weight`` w: the default grid on ``FlowMatching(shift=k)`` has the log-SNR points of
+    the unshifted schedule's grid moved by ``-w log(k)`` (w = 1: the logistic spacing's own move)."""
+    import fewstep.defaults as D
+    from dataclasses import replace
+
+    monkeypatch.setattr(D, "DEFAULT_RULE", replace(RULE, flow_shift_weight=weight))
+    plain, shifted = fewstep.FlowMatching(), fewstep.FlowMatching(shift=3.0)
+
+    def lambdas(sched):
+        name, opts = fewstep.default_call(sched, 8, 64, "flow")
+        ts = fewstep.preset(name, 8, sched, **opts).times
+        return sched.lambda_(torch.as_tensor(ts[1:-1], dtype=torch.float64)).numpy()
+
+    assert np.allclose(lambdas(shifted), lambdas(plain) - weight * math.log(3.0), atol=1e-9)
+
+
 def test_logistic_grid_ends_at_an_intermediate_time():
     sched = fewstep.EDM()
     ts = fewstep.time_grid(sched, 5, "logistic", t_end=0.5)

@@ -51,15 +51,25 @@ class SolverChoice:
 
 @dataclass(frozen=True)
 class FamilyRule:
-    """The default for one schedule family: a grid, and a preset for NFE <= ``low_nfe_max`` and one above."""
+    """The default for one schedule family: a grid, and a preset for NFE <= ``low_nfe_max`` and one
+    above; from ``high_nfe_min`` on (when ``high_grid`` is set) the grid ``high_grid``."""
 
     grid: GridParams
     solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc"))
     low_nfe_solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc"))
     low_nfe_max: int = 0
+    high_grid: GridParams | None = None
+    high_nfe_min: int = 0
 
     def solver_for(self, nfe: int | None) -> SolverChoice:
         return self.low_nfe_solver if nfe is not None and nfe <= self.low_nfe_max else self.solver
+
+    def grid_for(self, nfe: int | None) -> GridParams:
+        """The grid at ``nfe`` (``None``, or anything but an integer, which the preset then refuses: the
+        low-NFE grid)."""
+        if self.high_grid is not None and isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= self.high_nfe_min:
+            return self.high_grid
+        return self.grid
 
 
 @dataclass(frozen=True)
@@ -71,8 +81,9 @@ class DefaultRule:
     The grid's centre moves towards noise as the dimension grows, ``center - dim_slope * log(d / dim_ref) / 2``
     with ``d`` clamped to ``[dim_ref, dim_max]`` (the range it was measured on): the resolution shift of
     Simple Diffusion (Hoogeboom et al. 2023) and SD3 (Esser et al. 2024), whose noise-level shift is
-    ``sqrt(d / d_ref)`` for ``dim_slope = 1``. A flow schedule's own ``shift`` moves the centre by
-    ``-log(shift)`` on top (:func:`fewstep.time_grid`).
+    ``sqrt(d / d_ref)`` for ``dim_slope = 1``. A flow schedule's own ``shift`` moves the logistic
+    spacing's centre by ``-log(shift)`` (:func:`fewstep.time_grid`); the rule keeps the fraction
+    ``flow_shift_weight`` of that move (``0``: the same noise levels whatever the declared shift).
     """
 
     vp: FamilyRule = field(default_factory=lambda: FamilyRule(GridParams(0.0, 1.4)))
@@ -81,6 +92,7 @@ class DefaultRule:
     dim_slope: float = 0.0
     dim_ref: int = 64
     dim_max: int = 3072
+    flow_shift_weight: float = 1.0
 
     def family(self, sched: NoiseSchedule, prediction: str | None = None) -> FamilyRule:
         """The part of the rule for this schedule and parameterisation: ``flow`` on flow matching,
@@ -99,15 +111,19 @@ class DefaultRule:
         d = min(max(int(dim), self.dim_ref), self.dim_max)
         return grid.center - self.dim_slope * 0.5 * math.log(d / self.dim_ref)
 
-    def grid_options(self, sched: NoiseSchedule, dim: int | None, prediction: str | None = None) -> dict[str, float]:
-        grid = self.family(sched, prediction).grid
-        return {"logistic_center": self.center(grid, dim), "logistic_scale": grid.scale}
+    def grid_options(self, sched: NoiseSchedule, dim: int | None, prediction: str | None = None, nfe: int | None = None) -> dict[str, float]:
+        """``logistic_center`` / ``logistic_scale`` of the grid at ``nfe`` (``None``: the low-NFE grid)."""
+        grid = self.family(sched, prediction).grid_for(nfe)
+        center = self.center(grid, dim)
+        if isinstance(sched, FlowMatching) and self.flow_shift_weight != 1.0:  # undo part of the spacing's -log(shift)
+            center += (1.0 - self.flow_shift_weight) * math.log(sched.shift)
+        return {"logistic_center": center, "logistic_scale": grid.scale}
 
     def call(self, sched: NoiseSchedule, nfe: int | None, dim: int | None, prediction: str | None = None) -> tuple[str, dict[str, Any]]:
         """``(preset, options)`` of the default call at ``nfe`` for a model of parameterisation
         ``prediction`` on ``sched`` with ``dim`` values per sample."""
         choice = self.family(sched, prediction).solver_for(nfe)
-        return choice.preset, {**dict(choice.options), "spacing": "logistic", **self.grid_options(sched, dim, prediction)}
+        return choice.preset, {**dict(choice.options), "spacing": "logistic", **self.grid_options(sched, dim, prediction, nfe)}
 
 
 def rule_from_dict(data: dict[str, Any]) -> DefaultRule:
@@ -118,10 +134,13 @@ def rule_from_dict(data: dict[str, Any]) -> DefaultRule:
         return SolverChoice(c["preset"], tuple(tuple(kv) for kv in c["options"]))
 
     def family(f: dict[str, Any]) -> FamilyRule:
-        return FamilyRule(GridParams(**f["grid"]), solver(f["solver"]), solver(f["low_nfe_solver"]), int(f["low_nfe_max"]))
+        high = f.get("high_grid")
+        return FamilyRule(GridParams(**f["grid"]), solver(f["solver"]), solver(f["low_nfe_solver"]), int(f["low_nfe_max"]),
+                          GridParams(**high) if high else None, int(f.get("high_nfe_min", 0)))
 
     return DefaultRule(vp=family(data["vp"]), flow=family(data["flow"]), eps=family(data["eps"]) if data.get("eps") else None,
-                       dim_slope=float(data["dim_slope"]), dim_ref=int(data["dim_ref"]), dim_max=int(data["dim_max"]))
+                       dim_slope=float(data["dim_slope"]), dim_ref=int(data["dim_ref"]), dim_max=int(data["dim_max"]),
+                       flow_shift_weight=float(data.get("flow_shift_weight", 1.0)))
 
 
 _UNIPC = SolverChoice("unipc")
@@ -130,13 +149,20 @@ _UNIPC_2 = SolverChoice("unipc", (("order", 2),))
 #: the rule the default call runs: chosen by ``python benchmarks/default_rule.py select --objective
 #: regret`` on the fit noises of 27 targets (oracles on every schedule family at d = 64..3072 and 11
 #: trained networks), the rule with the least loss over all of them, its flow part chosen again with
-#: every regret counted (``select --family flow --bar 1.0``); each model's leave-one-out rule is
-#: judged on held-out noises by ``benchmarks/defaults.py`` (docs/defaults.md).
+#: every regret counted (``select --family flow --bar 1.0``); then a grid of its own for NFE >= 12
+#: for every family (``select-high``: NFE 15 and 20, scales up to 6, 31 targets) and the flow part
+#: with the fraction of a flow schedule's shift the grid keeps (``select-flow-shift``: none). Each
+#: model's leave-one-out rule is judged on held-out noises by ``benchmarks/defaults.py``
+#: (docs/defaults.md).
 DEFAULT_RULE = DefaultRule(
-    vp=FamilyRule(GridParams(0.5, 1.4), solver=_UNIPC, low_nfe_solver=_UNIPC_2, low_nfe_max=8),
-    flow=FamilyRule(GridParams(0.5, 1.4), solver=_UNIPC, low_nfe_solver=_UNIPC_2, low_nfe_max=10),
-    eps=FamilyRule(GridParams(-0.75, 2.0), solver=_UNIPC_2, low_nfe_solver=_UNIPC_2, low_nfe_max=0),
+    vp=FamilyRule(GridParams(0.5, 1.4), solver=_UNIPC, low_nfe_solver=_UNIPC_2, low_nfe_max=8,
+                  high_grid=GridParams(0.75, 3.0), high_nfe_min=12),
+    flow=FamilyRule(GridParams(0.5, 1.4), solver=_UNIPC, low_nfe_solver=_UNIPC_2, low_nfe_max=11,
+                    high_grid=GridParams(0.5, 1.4), high_nfe_min=12),
+    eps=FamilyRule(GridParams(-0.75, 2.0), solver=_UNIPC, low_nfe_solver=_UNIPC_2, low_nfe_max=11,
+                   high_grid=GridParams(0.25, 4.0), high_nfe_min=12),
     dim_slope=0.5,
+    flow_shift_weight=0.0,
 )
 
 #: family -> (preset, options) run by ``sample(model, x_T, nfe=N)`` above the rule's low-NFE range
@@ -186,11 +212,11 @@ def default_call(sched: NoiseSchedule, nfe: int | None = None, dim: int | None =
 
 
 def default_grid(sched: NoiseSchedule, preset: str | None = None, dim: int | None = None,
-                 prediction: str | None = None) -> tuple[str, dict[str, float]]:
+                 prediction: str | None = None, nfe: int | None = None) -> tuple[str, dict[str, float]]:
     """The time grid ``preset`` uses on ``sched`` when no ``spacing`` is given, with its grid options
     (which apply unless the caller sets them); a logistic grid takes :data:`DEFAULT_RULE`'s centre
-    and scale for the family, the model's parameterisation ``prediction`` and the data dimension
-    ``dim`` (``None``: no dimension shift)."""
+    and scale for the family, the model's parameterisation ``prediction``, the data dimension
+    ``dim`` (``None``: no dimension shift) and the NFE (``None``: the low-NFE grid)."""
     fam = schedule_family(sched)
     name, opts = "logistic", {}
     for key in ((fam, preset or "*"), (fam, "*"), ("*", preset or "*"), ("*", "*")):
@@ -198,7 +224,7 @@ def default_grid(sched: NoiseSchedule, preset: str | None = None, dim: int | Non
             name, opts = SPACING_RULES[key]
             break
     if name == "logistic":
-        return name, {**DEFAULT_RULE.grid_options(sched, dim, prediction), **opts}
+        return name, {**DEFAULT_RULE.grid_options(sched, dim, prediction, nfe), **opts}
     return name, dict(opts)
 
 

@@ -69,7 +69,7 @@ def preset(name: str, nfe: int, sched: NoiseSchedule, **options: Any) -> SolverS
     if model_prediction is not None and model_prediction not in PREDICTION_TYPES:
         raise ArgumentError(f"model_prediction must be one of {PREDICTION_TYPES}, got {model_prediction!r}")
     if options.get("spacing") is None:
-        options["spacing"], grid_defaults = default_grid(sched, name, data_dim, model_prediction)
+        options["spacing"], grid_defaults = default_grid(sched, name, data_dim, model_prediction, nfe)
         for key, value in grid_defaults.items():
             options.setdefault(key, value)
     plan = PRESETS[name](nfe, sched, **options)
