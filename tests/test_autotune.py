@@ -161,3 +161,47 @@ def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path):
         fewstep.sample(model, x, nfe=5, autotune=opts(blocker / "sub", budget=1000))
     assert any("could not write" in str(w.message) for w in caught)
     assert fewstep.sample(model, x, nfe=5, autotune=opts(blocker / "sub", budget=1000), return_info=True)[1].extra["autotune"]["cached"]
+
+
+def test_confidence_is_the_bootstrap_share_of_resamples_the_candidate_wins():
+    from fewstep.autotune import confidence_better
+
+    d = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert confidence_better(0.5 * d, d, 0) == 1.0 and confidence_better(2.0 * d, d, 0) == 0.0
+    assert confidence_better(d, d, 0) == 1.0 and confidence_better(None, d, 0) == 0.0
+    mixed = torch.tensor([0.1, 1.8, 0.1, 1.8, 0.1, 1.8, 0.1, 1.7])  # lower in total, by chance of two samples
+    c = confidence_better(mixed, d, 0)
+    assert 0.2 < c < 0.9 and c == confidence_better(mixed, d, 0) and c != confidence_better(mixed, d, 1)
+
+
+@pytest.mark.parametrize("consistent", [True, False])
+def test_a_candidate_replaces_the_default_only_when_better_with_confidence(tmp_path, consistent):
+    """A runner that makes one candidate the most accurate in total: on every sample (it is chosen), or
+    by a lucky few samples while worse on most (the default stays, the winner is recorded)."""
+    from fewstep.autotune import autotune
+
+    model = far_data_model()
+    n_seen = []
+
+    def run(m, noises, name, nfe, autotune=False, **o):
+        n = noises.shape[0]
+        n_seen.append(n)
+        if nfe > 20:  # the reference
+            return torch.zeros_like(noises)
+        base = torch.ones(n, 1, dtype=noises.dtype).expand_as(noises).clone()
+        if o.get("logistic_center") == cands[1][2]["logistic_center"] and name == cands[1][1]:
+            if consistent:
+                return 0.9 * base
+            lucky = torch.ones(n, 1, dtype=noises.dtype)
+            lucky[: n // 2] = 1.08
+            lucky[0] = 0.05  # one sample far better: the total wins, half the samples lose
+            return lucky.expand_as(noises).clone()
+        return 2.0 * base if name != cands[0][1] or o != cands[0][2] else base
+
+    cands = candidates(model.schedule, 6, 16, None, model.prediction)
+    res = autotune(model, 6, (16,), run, config=opts(tmp_path, budget=2000))
+    assert res.extra["most_accurate"] == cands[1][0]
+    if consistent:
+        assert res.label == cands[1][0] and res.extra["confidence"] == 1.0
+    else:
+        assert res.label == "default" and res.extra["confidence"] < 0.9
