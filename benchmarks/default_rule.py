@@ -426,12 +426,12 @@ def _choice(label: str) -> SolverChoice:
     return SolverChoice(preset, tuple(sorted(opts.items())))
 
 
-def high_band(data: FitData, fam: FamilyRule, members: list[str], slope: float, bar: float) -> tuple[FamilyRule, dict[str, list[float]]]:
+def high_band(data: FitData, fam: FamilyRule, members: list[str], slope: float, bar: float) -> tuple[FamilyRule, float]:
     """``fam`` with a grid for NFE >= :data:`HIGH_NFE_MIN`: the (centre, scale, preset) with the least loss
     (:data:`BAR`-style: log(regret / bar) where positive, plus :data:`MEAN_WEIGHT` x the mean) over
     ``members`` at :data:`HIGH_NFES`. The preset is the family's preset above its low-NFE range; a
     family with one preset throughout may take another for the high band. Returns the new part and
-    each member's regret at the high NFEs."""
+    its loss."""
     cols = [data.nfes.index(n) for n in HIGH_NFES]
     labels = HIGH_SOLVERS if fam.low_nfe_max == 0 else (_label(fam.solver),)
     best: tuple[float, str, float, float] | None = None
@@ -441,12 +441,11 @@ def high_band(data: FitData, fam: FamilyRule, members: list[str], slope: float, 
         if best is None or loss < best[0]:
             best = (loss, lab, center, scale)
     assert best is not None
-    _, lab, center, scale = best
+    loss, lab, center, scale = best
     out = replace(fam, high_grid=GridParams(center, scale), high_nfe_min=HIGH_NFE_MIN)
     if lab != _label(fam.solver):  # one preset below, another from the high band on
         out = replace(out, solver=_choice(lab), low_nfe_solver=fam.solver, low_nfe_max=HIGH_NFE_MIN - 1)
-    regs = {t: [float(math.exp(r)) for r in data.regret(t, lab, scale, shifted_center(center, slope, data.dim[t]))[cols]] for t in members}
-    return out, regs
+    return out, loss
 
 
 def revise_high(bar: float, command: str) -> None:
@@ -527,13 +526,6 @@ def flow_shift(tid: str) -> float:
     return float(getattr(sched, "shift", 1.0)) if isinstance(sched, fewstep.FlowMatching) else 1.0
 
 
-def _high_loss(data: FitData, fam: FamilyRule, members: list[str], slope: float, bar: float) -> float:
-    cols = [data.nfes.index(n) for n in HIGH_NFES]
-    reg = np.stack([data.regret(t, _label(fam.solver), fam.high_grid.scale,  # type: ignore[union-attr]
-                                shifted_center(fam.high_grid.center, slope, data.dim[t]))[cols] for t in members])  # type: ignore[union-attr]
-    return float(np.maximum(reg - math.log(bar), 0.0).sum() + MEAN_WEIGHT * reg.mean())
-
-
 def flow_part(fits: dict[str, dict[str, Any]], shifts: dict[str, float], members: list[str], slope: float,
               bar: float) -> tuple[float, FamilyRule, float]:
     """The flow part (NFE 5-10 grid and presets, then the NFE >= :data:`HIGH_NFE_MIN` grid) and the
@@ -546,8 +538,8 @@ def flow_part(fits: dict[str, dict[str, Any]], shifts: dict[str, float], members
         loss_lo, _, fc = _best_family(low, members, slope, bar)
         if fc.low_nfe_max >= max(LOW_NFES):  # the low preset covers NFE 5-10: the high band may take either
             fc = replace(fc, solver=fc.low_solver, low_nfe_max=0)
-        fam = high_band(full, fc.family_rule(), members, slope, bar)[0]
-        loss = loss_lo + _high_loss(full, fam, members, slope, bar)
+        fam, loss_hi = high_band(full, fc.family_rule(), members, slope, bar)
+        loss = loss_lo + loss_hi
         if best is None or loss < best[0] - 1e-12:
             best = (loss, fam, w)
     assert best is not None
