@@ -86,18 +86,22 @@ def fit_key(solver: str, center: float, scale: float, nfe: int) -> str:
     return f"{solver}|{center:+.2f}|{scale:.2f}|{nfe}"
 
 
-def fit_plan(nfes: Iterable[int]) -> list[tuple[str, int, float, float]]:
+def fit_plan(nfes: Iterable[int], scales: Iterable[float] | None = None) -> list[tuple[str, int, float, float]]:
     """(solver label, NFE, centre, scale) of every fit run: the NFE 5-10 candidates on
     :data:`LOW_SCALES` with every solver, the :data:`HIGH_NFES` ones on every scale with
-    :data:`HIGH_SOLVERS`."""
+    :data:`HIGH_SOLVERS`; ``scales`` (a subset of :data:`SCALES`) replaces the scales at every NFE."""
     runs = []
     for n in nfes:
-        labels, scales = (HIGH_SOLVERS, SCALES) if n in HIGH_NFES else (tuple(SOLVERS), LOW_SCALES)
-        runs += [(lab, n, c, s) for lab in labels for s in scales for c in CENTERS]
+        labels, default = (HIGH_SOLVERS, SCALES) if n in HIGH_NFES else (tuple(SOLVERS), LOW_SCALES)
+        chosen = tuple(default if scales is None else scales)
+        unknown = [v for v in chosen if v not in SCALES]
+        if unknown:
+            raise SystemExit(f"scales {unknown} are not among the fit's scales {SCALES}")
+        runs += [(lab, n, c, s) for lab in labels for s in chosen for c in CENTERS]
     return runs
 
 
-def fit_target(tid: str, nfes: Iterable[int] = NFES) -> dict[str, Any]:
+def fit_target(tid: str, nfes: Iterable[int] = NFES, scales: Iterable[float] | None = None) -> dict[str, Any]:
     """RMSE of every candidate (:func:`fit_plan`) on the target's fit noises (cached: only missing
     runs are made)."""
     target = T.build(tid, T.default_batch(tid, "fit"), "fit")
@@ -105,7 +109,7 @@ def fit_target(tid: str, nfes: Iterable[int] = NFES) -> dict[str, Any]:
     ref_tag = target.meta["reference_file"]
     cache.put("__meta__", {"dim": target.meta["dim"], "reference": ref_tag, "prediction": target.model.prediction})
     t0, fresh = time.perf_counter(), 0
-    for k, (label, n, c, s) in enumerate(fit_plan(nfes)):
+    for k, (label, n, c, s) in enumerate(fit_plan(nfes, scales)):
         preset, opts = SOLVERS[label]
         key = f"{ref_tag}|{fit_key(label, c, s, n)}"
         if cache.get(key) is None:
@@ -600,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", default=None, help="target ids (default: every target of benchmarks/targets.py)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--nfe", type=int, nargs="+", default=list(NFES), help="fit: these NFEs only (default: all of them)")
+    ap.add_argument("--scales", type=float, nargs="+", default=None, help="fit: these scales at every NFE (default: 1-2 at NFE 5-10, 1-6 at 15-20)")
     ap.add_argument("--objective", choices=["peer", "regret"], default="peer",
                     help="select: minimise the worst RMSE ratio to the best peer (judge noises' peers, cached) or to the best candidate")
     ap.add_argument("--family", choices=FAMILIES, default=None,
@@ -621,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = args.targets or T.all_target_ids()
     if args.command == "fit":
         for tid in ids:
-            fit_target(tid, args.nfe)
+            fit_target(tid, args.nfe, args.scales)
         return 0
     t0 = time.perf_counter()
     fits = {}
