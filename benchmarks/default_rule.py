@@ -582,25 +582,100 @@ def revise_flow_shift(bar: float, command: str) -> None:
         entry.update(rule=rule_json(rule), describe=describe_rule(rule))
         for t in entry["members"]:
             if t in fits:
-                data = FitData({t: fits[t]}, NFES)
-                data.offset = {t: (1.0 - rule.flow_shift_weight) * math.log(shifts[t])}
-                fam = rule.flow
-                regs = []
-                for n in NFES:
-                    grid = fam.grid_for(n)
-                    c = shifted_center(grid.center, rule.dim_slope, data.dim[t])
-                    regs.append(float(math.exp(data.regret(t, _label(fam.solver_for(n)), grid.scale, c)[NFES.index(n)])))
+                regs = rule_regrets(fits[t], rule, t, "flow", (1.0 - rule.flow_shift_weight) * math.log(shifts[t]))
                 entry["fit_regret_held_out"][t] = regs
                 entry.setdefault("fit_regret_held_out_high", {})[t] = regs[-len(HIGH_NFES):]
     write_text_atomic(path, json.dumps(out, indent=1))
     write_markdown(out, BAR[out["objective"]])
 
 
+def rule_regrets(fit: dict[str, Any], rule: DefaultRule, t: str, family: str, offset: float = 0.0) -> list[float]:
+    """Fit regret of ``rule``'s ``family`` part on target ``t`` at every NFE of :data:`NFES` (its preset and
+    grid for that NFE; ``offset`` added to the centre as the library adds it)."""
+    data = FitData({t: fit}, NFES)
+    data.offset = {t: offset}
+    fam = getattr(rule, family)
+    regs = []
+    for n in NFES:
+        grid = fam.grid_for(n)
+        c = shifted_center(grid.center, rule.dim_slope, data.dim[t])
+        regs.append(float(math.exp(data.regret(t, _label(fam.solver_for(n)), grid.scale, c)[NFES.index(n)])))
+    return regs
+
+
+LOW_WHY = ("the NFE 5-10 fit had offered scales 1-2 only; at NFE 15-20 the noise-predicting networks preferred scales 3-6, "
+           "so the NFE <= 11 part was chosen again on NFE 5-10 with every scale up to 6, keeping the NFE >= 12 grid.")
+
+
+def low_band(data: FitData, fam: FamilyRule, members: list[str], slope: float, bar: float) -> tuple[FamilyRule, float]:
+    """``fam`` with its NFE <= 11 part (grid, and one preset or two split at 5, 6 or 8) chosen again:
+    the least loss over ``members`` at :data:`LOW_NFES` on every scale of :data:`SCALES`. The high band
+    (its grid and preset) is kept, so a split's upper preset is the high band's."""
+    nfes = np.array(data.nfes)
+    high = _label(fam.solver_for(HIGH_NFE_MIN))
+    best: tuple[float, FamilyRule] | None = None
+    for scale, center in itertools.product(SCALES, RULE_CENTERS):
+        loss = {}
+        for lab in SOLVERS:
+            reg = np.stack([data.regret(t, lab, scale, shifted_center(center, slope, data.dim[t])) for t in members])
+            loss[lab] = np.maximum(reg - math.log(bar), 0.0).sum(axis=0) + MEAN_WEIGHT * reg.mean(axis=0)
+        grid = GridParams(center, scale)
+        options = [(float(loss[lab].sum()), lab, 0) for lab in SOLVERS]  # one preset at NFE <= 11
+        options += [(float(loss[lab][nfes <= thr].sum() + loss[high][nfes > thr].sum()), lab, thr) for lab in SOLVERS for thr in (5, 6, 8)
+                    if lab != high]
+        for value, lab, thr in options:
+            if not math.isfinite(value) or (best is not None and value >= best[0]):
+                continue
+            if thr:
+                part = replace(fam, grid=grid, solver=_choice(high), low_nfe_solver=_choice(lab), low_nfe_max=thr)
+            elif lab == high:
+                part = replace(fam, grid=grid, solver=_choice(high), low_nfe_solver=_choice(high), low_nfe_max=0)
+            else:
+                part = replace(fam, grid=grid, solver=_choice(high), low_nfe_solver=_choice(lab), low_nfe_max=HIGH_NFE_MIN - 1)
+            best = (value, part)
+    assert best is not None
+    return best[1], best[0]
+
+
+def revise_low(family: str, bar: float, command: str) -> None:
+    """Choose ``family``'s NFE <= 11 part of the shipped rule and of every leave-one-out rule again
+    (:func:`low_band`), on that family's targets fitted at NFE 5-10 on every scale, without the
+    held-out model; the NFE >= 12 grid stays."""
+    path = REPORTS / "default_rule.json"
+    out = json.loads(path.read_text())
+    fits = {t: load_fit(t) for t in T.all_target_ids() if (CACHE / f"fit-{t}.json").is_file()}
+    fits = {t: f for t, f in fits.items() if family_of(t, f["prediction"]) == family
+            and all(np.isfinite(np.array(f["table"][lab][str(n)])).any(axis=1).all() for lab in SOLVERS for n in LOW_NFES)}
+    if not fits:
+        raise SystemExit(f"no {family} target fitted at NFE 5-10 on every scale: run `default_rule.py fit --nfe 5 6 8 10 --scales {' '.join(map(str, SCALES))}`")
+    data = FitData(fits, LOW_NFES)
+
+    def revised(rule: DefaultRule, excluded: str | None) -> DefaultRule:
+        members = [t for t in data.targets if T.group_of(t) != excluded]
+        return replace(rule, **{family: low_band(data, getattr(rule, family), members, rule.dim_slope, bar)[0]})
+
+    before = rule_from_json(out["shipped"]["rule"])
+    shipped = revised(before, None)
+    out.setdefault("revisions", []).append({"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "family": family, "objective": "regret",
+                                            "bar": bar, "members": data.targets, "why": LOW_WHY,
+                                            "before": describe_family(getattr(before, family)), "after": describe_family(getattr(shipped, family))})
+    out["shipped"].update(rule=rule_json(shipped), describe=describe_rule(shipped), library_matches=shipped == DEFAULT_RULE)
+    for g, entry in out["leave_one_model_out"].items():
+        rule = revised(rule_from_json(entry["rule"]), g)
+        entry.update(rule=rule_json(rule), describe=describe_rule(rule))
+        for t in entry["members"]:
+            if t in fits:
+                entry["fit_regret_held_out"][t] = rule_regrets(fits[t], rule, t, family)
+    write_text_atomic(path, json.dumps(out, indent=1))
+    write_markdown(out, BAR[out["objective"]])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["fit", "select", "select-high", "select-flow-shift"],
+    ap.add_argument("command", choices=["fit", "select", "select-high", "select-flow-shift", "select-low"],
                     help="select-high: add the NFE >= 12 grid to every family of reports/default_rule.json (shipped and leave-one-out); "
-                         "select-flow-shift: then choose the flow part again with the fraction of a flow schedule's shift the grid keeps")
+                         "select-flow-shift: then choose the flow part again with the fraction of a flow schedule's shift the grid keeps; "
+                         "select-low --family F: F's NFE <= 11 part again on every scale (fit --nfe 5 6 8 10 --scales ...)")
     ap.add_argument("--targets", nargs="+", default=None, help="target ids (default: every target of benchmarks/targets.py)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--nfe", type=int, nargs="+", default=list(NFES), help="fit: these NFEs only (default: all of them)")
@@ -613,6 +688,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bar", type=float, default=None, help="with --family: the loss's bar (default: the objective's)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    if args.command == "select-low":
+        if not args.family:
+            raise SystemExit("select-low needs --family")
+        revise_low(args.family, args.bar or 1.0, "python benchmarks/default_rule.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        return 0
     if args.command == "select-flow-shift":
         revise_flow_shift(args.bar or 1.0, "python benchmarks/default_rule.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         return 0
