@@ -15,7 +15,7 @@ A candidate replaces the default only when it is better with confidence
 (:data:`CONFIDENCE`): in that fraction of bootstrap resamples of the tuning samples (a fixed generator
 of ``seed``) its RMSE is below the default's. On 4-64 samples the most accurate candidate is often
 better by chance; without this gate autotune was worse than the default on held-out noises in 6 of 78
-network cells and 16 of 108 oracle cells, with it in 2 and 6 (``docs/defaults.md``).
+network cells and 16 of 108 oracle cells, with it in 2 and 4 (``docs/defaults.md``).
 
     x = fewstep.sample(model, x_T, nfe=8, autotune=True)          # tunes once, then reuses
     model = fewstep.Model(fn, sched, "eps", autotune=True)        # every default call of this model
@@ -37,7 +37,6 @@ from .atomic import write_atomic
 from .cachedir import default_cache_dir
 from .defaults import DEFAULT_RULE, default_call
 from .errors import ArgumentError
-from .metrics import rmse
 from .models import Model
 from .noise import initial_noise
 
@@ -45,7 +44,7 @@ __all__ = ["AutotuneOptions", "AutotuneResult", "autotune", "candidates", "clear
            "CONFIDENCE"]
 
 #: bumped whenever :func:`candidates` or the reference changes, so cached choices are remade
-CANDIDATE_SET_VERSION = 3
+CANDIDATE_SET_VERSION = 4
 #: the bootstrap confidence a candidate needs to replace the default (chosen before measuring: a
 #: one-sided 90 % bar), and the number of resamples
 CONFIDENCE = 0.9
@@ -132,9 +131,10 @@ _RECENT: dict[tuple[int, str], tuple[tuple[Any, ...], str]] = {}
 
 def confidence_better(candidate: torch.Tensor | None, default: torch.Tensor | None, seed: int,
                       resamples: int = BOOTSTRAP_RESAMPLES) -> float:
-    """The fraction of bootstrap resamples of the samples (per-sample mean squared errors, paired) in
-    which ``candidate``'s RMSE is below ``default``'s; 1.0 when they are the same run, 0.0 when either
-    is missing. Deterministic: the resamples come from a generator seeded with ``seed``."""
+    """The fraction of bootstrap resamples of the samples (per-sample RMS errors, paired) in which
+    ``candidate``'s error (their mean, :func:`fewstep.rmse`) is below ``default``'s; 1.0 when they are
+    the same run, 0.0 when either is missing. Deterministic: the resamples come from a generator
+    seeded with ``seed``."""
     if candidate is None or default is None:
         return 0.0
     if candidate is default or torch.equal(candidate, default):
@@ -246,8 +246,8 @@ def autotune(model: Model, nfe: int, sample_shape: Sequence[int], run: Callable[
     for label, name, cand_opts in cands:
         try:
             x = run(model, noises, name, nfe=nfe, autotune=False, **{**opts, **cand_opts})
-            err = float(rmse(x, reference))
-            per_sample[label] = (x.detach().double() - reference.detach().double()).pow(2).flatten(1).mean(1).cpu()
+            per_sample[label] = (x.detach().double() - reference.detach().double()).pow(2).flatten(1).mean(1).sqrt().cpu()
+            err = float(per_sample[label].mean())  # fewstep.rmse: the per-sample RMS averaged over the samples
         except Exception as exc:  # noqa: BLE001  a candidate that fails (a preset too short for this NFE, NaN) loses
             if log:
                 log(f"autotune: candidate {label} failed: {type(exc).__name__}: {exc}")
