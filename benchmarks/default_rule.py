@@ -487,7 +487,8 @@ def revise_high(bar: float, command: str) -> None:
     for g, entry in held.items():
         rule = revised(rule_from_json(out["shipped"]["rule"] if entry.get("note") else entry["rule"]), g)
         entry.update(rule=rule_json(rule), describe=describe_rule(rule))
-        entry["fit_regret_held_out_high"] = {t: high_regret_of(data, rule, t) for t in entry["members"] if t in data.targets}
+        entry["fit_regret_held_out_high"] = {t: rule_regrets(fits[t], rule, t, data.family[t])[-len(HIGH_NFES):]
+                                             for t in entry["members"] if t in data.targets}
     write_text_atomic(path, json.dumps(out, indent=1))
     write_markdown(out, BAR[out["objective"]])
 
@@ -502,17 +503,6 @@ def strip_high(rule: DefaultRule) -> DefaultRule:
         return replace(fam, high_grid=None, high_nfe_min=0)
 
     return replace(rule, vp=strip(rule.vp), eps=strip(rule.eps), flow=strip(rule.flow))
-
-
-def high_regret_of(data: FitData, rule: DefaultRule, t: str) -> list[float]:
-    """Regret of ``rule`` on target ``t`` at :data:`HIGH_NFES` (fit noises)."""
-    fam = getattr(rule, data.family[t]) or rule.vp
-    regs = []
-    for n in HIGH_NFES:
-        grid = fam.grid_for(n)
-        center = shifted_center(grid.center, rule.dim_slope, data.dim[t])
-        regs.append(float(math.exp(data.regret(t, _label(fam.solver_for(n)), grid.scale, center)[data.nfes.index(n)])))
-    return regs
 
 
 #: fractions of a flow schedule's shift the default grid keeps (``DefaultRule.flow_shift_weight``)
