@@ -122,3 +122,24 @@ def test_given_noises_set_the_budgets_noise_counts(tmp_path):
     meta = plan.meta["search"]
     assert meta["calibration"]["noises"] == 12 and meta["heldout"]["noises"] == 12 and model.evaluations <= 5_000
 
+
+
+def test_a_budgeted_search_tunes_the_best_seeds_grid_first_and_returns_the_finalist_better_on_held_out_noises(tmp_path):
+    """Phases in order (seeds, grid, evolution, refinement); the grid phase keeps the best seed's
+    strategies; of its best and the overall best, the one with the lower held-out error is returned."""
+    model = _oracle_model(dim=16, sched=fewstep.FlowMatching())
+    plan, report = fewstep.search(model, 6, budget=12_000, cache_dir=tmp_path, return_report=True)
+    phases = [h["phase"] for h in report.history]
+    assert phases[0] == "seeds" and "grid" in phases and "evolve" in phases
+    assert phases == sorted(phases, key=["seeds", "grid", "evolve", "refine"].index)
+    grid_end = max(h["evaluations"] for h in report.history if h["phase"] == "grid")
+    assert grid_end >= 0.35 * (12_000 - sum(plan_budget(12_000, 6).reserved.values()))
+    assert report.grid_best is not None and report.grid_best_calibration is not None
+    held = plan.meta["search"]["heldout"]
+    assert set(held["finalists"]) <= {"search", "grid_phase"} and held["error"] == min(held["finalists"].values())
+    assert held["chosen"] == min(held["finalists"], key=held["finalists"].get)
+    # the finalist returned is what its held-out error says: re-evaluated here on the same held-out noises
+    n = plan.meta["search"]["heldout"]["noises"]
+    held_noises = fewstep.initial_noise(model.schedule, (n, 16), 0, indices=range(n, 2 * n))
+    objective = Objective(reference_set(model, held_noises, reference_nfe=plan_budget(12_000, 6).reference_nfe, cache_dir=tmp_path))
+    assert objective.error(fewstep.sample(model, held_noises, plan)) == pytest.approx(held["error"], rel=1e-6)

@@ -15,6 +15,7 @@ and save the result as a schedule file (``fewstep.search``; the CLI ``fewstep se
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -31,6 +32,7 @@ from ..solvers.plan import SolverSchedule, schedule_fingerprint
 from .budget import AUTO, BUDGET_SEED_PRESETS, BudgetPlan, default_budget, plan_budget, resolve_budget
 from .engine import SEED_PRESETS, SEED_SPACINGS, SearchConfig, SearchReport, StateError, run_search, seed_plan
 from .evaluate import evaluate_plans
+from .gits import gits_times
 from .objective import Objective, default_cache_dir, reference_set
 from .space import Candidate, Gene, Space
 
@@ -164,26 +166,39 @@ def search(
     bar_rows = spend.error_bar_rows if spend else None
     objective = Objective(
         calibration=reference_set(model, cal, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe,
-                                  t_start=t_start, error_bar_rows=bar_rows),
+                                  t_start=t_start, error_bar_rows=bar_rows, teacher=spend is not None),
         heldout=reference_set(model, held, reference_nfe=reference_nfe, cache_dir=cache_dir, max_rows=max_rows, log=log, key=key, probe=probe,
                               t_start=t_start, error_bar_rows=bar_rows),
         metric=metric or rmse, metric_name=metric_name or (getattr(metric, "__name__", "custom") if metric else "rmse"),
     )
     reference_evaluations = model.evaluations - evaluations0  # 0 when the references came from the cache
+    teacher = objective.calibration.teacher
+    if teacher is not None and nfe < len(teacher.times):
+        # a budgeted search also starts from the grid of least summed local error along its references' trajectories (GITS)
+        config = dataclasses.replace(config, seed_grids=(("gits", gits_times(teacher, nfe)),))
     space, best, report = run_search(model, objective, config, t_start=t_start, state_path=state, on_generation=on_generation, log=log,
                                      key=key, probe=probe)
 
     plan = space.schedule(best, name=f"searched-{model.name}-nfe{nfe}")
     base = report.baseline
-    base_plan = seed_plan(base["preset"], base["options"], base["spacing"], model.schedule, nfe, space.t_start) if base else None
+    base_plan = seed_plan(base["preset"], base["options"], base["spacing"], model.schedule, nfe, space.t_start, dict(config.seed_grids)) if base else None
     if base_plan is not None and base["calibration_error"] < report.best_calibration:
         # a seed the space cannot express (or not evaluated as a candidate) won: return it rather than something worse
         plan, report.best_calibration = base_plan.replace(name=f"searched-{model.name}-nfe{nfe}"), float(base["calibration_error"])
-    plans = [plan] + ([base_plan] if base_plan is not None else [])
+    # a budgeted search's grid-phase finalist (the best seed's strategies on a tuned grid): returned
+    # instead when it is better on the held-out noises (the evolved strategies overfitted a few noises)
+    grid_plan = (space.schedule(report.grid_best, name=f"searched-{model.name}-nfe{nfe}")
+                 if report.grid_best is not None and report.grid_best != best else None)
+    plans = [plan] + ([base_plan] if base_plan is not None else []) + ([grid_plan] if grid_plan is not None else [])
     held_samples, cost = evaluate_plans(model, plans, held, max_rows=max_rows)
     held_errors = [objective.error(x, "heldout") for x in held_samples]
     report.best_heldout = held_errors[0]
     report.baseline_heldout = held_errors[1] if base_plan is not None else None
+    finalists = {"search": held_errors[0]}
+    if grid_plan is not None:
+        finalists["grid_phase"] = held_errors[-1]
+        if held_errors[-1] < held_errors[0]:
+            plan, report.best_calibration, report.best_heldout = grid_plan, float(report.grid_best_calibration), held_errors[-1]  # type: ignore[arg-type]
     if objective.calibration.error_bar > 0.2 * report.best_calibration and log:
         log(f"search: the references' error bar ({objective.calibration.error_bar:.3g}) is more than a fifth of the best error "
             f"({report.best_calibration:.3g}): raise reference_nfe")
@@ -191,7 +206,8 @@ def search(
         "model": key, "schedule_fingerprint": schedule_fingerprint(model.schedule), "nfe": nfe,
         "objective": objective.metric_name, "fewstep_version": __version__, "seed": seed,
         "calibration": {"noises": int(cal.shape[0]), "noise_seed": noise_seed if calibration is None else None, "error": report.best_calibration},
-        "heldout": {"noises": int(held.shape[0]), "error": report.best_heldout},
+        "heldout": {"noises": int(held.shape[0]), "error": report.best_heldout, "finalists": finalists,
+                    "chosen": "grid_phase" if plan is grid_plan else "search"},
         "reference": {"method": objective.calibration.method, "error_bar": objective.calibration.error_bar},
         "baseline": {**base, "heldout_error": report.baseline_heldout} if base else None,
         "budget": {"budget": cap, "generations": len(report.history), "population": config.population, "offspring": config.offspring,

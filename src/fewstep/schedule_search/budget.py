@@ -6,10 +6,11 @@ NFE) in all, references, the identity probe and the held-out check included.
 * references: UniPC at ``R = max(48, 8 NFE)`` evaluations (ten to twenty times finer than the searched
   schedule; their error bar, the change from a solve at ``R / 2``, is taken on at most 8 noises);
 * calibration and held-out noises: as many as 8 % of the budget buys at ``R`` each (8 to 48 each);
-* the search: what is left after the references, the probe and the final held-out check, spent by the
-  raced engine (:mod:`.engine`): the default call and a short list of strong presets (:data:`BUDGET_SEED_PRESETS`)
-  on every seed grid screened on the first ``race`` noises (successive halving), then evolution whose
-  every candidate races on those noises first, then grid refinement;
+* the search: what is left after the references, the probe and the final held-out check (three
+  finalists: the search's best, the best seed, the grid phase's best), spent by the raced engine
+  (:mod:`.engine`): the default call and a short list of strong presets (:data:`BUDGET_SEED_PRESETS`)
+  on every seed grid screened on the first ``race`` noises (successive halving), a grid phase on the
+  best seed's grid, then evolution whose every candidate races on those noises first, then grid refinement;
 * references read from the cache are charged as if computed, so that a budget gives the same result
   whether or not a cache exists.
 
@@ -90,7 +91,7 @@ def plan_budget(budget: int, nfe: int, *, n_calibration: int | None = None, n_he
     n_held = n_heldout if n_heldout is not None else n_cal
     race = min(RACE, max(2, n_cal // 4))
     reserved = {"probe": probe_rows, "calibration_references": reference_cost(n_cal, ref, ERROR_BAR_ROWS),
-                "heldout_references": reference_cost(n_held, ref, ERROR_BAR_ROWS), "heldout_check": 2 * n_held * nfe}
+                "heldout_references": reference_cost(n_held, ref, ERROR_BAR_ROWS), "heldout_check": 3 * n_held * nfe}
     plan = BudgetPlan(budget, n_cal, n_held, ref, ERROR_BAR_ROWS, race, reserved)
     least = race * nfe + n_cal * nfe  # screen the default call, then evaluate it on every calibration noise
     if plan.search < least:

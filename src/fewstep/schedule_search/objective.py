@@ -8,7 +8,9 @@ the model's key (:func:`fewstep.identity.model_key`), the noises and the referen
 start time and the grid's times included); a cached entry comes back on the noises' device and
 dtype, like a fresh one. The entry's side file
 stores the model's probe (:class:`fewstep.identity.Probe`), which a read checks (an entry written by
-a model that computes something else is recomputed, with a warning). The error is the RMSE by default; any
+a model that computes something else is recomputed, with a warning). With ``teacher=True`` the fine
+solve's trajectory also gives the local-error matrix of first-order steps between its points
+(:mod:`.gits`, no extra model call), cached in the side file. The error is the RMSE by default; any
 ``metric(samples, reference) -> float`` (lower is better) may replace it, e.g. a Fréchet distance.
 """
 
@@ -33,6 +35,7 @@ from ..identity import Probe, model_key, probe_for, warn_mismatch
 from ..metrics import rmse
 from ..models import Model
 from ..solvers.plan import SolverSchedule
+from .gits import TeacherCosts, teacher_solve
 
 __all__ = ["Objective", "ReferenceSet", "reference_set", "reference_cache_path", "model_identity", "default_cache_dir"]
 
@@ -64,6 +67,8 @@ class ReferenceSet:
     cached: bool = False
     reference_nfe: int | None = None
     t_start: float | None = None
+    #: the fine solve's local-error matrix (:class:`~.gits.TeacherCosts`), when asked for
+    teacher: TeacherCosts | None = None
 
 
 def _fine_plan(model: Model, noises: torch.Tensor, nfe: int, t_start: float | None) -> SolverSchedule:
@@ -110,7 +115,8 @@ def reference_cache_path(model: Model, noises: torch.Tensor, *, reference_nfe: i
 
 def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 200, cache_dir: str | os.PathLike[str] | None = None,
                   max_rows: int = 4096, log: Callable[[str], None] | None = None, key: str | None = None,
-                  probe: Probe | None = None, t_start: float | None = None, error_bar_rows: int | None = None) -> ReferenceSet:
+                  probe: Probe | None = None, t_start: float | None = None, error_bar_rows: int | None = None,
+                  teacher: bool = False) -> ReferenceSet:
     """The reference solutions of ``noises`` (computed, or read from the cache), solved from
     ``t_start`` (default: the schedule's start), where the noises are; on the noises' device and dtype.
 
@@ -119,7 +125,8 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     ``(model, noises)``, taken now: ``rows x 3`` model evaluations). An entry whose stored probe does
     not match was written by a model that computes something else under the same key: it is
     recomputed and overwritten, with an :class:`~fewstep.identity.IdentityWarning` (and ``log``).
-    ``error_bar_rows``: the error bar's half-NFE solves run on the first rows only (default: all)."""
+    ``error_bar_rows``: the error bar's half-NFE solves run on the first rows only (default: all).
+    ``teacher``: also the fine solve's :class:`~.gits.TeacherCosts` (an entry cached without them is recomputed)."""
     if not isinstance(reference_nfe, int) or isinstance(reference_nfe, bool) or reference_nfe < 4:
         raise ArgumentError(f"reference_nfe must be an integer >= 4, got {reference_nfe!r}")
     if t_start is not None and (not isinstance(t_start, (int, float)) or isinstance(t_start, bool) or not math.isfinite(float(t_start))):
@@ -138,15 +145,19 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
             meta = json.loads(side.read_text())
             stored = Probe.from_json(meta["probe"]) if isinstance(meta, dict) and meta.get("probe") is not None else None
             bar = float(meta["error_bar"])
-        except (OSError, ValueError, KeyError, TypeError):
-            arr, stored = None, None
+            costs = TeacherCosts.from_json(meta["teacher"]) if teacher and meta.get("teacher") is not None else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ArgumentError):
+            arr, stored, costs = None, None, None
             if log:
                 log(f"reference: the cache entry {path} is unreadable; recomputing it")
         if arr is not None and tuple(arr.shape) == tuple(noises.shape):
-            if stored is not None and stored.matches(probe):
+            if stored is not None and stored.matches(probe) and (costs is not None or not teacher):
                 ref = torch.from_numpy(arr).to(device=noises.device, dtype=noises.dtype)
-                return ReferenceSet(noises, ref, bar, method, cached=True, reference_nfe=reference_nfe, t_start=t_start)
-            if stored is None:
+                return ReferenceSet(noises, ref, bar, method, cached=True, reference_nfe=reference_nfe, t_start=t_start, teacher=costs)
+            if stored is not None and stored.matches(probe):
+                if log:
+                    log(f"reference: the cache entry {path} has no teacher costs; recomputing it")
+            elif stored is None:
                 if log:
                     log(f"reference: the cache entry {path} has no model probe (an older fewstep wrote it); recomputing it")
             else:
@@ -155,7 +166,11 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
                               f"{max(stored.rtol, probe.rtol):g}); recomputing and overwriting it", log)
     if log:
         log(f"reference: {noises.shape[0]} fine solves ({method}) ...")
-    fine = _fine_solution(model, noises, fine_plan, max_rows)
+    costs = None
+    if teacher:
+        fine, costs = teacher_solve(model, noises, fine_plan, max_rows=max_rows)
+    else:
+        fine = _fine_solution(model, noises, fine_plan, max_rows)
     rows = int(noises.shape[0]) if error_bar_rows is None else max(1, min(int(error_bar_rows), int(noises.shape[0])))
     coarse = _fine_solution(model, noises[:rows], coarse_plan, max_rows)
     bar = rmse(coarse, fine[:rows])
@@ -163,8 +178,9 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     np.save(buf, fine.to(torch.float64).cpu().numpy(), allow_pickle=False)
     write_atomic(path, buf.getvalue())
     write_atomic(side, json.dumps({"error_bar": bar, "method": method, "model": mkey, "probe": probe.to_json(), "t_start": t_start,
-                                   "reference_nfe": reference_nfe}))
-    return ReferenceSet(noises, fine.to(device=noises.device, dtype=noises.dtype), bar, method, reference_nfe=reference_nfe, t_start=t_start)
+                                   "reference_nfe": reference_nfe, **({"teacher": costs.to_json()} if costs is not None else {})}))
+    return ReferenceSet(noises, fine.to(device=noises.device, dtype=noises.dtype), bar, method, reference_nfe=reference_nfe, t_start=t_start,
+                        teacher=costs)
 
 
 @dataclass
