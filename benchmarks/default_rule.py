@@ -653,6 +653,8 @@ def revise_low(family: str, bar: float, command: str) -> None:
     for g, entry in out["leave_one_model_out"].items():
         rule = revised(rule_from_json(entry["rule"]), g)
         entry.update(rule=rule_json(rule), describe=describe_rule(rule))
+        if entry.get("note") and all(t in fits for t in entry["members"]):
+            entry["note"] = f"fitted at NFE 5-10 for select-low: its {family} part chosen without it"
         for t in entry["members"]:
             if t in fits:
                 entry["fit_regret_held_out"][t] = rule_regrets(fits[t], rule, t, family)
