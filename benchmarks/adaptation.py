@@ -12,6 +12,9 @@ than every preset on every grid, chosen on the very noises it is judged on). The
 * **static default**: ``fewstep.sample(model, x_T, nfe=N)``, the model's shipped schedules removed;
 * **DMN**: the default solver on ``spacing="dmn"``, and DDIM / DPM-Solver++(2M) / DPM-Solver++(3M) on
   their order-matched ``dmn1`` / ``dmn2`` / ``dmn3`` (no model call: docs/time-grids.md);
+* **GITS**: ``fewstep.fit_gits(model, N, solver, n_calibration=64, seed=101)`` (the grid of least summed
+  first-order miss along 64 UniPC teacher solves, by dynamic programming) with the default call's
+  solver and with DPM-Solver++(2M); x = the teacher solves' evaluations;
 * **autotune**: ``fewstep.sample(model, x_T, nfe=N, autotune=True)`` (its own noises, seed 918273);
   x = the tuning's evaluations;
 * **IIA**: ``fewstep.fit_iia(model, plan, n_calibration=64, seed=101)`` on DDIM, DPM-Solver++(2M) and
@@ -73,7 +76,9 @@ DMN = (("default solver, dmn", None, "dmn"), ("ddim, dmn1", "ddim", "dmn1"), ("d
 FRESH = range(256, 320)  # seed-0 indices outside the shipped schedules' calibration noises (0..255)
 LONG_NOISES = 256  # the long search's own default (256 calibration + 256 held-out)
 WORK = CACHE / "adaptation"
-FAMILIES = ("static default", "DMN", "autotune", "IIA", "DPM-Solver-v3", "budgeted search", "long search")
+FAMILIES = ("static default", "DMN", "GITS", "autotune", "IIA", "DPM-Solver-v3", "budgeted search", "long search")
+#: fewstep.fit_gits's solvers: the default call's and DPM-Solver++(2M)
+GITS_SOLVERS = (("default solver", None), ("dpmpp_2m", "dpmpp_2m"))
 
 
 def _finite_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -130,6 +135,7 @@ def run_cell(t: Any, nfe: int, judges: list[Judge], stats: list[tuple[int, int, 
              long_search: bool) -> list[dict[str, Any]]:
     model, sched = t.model, t.sched
     pts: list[dict[str, Any]] = []
+    dtype = torch.float64 if t.kind == "oracle" else None
 
     def add(family: str, label: str, x: float, plan: Any, wall: float, **extra: Any) -> None:
         rec = point(family, label, x, plan, wall, judges, model, nfe, **extra)
@@ -146,6 +152,12 @@ def run_cell(t: Any, nfe: int, judges: list[Judge], stats: list[tuple[int, int, 
         _, info = fewstep.sample(*args, nfe=nfe, spacing=spacing, return_info=True)
         add("DMN", "DMN: " + label, 0, info.plan, 0.0)
 
+    # GITS: the grid of least summed DDIM miss along 64 teacher solves
+    for label, solver in GITS_SOLVERS:
+        t0 = time.perf_counter()
+        plan = fewstep.fit_gits(model, nfe, solver, n_calibration=64, seed=NOISE_SEED, dtype=dtype)
+        add("GITS", f"GITS grid, {label}", plan.meta["gits"]["model_evaluations"], plan, time.perf_counter() - t0)
+
     # autotune
     t0 = time.perf_counter()
     _, info = fewstep.sample(model, t.x_T[:2], nfe=nfe, return_info=True, autotune=fewstep.AutotuneOptions(cache_dir=WORK / "autotune"))
@@ -155,7 +167,6 @@ def run_cell(t: Any, nfe: int, judges: list[Judge], stats: list[tuple[int, int, 
         tuning_wall_s=tune["tuning_wall_s"])
 
     # IIA
-    dtype = torch.float64 if t.kind == "oracle" else None
     for label, solver in IIA_BASES:
         args = (model, t.x_T[:2]) if solver is None else (model, t.x_T[:2], solver)
         _, info = fewstep.sample(*args, nfe=nfe, return_info=True)
@@ -215,9 +226,9 @@ def frontier(pts: list[dict[str, Any]], key: str = "y") -> list[dict[str, Any]]:
     return out
 
 
-COLORS = {"static default": "black", "DMN": "tab:gray", "autotune": "tab:orange", "IIA": "tab:green", "DPM-Solver-v3": "tab:purple",
+COLORS = {"static default": "black", "DMN": "tab:gray", "GITS": "tab:brown", "autotune": "tab:orange", "IIA": "tab:green", "DPM-Solver-v3": "tab:purple",
           "budgeted search": "tab:blue", "long search": "tab:red"}
-MARKERS = {"static default": "s", "DMN": "v", "autotune": "D", "IIA": "^", "DPM-Solver-v3": "P", "budgeted search": "o", "long search": "*"}
+MARKERS = {"static default": "s", "DMN": "v", "GITS": "X", "autotune": "D", "IIA": "^", "DPM-Solver-v3": "P", "budgeted search": "o", "long search": "*"}
 ZERO_X = 30.0  # where the free methods sit on the log axis
 
 
@@ -259,7 +270,7 @@ def plot(results: dict[str, dict[int, list[dict[str, Any]]]], path: Any) -> None
 
 def write_report(results: dict[str, dict[int, list[dict[str, Any]]]], extras: dict[str, Any], argv: list[str], wall: float,
                  machine: list[str] | None = None) -> None:
-    lines = report_header("Adaptation: the cost / quality frontier (static default, DMN, autotune, IIA, DPM-Solver-v3, search)",
+    lines = report_header("Adaptation: the cost / quality frontier (static default, DMN, GITS, autotune, IIA, DPM-Solver-v3, search)",
                           "adaptation.py", argv, wall)
     if machine is not None:  # re-rendered: the machine and date of the measuring run
         start, end = lines.index("Machine:"), lines.index("", lines.index("Machine:"))

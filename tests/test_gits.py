@@ -90,10 +90,10 @@ def test_teacher_costs_round_trip_through_the_reference_cache(tmp_path):
     assert again.teacher.times == first.teacher.times and np.array_equal(again.teacher.costs, first.teacher.costs)
     plain = reference_set(model, fewstep.initial_noise(VP, (4, 6), seed=4, dtype=torch.float64), reference_nfe=16, cache_dir=tmp_path)
     assert plain.teacher is None
-    side = next(p for p in tmp_path.glob("reference-*.json") if "teacher" not in json.loads(p.read_text()))
-    assert side is not None
+    assert again.teacher.costs2 is None  # the search's references: order 1 only
+    assert sum("teacher_times" in json.loads(p.read_text()) for p in tmp_path.glob("reference-*.json")) == 1
     with pytest.raises(ArgumentError):
-        TeacherCosts.from_json({"times": [1.0, 0.0], "costs": [[None]]})
+        TeacherCosts.from_array([1.0, 0.0], np.zeros((2, 2, 2)))
 
 
 def test_a_budgeted_search_screens_the_gits_grid_with_every_seed_preset(tmp_path):
@@ -103,3 +103,68 @@ def test_a_budgeted_search_screens_the_gits_grid_with_every_seed_preset(tmp_path
     assert {p["preset"] for p in gits} >= {"unipc", "dpmpp_2m"}
     assert all(p["screen_error"] is not None for p in gits)
     assert model.evaluations <= 6_000
+
+
+def test_fit_gits_costs_its_teacher_solves_only_and_its_plan_round_trips_through_a_file(tmp_path):
+    model = _model(dim=8)
+    model.reset_counters()
+    plan = fewstep.fit_gits(model, 6, n_calibration=10, teacher_nfe=24, dtype=torch.float64)
+    assert model.evaluations == plan.meta["gits"]["model_evaluations"] == 10 * 24
+    assert plan.nfe == 6 and plan.name == "gits-unipc-nfe6"
+    _, teacher = teacher_solve(model, fewstep.initial_noise(VP, (10, 8), 0, dtype=torch.float64),
+                               _fine_plan(model, torch.zeros(10, 8, dtype=torch.float64), 24, None))
+    assert plan.times == gits_times(teacher, 6)  # the default noises are keyed noises of seed 0
+    plan.save(tmp_path / "gits.json")
+    loaded = fewstep.SolverSchedule.load(tmp_path / "gits.json")
+    x = fewstep.initial_noise(VP, (4, 8), 9, dtype=torch.float64)
+    assert torch.equal(fewstep.sample(model, x, loaded), fewstep.sample(model, x, plan))
+    assert fewstep.fit_gits(model, 6, "dpmpp_2m", n_calibration=4, teacher_nfe=24).name == "gits-dpmpp_2m-nfe6"
+
+
+def test_fit_gits_refuses_bad_input_before_any_model_call():
+    model = _model(dim=8)
+    model.reset_counters()
+    with pytest.raises(ArgumentError, match="multistep"):
+        fewstep.fit_gits(model, 6, "dpm_solver_2", n_calibration=4, teacher_nfe=24)
+    calls = model.evaluations
+    with pytest.raises(ArgumentError, match="teacher_nfe"):
+        fewstep.fit_gits(model, 6, teacher_nfe=6)
+    shapeless = fewstep.GaussianMixture.random(4, 2, 1, seed=1).as_model(VP)
+    shapeless.sample_shape = None
+    with pytest.raises(fewstep.ShapeError, match="sample_shape"):
+        fewstep.fit_gits(shapeless, 5)
+    with pytest.raises(ArgumentError, match="nfe"):
+        fewstep.fit_gits(model, 0)
+    assert model.evaluations == calls
+
+
+def test_order_two_misses_are_those_of_the_multistep_step_and_their_programme_is_optimal():
+    from fewstep.schedule_search.gits import _record
+    from fewstep.solvers.coefficients import node_positions, node_weights
+    from fewstep.solvers.points import points
+
+    model = _model(dim=6)
+    x = fewstep.initial_noise(VP, (5, 6), seed=3, dtype=torch.float64)
+    plan = _fine_plan(model, x, 16, None)
+    final, teacher = teacher_solve(model, x, plan, order2=True)
+    _, times, states, preds = _record(model, x, plan)
+    q, i, j = 2, 5, 11
+    pts = points(VP, [times[q], times[i], times[j]])
+    taus = node_positions("lambda", "data", VP, pts[1], pts[2], [pts[1], pts[0]])
+    a, (wi, wq), _ = node_weights("data", "lambda", "bh2", VP, pts[1], pts[2], taus)
+    miss = a * states[i] + wi * preds[i] + wq * preds[q] - states[j]
+    assert teacher.costs2[q, i, j] == pytest.approx(float(miss.pow(2).mean(1).sqrt().mean()), rel=1e-9)
+    end = preds[i] - final  # the step into sigma = 0 is first order
+    assert teacher.costs2[q, i, 16] == teacher.costs[i, 16] == pytest.approx(float(end.pow(2).mean(1).sqrt().mean()), rel=1e-9)
+    # the programme over (previous, current) pairs against every path
+    from fewstep.schedule_search.gits import dp_path2
+
+    rng = np.random.default_rng(1)
+    m = 7
+    c1 = np.where(np.triu(np.ones((m, m)), 1) > 0, rng.exponential(size=(m, m)), np.inf)
+    c2 = rng.exponential(size=(m, m, m))
+    for steps in range(1, m):
+        path = dp_path2(c1, c2, steps)
+        cost = lambda p: c1[p[0], p[1]] + sum(c2[a, b, c] for a, b, c in zip(p, p[1:], p[2:]))  # noqa: E731
+        best = min(cost((0,) + mid + (m - 1,)) for mid in itertools.combinations(range(1, m - 1), steps - 1))
+        assert path[0] == 0 and path[-1] == m - 1 and len(path) == steps + 1 and cost(path) == pytest.approx(best, rel=1e-12)

@@ -34,6 +34,7 @@ from .defaults import default_call, default_solver, default_spacing
 from .schedule_search import search
 from .statistics import ModelStatistics, model_statistics
 from .iia import fit_iia
+from .gits import fit_gits
 from . import zoo
 
 __all__ = [
@@ -42,5 +43,5 @@ __all__ = [
     "ShapeError", "SolverError", "SolverSchedule", "Step", "Threshold", "VPSchedule", "ZooError", "__version__",
     "batched_classifier_free_guidance", "default_solver", "default_spacing", "bundled_oracle", "check_fine_reference", "check_reference", "classifier_free_guidance",
     "frechet_distance", "initial_noise", "keyed_noise", "likelihood_gap", "preset", "preset_names", "preset_options",
-    "reference_solution", "rmse", "sample", "search", "time_grid", "zoo", "ModelStatistics", "model_statistics", "fit_iia",
+    "reference_solution", "rmse", "sample", "search", "time_grid", "zoo", "ModelStatistics", "model_statistics", "fit_iia", "fit_gits",
 ]

@@ -174,7 +174,7 @@ def search(
     reference_evaluations = model.evaluations - evaluations0  # 0 when the references came from the cache
     teacher = objective.calibration.teacher
     if teacher is not None and nfe < len(teacher.times):
-        # a budgeted search also starts from the grid of least summed local error along its references' trajectories (GITS)
+        # a budgeted search also starts from the grid of least summed first-order miss along its references' trajectories (GITS)
         config = dataclasses.replace(config, seed_grids=(("gits", gits_times(teacher, nfe)),))
     space, best, report = run_search(model, objective, config, t_start=t_start, state_path=state, on_generation=on_generation, log=log,
                                      key=key, probe=probe)

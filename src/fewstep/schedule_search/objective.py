@@ -10,7 +10,7 @@ dtype, like a fresh one. The entry's side file
 stores the model's probe (:class:`fewstep.identity.Probe`), which a read checks (an entry written by
 a model that computes something else is recomputed, with a warning). With ``teacher=True`` the fine
 solve's trajectory also gives the local-error matrix of first-order steps between its points
-(:mod:`.gits`, no extra model call), cached in the side file. The error is the RMSE by default; any
+(:mod:`.gits`, no extra model call), cached beside it (``.teacher.npy``, its times in the side file). The error is the RMSE by default; any
 ``metric(samples, reference) -> float`` (lower is better) may replace it, e.g. a Fréchet distance.
 """
 
@@ -137,6 +137,7 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     name = _entry_name(mkey, noises, method, fine_plan, t_start)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path, side = folder / f"reference-{name}.npy", folder / f"reference-{name}.json"
+    teacher_path = folder / f"reference-{name}.teacher.npy"
     if probe is None:
         probe = probe_for(model, noises)
     if path.is_file() and side.is_file():
@@ -145,7 +146,9 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
             meta = json.loads(side.read_text())
             stored = Probe.from_json(meta["probe"]) if isinstance(meta, dict) and meta.get("probe") is not None else None
             bar = float(meta["error_bar"])
-            costs = TeacherCosts.from_json(meta["teacher"]) if teacher and meta.get("teacher") is not None else None
+            costs = None
+            if teacher and meta.get("teacher_times") is not None and teacher_path.is_file():
+                costs = TeacherCosts.from_array(meta["teacher_times"], np.load(teacher_path, allow_pickle=False))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ArgumentError):
             arr, stored, costs = None, None, None
             if log:
@@ -177,8 +180,12 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     buf = io.BytesIO()
     np.save(buf, fine.to(torch.float64).cpu().numpy(), allow_pickle=False)
     write_atomic(path, buf.getvalue())
+    if costs is not None:
+        buf = io.BytesIO()
+        np.save(buf, costs.to_array(), allow_pickle=False)
+        write_atomic(teacher_path, buf.getvalue())
     write_atomic(side, json.dumps({"error_bar": bar, "method": method, "model": mkey, "probe": probe.to_json(), "t_start": t_start,
-                                   "reference_nfe": reference_nfe, **({"teacher": costs.to_json()} if costs is not None else {})}))
+                                   "reference_nfe": reference_nfe, **({"teacher_times": list(costs.times)} if costs is not None else {})}))
     return ReferenceSet(noises, fine.to(device=noises.device, dtype=noises.dtype), bar, method, reference_nfe=reference_nfe, t_start=t_start,
                         teacher=costs)
 
