@@ -2,6 +2,7 @@
 pick a better grid where the default is clearly off."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -205,3 +206,30 @@ def test_a_candidate_replaces_the_default_only_when_better_with_confidence(tmp_p
         assert res.label == cands[1][0] and res.extra["confidence"] == 1.0
     else:
         assert res.label == "default" and res.extra["confidence"] < 0.9
+
+
+def test_sample_tunes_the_gits_grid_of_its_reference_solve_too_within_the_budget(tmp_path):
+    """Through fewstep.sample the reference solve records its trajectory, and the default preset on the
+    GITS grid of that trajectory is one more candidate, paid for inside the budget; the reference is
+    the same fine solve as without it."""
+    from fewstep.autotune import autotune
+    from fewstep.sample import _teacher_reference, sample
+    from fewstep.schedule_search.gits import gits_times
+
+    model = far_data_model()
+    model.reset_counters()
+    res = autotune(model, 6, (16,), sample, config=opts(tmp_path, budget=2000), teacher=_teacher_reference)
+    assert "gits" in res.errors and math.isfinite(res.errors["gits"])
+    assert model.evaluations <= 2000 and res.evaluations == model.evaluations
+    noises = fewstep.initial_noise(model.schedule, (res.samples, 16), AutotuneOptions().seed)
+    cands = candidates(model.schedule, 6, 16, None, model.prediction)
+    ref_opts = {k: cands[0][2][k] for k in ("spacing", "logistic_center", "logistic_scale")} | {"lower_order_final": False}
+    reference, costs = _teacher_reference(model, noises, "unipc", res.reference_nfe, ref_opts)
+    assert torch.equal(reference, sample(model, noises, "unipc", nfe=res.reference_nfe, **ref_opts))
+    plan = fewstep.preset(cands[0][1], 6, model.schedule, spacing=list(gits_times(costs, 6)),
+                          **{k: v for k, v in cands[0][2].items() if k not in ("spacing", "logistic_center", "logistic_scale")})
+    err = float((sample(model, noises, plan).double() - reference.double()).pow(2).mean(1).sqrt().mean())
+    assert res.errors["gits"] == pytest.approx(err, rel=1e-9)
+    # a caller's t_start: no GITS candidate (its grid starts where the teacher does)
+    res2 = autotune(model, 6, (16,), sample, options={"t_start": 900.0}, config=opts(tmp_path / "b", budget=2000), teacher=_teacher_reference)
+    assert "gits" not in res2.errors

@@ -5,8 +5,10 @@ accurate, and cache the choice under the model's behaviour-keyed identity (:mod:
 Candidates (:func:`candidates`) are the static default (:data:`fewstep.defaults.DEFAULT_RULE`) and its
 neighbours: the logistic grid's centre moved by -1.5, -0.75, +0.75, +1.5 in log-SNR, its scale times 0.7
 and 1.4, and the other presets of the rule search (UniPC of order 2, DPM-Solver++ 2M and 3M) on the rule's
-grid; with a named preset, only its grids. The reference is UniPC on the rule's grid at
-``max(4 N, 40)`` evaluations. With ``K`` candidates the cost is ``n (R + K N)`` sample-evaluations for
+grid; with a named preset, only its grids; and, when :func:`fewstep.sample` tunes (it records the
+reference solve's trajectory), the chosen preset on the GITS grid of that trajectory
+(:mod:`fewstep.schedule_search.gits`: least summed first-order miss, found for no model call). The
+reference is UniPC on the rule's grid at ``max(4 N, 40)`` evaluations. With ``K`` candidates the cost is ``n (R + K N)`` sample-evaluations for
 ``n`` samples plus the identity probe's few; ``n`` is as many as the budget (default 3,000) allows, at
 most 64 and at least 4. The samples are keyed noises of ``seed`` (not the caller's), so the choice
 does not depend on the batch being sampled, and it is deterministic for a given seed.
@@ -44,7 +46,7 @@ __all__ = ["AutotuneOptions", "AutotuneResult", "autotune", "candidates", "clear
            "CONFIDENCE"]
 
 #: bumped whenever :func:`candidates` or the reference changes, so cached choices are remade
-CANDIDATE_SET_VERSION = 4
+CANDIDATE_SET_VERSION = 5
 #: the bootstrap confidence a candidate needs to replace the default (chosen before measuring: a
 #: one-sided 90 % bar), and the number of resamples
 CONFIDENCE = 0.9
@@ -173,11 +175,14 @@ def _cache_dir(opts: AutotuneOptions) -> Path | None:
 
 def autotune(model: Model, nfe: int, sample_shape: Sequence[int], run: Callable[..., torch.Tensor], *, preset: str | None = None,
              options: dict[str, Any] | None = None, config: AutotuneOptions | None = None, device: torch.device | str | None = None,
-             dtype: torch.dtype = torch.float32, log: Callable[[str], None] | None = None) -> AutotuneResult:
+             dtype: torch.dtype = torch.float32, log: Callable[[str], None] | None = None,
+             teacher: Callable[..., tuple[torch.Tensor, Any]] | None = None) -> AutotuneResult:
     """Choose the preset and grid for ``model`` at ``nfe`` evaluations on samples shaped
     ``sample_shape`` (see the module docstring), sampling with ``run`` (:func:`fewstep.sample`);
     ``options`` are the caller's other sampling options (``t_start``, ``t_end``, preset options),
-    kept for every candidate and the reference."""
+    kept for every candidate and the reference. ``teacher(model, noises, solver, nfe, options)``:
+    the reference solve with its :class:`~fewstep.schedule_search.gits.TeacherCosts` (adds the GITS
+    candidate; :func:`fewstep.sample` passes it), else the reference is ``run``'s."""
     from .identity import Probe, model_key, probe_for, warn_mismatch
 
     cfg = config or AutotuneOptions()
@@ -190,13 +195,14 @@ def autotune(model: Model, nfe: int, sample_shape: Sequence[int], run: Callable[
     shape = tuple(int(v) for v in sample_shape)
     dim = math.prod(shape)
     cands = candidates(model.schedule, nfe, dim, preset, model.prediction)
+    with_gits = teacher is not None and not {"t_start", "t_end", "t_noisy_start", "t_noisy_end"} & set(opts)
     if preset is not None:
         from .solvers.presets import preset as build_preset
 
         if build_preset(preset, nfe, model.schedule, **{**opts, **cands[0][2]}).stochastic:
             raise ArgumentError(f"autotune compares deterministic solvers with the ODE solution; {preset!r} draws noise at its steps")
     ref_nfe = max(4 * nfe, 40)
-    per_sample = ref_nfe + len(cands) * nfe
+    per_sample = ref_nfe + (len(cands) + with_gits) * nfe
     probe_cost = 6
     n = min(cfg.max_samples, (cfg.budget - probe_cost) // per_sample)
     if n < cfg.min_samples:
@@ -240,7 +246,15 @@ def autotune(model: Model, nfe: int, sample_shape: Sequence[int], run: Callable[
     base = cands[0]
     ref_opts = {**opts, **{k: base[2][k] for k in ("spacing", "logistic_center", "logistic_scale")}}
     ref_opts.setdefault("lower_order_final", False)
-    reference = run(model, noises, "unipc", nfe=ref_nfe, autotune=False, **ref_opts)
+    if teacher is not None:
+        reference, costs = teacher(model, noises, "unipc", ref_nfe, ref_opts)
+        if with_gits and nfe < len(costs.times):
+            from .schedule_search.gits import gits_times
+
+            cands = cands + [("gits", base[1], {**{k: v for k, v in base[2].items() if k not in CHOSEN_OPTIONS | {"logistic_center", "logistic_scale"}},
+                                                "spacing": [float(t) for t in gits_times(costs, nfe)]})]
+    else:
+        reference = run(model, noises, "unipc", nfe=ref_nfe, autotune=False, **ref_opts)
     errors: dict[str, float] = {}
     per_sample: dict[str, torch.Tensor] = {}
     for label, name, cand_opts in cands:

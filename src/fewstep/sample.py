@@ -267,7 +267,16 @@ def _autotune(model: Model, x_T: torch.Tensor, solver: Any, nfe: int | None, opt
     if nfe is None:
         raise ArgumentError("autotune needs nfe= (model evaluations per sample)")
     return autotune_choice(model, nfe, tuple(x_T.shape[1:]), sample, preset=solver, options=options, config=config,
-                           device=x_T.device, dtype=x_T.dtype)
+                           device=x_T.device, dtype=x_T.dtype, teacher=_teacher_reference)
+
+
+def _teacher_reference(model: Model, noises: torch.Tensor, solver: str, nfe: int, options: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """Autotune's reference: ``solver`` at ``nfe`` from ``noises``, with its trajectory's
+    :class:`~fewstep.schedule_search.gits.TeacherCosts` (the same samples as :func:`sample` gives)."""
+    from .schedule_search.gits import teacher_solve
+
+    plan = resolve_plan(model, solver, nfe, options, math.prod(noises.shape[1:]))
+    return teacher_solve(model, noises, plan)
 
 
 def _parallel_options(parallel: Any, callback: Any, warm_start: Any) -> "ParallelOptions | None":
