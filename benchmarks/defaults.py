@@ -634,7 +634,8 @@ def autotune_section(results: dict[str, dict[str, Any]], targets: dict[str, DTar
                        if tune else "n/a")
         cost_rows.append(row)
     lines = ["## Autotune: `sample(model, x_T, nfe=N, autotune=True)` / best peer", "",
-             "Autotune chose among the default and its neighbours (`fewstep.autotune.candidates`) on its own keyed noises "
+             "Autotune chose among the default, its neighbours (`fewstep.autotune.candidates`) and the default preset on the GITS grid "
+             "of its reference solve, on its own keyed noises "
              f"(seed {fewstep.AutotuneOptions().seed}: neither the judge nor the fit noises) against a fine solve of them, within "
              f"{fewstep.AutotuneOptions().budget} sample-evaluations. Target: <= 0.8 in every cell.", "",
              markdown_table(["target"] + [f"NFE {n}" for n in nfes], rows), "",
