@@ -3,9 +3,9 @@ Chen, Zhou, Wang, Shen & Lyu, "On the Trajectory Regularity of ODE-based Diffusi
 
 A fine teacher solve (the search's reference solve) evaluates the model at its grid times
 ``tau_0 > tau_1 > ...`` and ends at sigma = 0. Recording each evaluation's state ``X_i`` and data
-prediction ``D_i`` costs no extra model call. On at most :data:`MAX_POINTS` of its points (evenly
-spaced in its evaluations, the start and the end kept), a step started on the teacher's state misses
-the teacher's state at ``tau_j`` by
+prediction ``D_i`` costs no extra model call. On its points (for the order-2 misses at most
+:data:`MAX_POINTS` of them, evenly spaced in its evaluations, the start and the end kept), a step
+started on the teacher's state misses the teacher's state at ``tau_j`` by
 
     order 1 (DDIM):           c_ij  = mean over samples of RMS(a_ij X_i + w_ij D_i - X_j)
     order 2 (multistep, the
@@ -39,7 +39,7 @@ from ..solvers.points import Point, points
 
 __all__ = ["TeacherCosts", "teacher_solve", "dp_path", "dp_path2", "gits_times", "MAX_POINTS"]
 
-#: teacher points the dynamic programme chooses among (the order-2 misses are O(points^3))
+#: teacher points the order-2 programme chooses among (its misses are O(points^3); order 1 takes them all)
 MAX_POINTS = 49
 
 
@@ -89,9 +89,10 @@ def _record(model: Model, x: torch.Tensor, plan: SolverSchedule) -> tuple[torch.
         return runner.result(), times, states, preds
 
 
-def _chosen(n_eval: int) -> list[int]:
-    """At most :data:`MAX_POINTS` - 1 evaluation indices, evenly spaced, the first kept."""
-    if n_eval <= MAX_POINTS - 1:
+def _chosen(n_eval: int, order2: bool) -> list[int]:
+    """The evaluation indices the programme chooses among: all of them, or for the order-2 misses at
+    most :data:`MAX_POINTS` - 1, evenly spaced, the first kept."""
+    if not order2 or n_eval <= MAX_POINTS - 1:
         return list(range(n_eval))
     return sorted(set(np.round(np.linspace(0, n_eval - 1, MAX_POINTS - 1)).astype(int).tolist()))
 
@@ -163,7 +164,7 @@ def teacher_solve(model: Model, x: torch.Tensor, plan: SolverSchedule, *, max_ro
         finals.append(final)
         if len(set(times)) != len(times) or not all(a > b for a, b in zip(times, times[1:])):
             raise ArgumentError("teacher costs need a plan with one evaluation per grid time (a multistep solve)")
-        keep = _chosen(len(times))
+        keep = _chosen(len(times), order2)
         cand = [times[k] for k in keep] + [float(plan.times[-1])]
         pts = points(model.schedule, cand)
         if pts[-1].sigma != 0.0:
