@@ -168,3 +168,15 @@ def test_order_two_misses_are_those_of_the_multistep_step_and_their_programme_is
         cost = lambda p: c1[p[0], p[1]] + sum(c2[a, b, c] for a, b, c in zip(p, p[1:], p[2:]))  # noqa: E731
         best = min(cost((0,) + mid + (m - 1,)) for mid in itertools.combinations(range(1, m - 1), steps - 1))
         assert path[0] == 0 and path[-1] == m - 1 and len(path) == steps + 1 and cost(path) == pytest.approx(best, rel=1e-12)
+
+
+def test_cached_teacher_costs_of_another_format_are_recomputed(tmp_path):
+    model = _model()
+    x = fewstep.initial_noise(VP, (4, 6), seed=3, dtype=torch.float64)
+    reference_set(model, x, reference_nfe=16, cache_dir=tmp_path, teacher=True)
+    side = next(tmp_path.glob("reference-*.json"))
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "teacher_format": meta["teacher_format"] - 1}))
+    model.reset_counters()
+    again = reference_set(model, x, reference_nfe=16, cache_dir=tmp_path, teacher=True)
+    assert not again.cached and model.evaluations >= 4 * 16

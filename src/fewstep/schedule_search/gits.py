@@ -37,10 +37,12 @@ from ..solvers.compile import compile_plan
 from ..solvers.plan import SolverSchedule
 from ..solvers.points import Point, points
 
-__all__ = ["TeacherCosts", "teacher_solve", "dp_path", "dp_path2", "gits_times", "MAX_POINTS"]
+__all__ = ["TeacherCosts", "teacher_solve", "dp_path", "dp_path2", "gits_times", "MAX_POINTS", "TEACHER_FORMAT"]
 
 #: teacher points the order-2 programme chooses among (its misses are O(points^3); order 1 takes them all)
 MAX_POINTS = 49
+#: bumped whenever what :func:`teacher_solve` computes changes (a cached entry of another format is recomputed)
+TEACHER_FORMAT = 2
 
 
 @dataclass(frozen=True)

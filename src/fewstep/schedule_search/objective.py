@@ -35,7 +35,7 @@ from ..identity import Probe, model_key, probe_for, warn_mismatch
 from ..metrics import rmse
 from ..models import Model
 from ..solvers.plan import SolverSchedule
-from .gits import TeacherCosts, teacher_solve
+from .gits import TEACHER_FORMAT, TeacherCosts, teacher_solve
 
 __all__ = ["Objective", "ReferenceSet", "reference_set", "reference_cache_path", "model_identity", "default_cache_dir"]
 
@@ -147,7 +147,7 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
             stored = Probe.from_json(meta["probe"]) if isinstance(meta, dict) and meta.get("probe") is not None else None
             bar = float(meta["error_bar"])
             costs = None
-            if teacher and meta.get("teacher_times") is not None and teacher_path.is_file():
+            if teacher and meta.get("teacher_times") is not None and meta.get("teacher_format") == TEACHER_FORMAT and teacher_path.is_file():
                 costs = TeacherCosts.from_array(meta["teacher_times"], np.load(teacher_path, allow_pickle=False))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ArgumentError):
             arr, stored, costs = None, None, None
@@ -185,7 +185,7 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
         np.save(buf, costs.to_array(), allow_pickle=False)
         write_atomic(teacher_path, buf.getvalue())
     write_atomic(side, json.dumps({"error_bar": bar, "method": method, "model": mkey, "probe": probe.to_json(), "t_start": t_start,
-                                   "reference_nfe": reference_nfe, **({"teacher_times": list(costs.times)} if costs is not None else {})}))
+                                   "reference_nfe": reference_nfe, **({"teacher_times": list(costs.times), "teacher_format": TEACHER_FORMAT} if costs is not None else {})}))
     return ReferenceSet(noises, fine.to(device=noises.device, dtype=noises.dtype), bar, method, reference_nfe=reference_nfe, t_start=t_start,
                         teacher=costs)
 
