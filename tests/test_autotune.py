@@ -214,7 +214,7 @@ def test_sample_tunes_the_gits_grid_of_its_reference_solve_too_within_the_budget
     the same fine solve as without it."""
     from fewstep.autotune import autotune
     from fewstep.sample import _teacher_reference, sample
-    from fewstep.schedule_search.gits import gits_times
+    from fewstep.teacher import gits_times
 
     model = far_data_model()
     model.reset_counters()

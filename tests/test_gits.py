@@ -12,7 +12,7 @@ import torch
 
 import fewstep
 from fewstep.errors import ArgumentError
-from fewstep.schedule_search.gits import TeacherCosts, dp_path, gits_times, teacher_solve
+from fewstep.teacher import TeacherCosts, dp_path, gits_times, teacher_solve
 from fewstep.schedule_search.objective import _fine_plan, reference_set
 
 VP = fewstep.DiscreteVP.linear()
@@ -139,7 +139,7 @@ def test_fit_gits_refuses_bad_input_before_any_model_call():
 
 
 def test_order_two_misses_are_those_of_the_multistep_step_and_their_programme_is_optimal():
-    from fewstep.schedule_search.gits import _record
+    from fewstep.teacher import _record
     from fewstep.solvers.coefficients import node_positions, node_weights
     from fewstep.solvers.points import points
 
@@ -157,7 +157,7 @@ def test_order_two_misses_are_those_of_the_multistep_step_and_their_programme_is
     end = preds[i] - final  # the step into sigma = 0 is first order
     assert teacher.costs2[q, i, 16] == teacher.costs[i, 16] == pytest.approx(float(end.pow(2).mean(1).sqrt().mean()), rel=1e-9)
     # the programme over (previous, current) pairs against every path
-    from fewstep.schedule_search.gits import dp_path2
+    from fewstep.teacher import dp_path2
 
     rng = np.random.default_rng(1)
     m = 7

@@ -7,7 +7,7 @@ neighbours: the logistic grid's centre moved by -1.5, -0.75, +0.75, +1.5 in log-
 and 1.4, and the other presets of the rule search (UniPC of order 2, DPM-Solver++ 2M and 3M) on the rule's
 grid; with a named preset, only its grids; and, when :func:`fewstep.sample` tunes (it records the
 reference solve's trajectory), the chosen preset on the GITS grid of that trajectory
-(:mod:`fewstep.schedule_search.gits`: least summed first-order miss, found for no model call). The
+(:mod:`fewstep.teacher`: least summed first-order miss, found for no model call). The
 reference is UniPC on the rule's grid at ``max(4 N, 40)`` evaluations. With ``K`` candidates the cost is ``n (R + K N)`` sample-evaluations for
 ``n`` samples plus the identity probe's few; ``n`` is as many as the budget (default 3,000) allows, at
 most 64 and at least 4. The samples are keyed noises of ``seed`` (not the caller's), so the choice
@@ -181,7 +181,7 @@ def autotune(model: Model, nfe: int, sample_shape: Sequence[int], run: Callable[
     ``sample_shape`` (see the module docstring), sampling with ``run`` (:func:`fewstep.sample`);
     ``options`` are the caller's other sampling options (``t_start``, ``t_end``, preset options),
     kept for every candidate and the reference. ``teacher(model, noises, solver, nfe, options)``:
-    the reference solve with its :class:`~fewstep.schedule_search.gits.TeacherCosts` (adds the GITS
+    the reference solve with its :class:`~fewstep.teacher.TeacherCosts` (adds the GITS
     candidate; :func:`fewstep.sample` passes it), else the reference is ``run``'s."""
     from .identity import Probe, model_key, probe_for, warn_mismatch
 
@@ -249,7 +249,7 @@ def autotune(model: Model, nfe: int, sample_shape: Sequence[int], run: Callable[
     if teacher is not None:
         reference, costs = teacher(model, noises, "unipc", ref_nfe, ref_opts)
         if with_gits and nfe < len(costs.times):
-            from .schedule_search.gits import gits_times
+            from .teacher import gits_times
 
             cands = cands + [("gits", base[1], {**{k: v for k, v in base[2].items() if k not in CHOSEN_OPTIONS | {"logistic_center", "logistic_scale"}},
                                                 "spacing": [float(t) for t in gits_times(costs, nfe)]})]

@@ -1,6 +1,6 @@
 """``fewstep.fit_gits``: a time grid for one model and NFE from a few fine teacher solves, by dynamic
 programming over the teacher trajectories' stored model outputs (GITS: Chen et al., ICML 2024; the
-mathematics is in :mod:`fewstep.schedule_search.gits`).
+mathematics is in :mod:`fewstep.teacher`).
 
 Cost: ``n_calibration x teacher_nfe`` sample-evaluations (the teacher solves; the dynamic programme
 calls no model). The result is a plan of any multistep preset on that grid, saved and loaded like any
@@ -20,7 +20,7 @@ from .defaults import default_call
 from .errors import ArgumentError, ShapeError
 from .models import Model
 from .noise import initial_noise
-from .schedule_search.gits import gits_times, teacher_solve
+from .teacher import gits_times, teacher_solve
 from .schedule_search.objective import _fine_plan
 from .solvers.plan import SolverSchedule
 from .solvers.presets import preset

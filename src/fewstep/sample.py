@@ -272,8 +272,8 @@ def _autotune(model: Model, x_T: torch.Tensor, solver: Any, nfe: int | None, opt
 
 def _teacher_reference(model: Model, noises: torch.Tensor, solver: str, nfe: int, options: dict[str, Any]) -> tuple[torch.Tensor, Any]:
     """Autotune's reference: ``solver`` at ``nfe`` from ``noises``, with its trajectory's
-    :class:`~fewstep.schedule_search.gits.TeacherCosts` (the same samples as :func:`sample` gives)."""
-    from .schedule_search.gits import teacher_solve
+    :class:`~fewstep.teacher.TeacherCosts` (the same samples as :func:`sample` gives)."""
+    from .teacher import teacher_solve
 
     plan = resolve_plan(model, solver, nfe, options, math.prod(noises.shape[1:]))
     return teacher_solve(model, noises, plan)

@@ -32,7 +32,7 @@ from ..solvers.plan import SolverSchedule, schedule_fingerprint
 from .budget import AUTO, BUDGET_SEED_PRESETS, BudgetPlan, default_budget, plan_budget, resolve_budget
 from .engine import SEED_PRESETS, SEED_SPACINGS, SearchConfig, SearchReport, StateError, run_search, seed_plan
 from .evaluate import evaluate_plans
-from .gits import gits_times
+from ..teacher import gits_times
 from .objective import Objective, default_cache_dir, reference_set
 from .space import Candidate, Gene, Space
 

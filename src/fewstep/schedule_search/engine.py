@@ -121,7 +121,7 @@ class SearchConfig:
     max_rows: int = 4096
     seed_presets: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = tuple((n, tuple(sorted(o.items()))) for n, o in SEED_PRESETS)
     seed_spacings: tuple[str, ...] = SEED_SPACINGS
-    #: named explicit grids every seed preset is tried on too (``(("gits", times),)``: :mod:`.gits`)
+    #: named explicit grids every seed preset is tried on too (``(("gits", times),)``: :mod:`fewstep.teacher`)
     seed_grids: tuple[tuple[str, tuple[float, ...]], ...] = ()
     screen: int = 32
     seed_keep: int = 12

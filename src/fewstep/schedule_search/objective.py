@@ -10,7 +10,7 @@ dtype, like a fresh one. The entry's side file
 stores the model's probe (:class:`fewstep.identity.Probe`), which a read checks (an entry written by
 a model that computes something else is recomputed, with a warning). With ``teacher=True`` the fine
 solve's trajectory also gives the local-error matrix of first-order steps between its points
-(:mod:`.gits`, no extra model call), cached beside it (``.teacher.npy``, its times in the side file). The error is the RMSE by default; any
+(:mod:`fewstep.teacher`, no extra model call), cached beside it (``.teacher.npy``, its times in the side file). The error is the RMSE by default; any
 ``metric(samples, reference) -> float`` (lower is better) may replace it, e.g. a Fréchet distance.
 """
 
@@ -35,7 +35,7 @@ from ..identity import Probe, model_key, probe_for, warn_mismatch
 from ..metrics import rmse
 from ..models import Model
 from ..solvers.plan import SolverSchedule
-from .gits import TEACHER_FORMAT, TeacherCosts, teacher_solve
+from ..teacher import TEACHER_FORMAT, TeacherCosts, teacher_solve
 
 __all__ = ["Objective", "ReferenceSet", "reference_set", "reference_cache_path", "model_identity", "default_cache_dir"]
 
@@ -67,7 +67,7 @@ class ReferenceSet:
     cached: bool = False
     reference_nfe: int | None = None
     t_start: float | None = None
-    #: the fine solve's local-error matrix (:class:`~.gits.TeacherCosts`), when asked for
+    #: the fine solve's local-error matrix (:class:`~fewstep.teacher.TeacherCosts`), when asked for
     teacher: TeacherCosts | None = None
 
 
@@ -126,7 +126,7 @@ def reference_set(model: Model, noises: torch.Tensor, *, reference_nfe: int = 20
     not match was written by a model that computes something else under the same key: it is
     recomputed and overwritten, with an :class:`~fewstep.identity.IdentityWarning` (and ``log``).
     ``error_bar_rows``: the error bar's half-NFE solves run on the first rows only (default: all).
-    ``teacher``: also the fine solve's :class:`~.gits.TeacherCosts` (an entry cached without them is recomputed)."""
+    ``teacher``: also the fine solve's :class:`~fewstep.teacher.TeacherCosts` (an entry cached without them is recomputed)."""
     if not isinstance(reference_nfe, int) or isinstance(reference_nfe, bool) or reference_nfe < 4:
         raise ArgumentError(f"reference_nfe must be an integer >= 4, got {reference_nfe!r}")
     if t_start is not None and (not isinstance(t_start, (int, float)) or isinstance(t_start, bool) or not math.isfinite(float(t_start))):

@@ -18,7 +18,7 @@ quadratic form in the per-sample Gram matrix of the recorded vectors, so one mat
 all ``O(M^3)`` of them whatever the dimension. The grid of ``N`` steps is the path
 ``0 = p_0 < ... < p_N = end`` minimising the summed misses (dynamic programming: ``O(N M^2)`` for
 order 1, ``O(N M^3)`` over (previous, current) pairs for order 2). The paper uses order 1 and any
-solver on the result; a budgeted search takes the order-1 grid as a seed (:mod:`.engine`; the
+solver on the result; a budgeted search takes the order-1 grid as a seed (:mod:`fewstep.schedule_search.engine`; the
 order-2 one was measured as a seed too and never was the best seed, so it is not computed there).
 """
 
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ArgumentError, SolverError
-from ..executor import PlanRunner
-from ..models import Model, to_prediction
-from ..solvers.coefficients import base_terms, node_positions, node_weights
-from ..solvers.compile import compile_plan
-from ..solvers.plan import SolverSchedule
-from ..solvers.points import Point, points
+from .errors import ArgumentError, SolverError
+from .executor import PlanRunner
+from .models import Model, to_prediction
+from .solvers.coefficients import base_terms, node_positions, node_weights
+from .solvers.compile import compile_plan
+from .solvers.plan import SolverSchedule
+from .solvers.points import Point, points
 
 __all__ = ["TeacherCosts", "teacher_solve", "dp_path", "dp_path2", "gits_times", "MAX_POINTS", "TEACHER_FORMAT"]
 
