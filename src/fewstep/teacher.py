@@ -41,6 +41,8 @@ __all__ = ["TeacherCosts", "teacher_solve", "dp_path", "dp_path2", "gits_times",
 
 #: teacher points the order-2 programme chooses among (its misses are O(points^3); order 1 takes them all)
 MAX_POINTS = 49
+#: samples per float64 Gram product (bounds the float64 copy of the recorded trajectory)
+GRAM_ROWS = 8
 #: bumped whenever what :func:`teacher_solve` computes changes (a cached entry of another format is recomputed)
 TEACHER_FORMAT = 2
 
@@ -151,6 +153,13 @@ def _misses(gram: torch.Tensor, m: int, w1: np.ndarray, w2: np.ndarray | None) -
     return c1, c2
 
 
+def _gram(vecs: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gram matrices ``(b, u, v)`` of ``vecs`` ``(u, b, d)`` in float64, divided by ``d``
+    (the expanded squared misses cancel: float32 would lose them)."""
+    v = vecs.to(torch.float64)
+    return torch.einsum("ubd,vbd->buv", v, v) / v.shape[-1]
+
+
 def teacher_solve(model: Model, x: torch.Tensor, plan: SolverSchedule, *, max_rows: int = 4096,
                   order2: bool = False) -> tuple[torch.Tensor, TeacherCosts]:
     """The final samples of ``plan`` (a deterministic fine solve ending at sigma = 0) from ``x``, and
@@ -173,8 +182,8 @@ def teacher_solve(model: Model, x: torch.Tensor, plan: SolverSchedule, *, max_ro
             raise ArgumentError(f"teacher costs need a solve that ends at sigma = 0, this one ends at t = {plan.times[-1]}")
         if weights is None:
             weights = _weights(pts, model.schedule, order2)
-        vecs = torch.stack([states[k] for k in keep] + [final] + [preds[k] for k in keep]).flatten(2).to(torch.float64)  # (2m-1, B, d)
-        gram = torch.einsum("ubd,vbd->buv", vecs, vecs) / vecs.shape[-1]
+        vecs = torch.stack([states[k] for k in keep] + [final] + [preds[k] for k in keep]).flatten(2)  # (2m-1, B, d)
+        gram = torch.cat([_gram(vecs[:, b:b + GRAM_ROWS]) for b in range(0, vecs.shape[1], GRAM_ROWS)])
         part = _misses(gram, len(cand), *weights)
         sums = part if sums is None else (sums[0] + part[0], None if part[1] is None else sums[1] + part[1])  # type: ignore[operator]
     assert sums is not None
