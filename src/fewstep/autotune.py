@@ -251,7 +251,7 @@ def autotune(model: Model, nfe: int, sample_shape: Sequence[int], run: Callable[
         if with_gits and nfe < len(costs.times):
             from .teacher import gits_times
 
-            cands = cands + [("gits", base[1], {**{k: v for k, v in base[2].items() if k not in CHOSEN_OPTIONS | {"logistic_center", "logistic_scale"}},
+            cands = cands + [("gits", base[1], {**{k: v for k, v in base[2].items() if k not in CHOSEN_OPTIONS},
                                                 "spacing": [float(t) for t in gits_times(costs, nfe)]})]
     else:
         reference = run(model, noises, "unipc", nfe=ref_nfe, autotune=False, **ref_opts)
