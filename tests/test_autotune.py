@@ -233,3 +233,22 @@ def test_sample_tunes_the_gits_grid_of_its_reference_solve_too_within_the_budget
     # a caller's t_start: no GITS candidate (its grid starts where the teacher does)
     res2 = autotune(model, 6, (16,), sample, options={"t_start": 900.0}, config=opts(tmp_path / "b", budget=2000), teacher=_teacher_reference)
     assert "gits" not in res2.errors
+
+
+@pytest.mark.parametrize("nfe", [5, 15])
+def test_candidates_include_the_peers_grid_families_once_each(nfe):
+    """Besides the logistic neighbours: the default preset on uniform log-SNR (diffusers' exponential
+    sigmas) and on the DMN grid, and the time-quadratic grid with UniPC-2; no run twice."""
+    from fewstep.autotune import FAMILY_GRIDS
+
+    sched = fewstep.DiscreteVP.linear()
+    cands = candidates(sched, nfe, 64, None, "eps")
+    runs = [(name, json.dumps(o, sort_keys=True)) for _, name, o in cands]
+    assert len(set(runs)) == len(runs) and len({c[0] for c in cands}) == len(cands)
+    default_name, default_opts = cands[0][1], cands[0][2]
+    for spacing, o in FAMILY_GRIDS:
+        own = {k: v for k, v in default_opts.items() if k not in ("spacing", "logistic_center", "logistic_scale")}
+        want = ({**own, "spacing": spacing} if o is None else {**o, "spacing": spacing})
+        assert any(c[2] == want and c[1] == ("unipc" if o is not None else default_name) for c in cands), (spacing, o)
+    for _, name, o in cands:  # each is a plan the library builds at this NFE
+        assert fewstep.preset(name, nfe, sched, **o).nfe <= nfe
