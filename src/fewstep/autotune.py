@@ -61,7 +61,8 @@ OTHER_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (("unipc", {"order": 2})
 #: ``(spacing, preset options or None for the default preset's own)``: the grid families of the peers
 #: (``benchmarks/defaults.py``). Chosen on the fit noises (seed 7) of the 31 benchmark targets, never the
 #: judge noises: with them the most accurate candidate per cell is 0.959x the version-5 set's (geometric
-#: mean), down to 0.5x on DDPM-linear eps networks (quadratic) and scaled-linear x0 / v ones (uniform log-SNR)
+#: mean over 186 cells), down to 0.60-0.65x on eps networks (quadratic), a scaled-linear oracle (uniform
+#: log-SNR) and an EDM network at NFE 20 (DMN)
 FAMILY_GRIDS: tuple[tuple[str, dict[str, Any] | None], ...] = (
     ("uniform_lambda", None), ("dmn", None), ("uniform_lambda", {"order": 2}), ("quadratic", {"order": 2}))
 #: options that choose the grid or the preset: autotune chooses them, so a call may not also set them
