@@ -5,7 +5,8 @@ Reads a defaults report (``reports/defaults.json`` and / or ``reports/defaults_o
 best peer at its best grid option, asks two questions on the judge noises (seed 0):
 
 * **selection**: the candidate that was most accurate on autotune's own tuning samples (read back from
-  the autotune cache the report filled: no tuning is redone) -- was it kept out by the confidence gate,
+  the autotune cache the report filled; a cell whose entry is missing is tuned again, and the JSON's
+  ``from_cache`` says which) -- was it kept out by the confidence gate,
   and would it have met 0.8 on the judge noises?
 * **reach**: the best of *all* of autotune's candidates chosen with hindsight on the judge noises
   themselves -- does any candidate meet 0.8?
