@@ -236,13 +236,16 @@ def test_sample_tunes_the_gits_grid_of_its_reference_solve_too_within_the_budget
 
 
 @pytest.mark.parametrize("nfe", [5, 15])
-def test_candidates_include_the_peers_grid_families_once_each(nfe):
+@pytest.mark.parametrize("family", ["discrete-eps", "flow", "edm"])
+def test_candidates_include_the_peers_grid_families_once_each(nfe, family):
     """Besides the logistic neighbours: the default preset on uniform log-SNR (diffusers' exponential
-    sigmas) and on the DMN grid, and the time-quadratic grid with UniPC-2; no run twice."""
+    sigmas) and on the DMN grid, and the time-quadratic grid with UniPC-2; no run twice; on every
+    schedule family."""
     from fewstep.autotune import FAMILY_GRIDS
 
-    sched = fewstep.DiscreteVP.linear()
-    cands = candidates(sched, nfe, 64, None, "eps")
+    sched, prediction = {"discrete-eps": (fewstep.DiscreteVP.linear(), "eps"), "flow": (fewstep.FlowMatching(shift=3.0), "flow"),
+                         "edm": (fewstep.EDM(), "x0")}[family]
+    cands = candidates(sched, nfe, 64, None, prediction)
     runs = [(name, json.dumps(o, sort_keys=True)) for _, name, o in cands]
     assert len(set(runs)) == len(runs) and len({c[0] for c in cands}) == len(cands)
     default_name, default_opts = cands[0][1], cands[0][2]
