@@ -35,25 +35,20 @@ from fewstep.report import markdown_table
 from fewstep.sample import _teacher_reference, sample
 
 import targets as T
+from defaults import best_peer
 from _common import REPORTS, log, report_header, set_threads, write_text_atomic
 
 BAR = 0.8
 REPORTS_READ = ("defaults.json", "defaults_oracles.json")
 
 
-def best_peer_rmse(records: list[dict[str, Any]], nfe: str) -> float:
-    ok = [r["rmse"] for r in records if str(r["nfe"]) == nfe and not r.get("error") and isinstance(r.get("rmse"), (int, float))
-          and math.isfinite(r["rmse"])]
-    return min(ok) if ok else math.nan
-
-
 def missed_cells(result: dict[str, Any]) -> list[tuple[int, float, float]]:
     """``(nfe, best peer RMSE, autotune / best peer)`` for each cell of one target above the bar."""
     out = []
     for nfe, rec in result["fewstep"]["autotune"].items():
-        peer = best_peer_rmse(result["peers"]["records"], nfe)
-        if isinstance(rec.get("rmse"), (int, float)) and math.isfinite(peer) and rec["rmse"] / peer > BAR:
-            out.append((int(nfe), peer, rec["rmse"] / peer))
+        best = best_peer(result["peers"]["records"], int(nfe))
+        if best is not None and isinstance(rec.get("rmse"), (int, float)) and rec["rmse"] / best["rmse"] > BAR:
+            out.append((int(nfe), best["rmse"], rec["rmse"] / best["rmse"]))
     return out
 
 
