@@ -67,7 +67,7 @@ from search_budget import best_preset
 TARGETS = ("digits-vp-eps", "gmm-d64@vp")
 NFES = (5, 8)
 BUDGETS = (10_000, 30_000)
-V3_SETTINGS = {"gmm-d64@vp": [(64, 1201), (256, 1201)], "digits-vp-eps": [(64, 121)]}
+V3_SETTINGS = {"gmm-d64@vp": [(64, 1201), (256, 1201)], "digits-vp-eps": [(64, 121), (256, 121)]}
 V3_SEED = 1
 NOISE_SEED = 101  # search and IIA calibration noises: never the judge's (seed 0)
 IIA_BASES = (("DDIM", "ddim"), ("DPM++(2M)", "dpmpp_2m"), ("default", None))

@@ -2,7 +2,8 @@
 DPM-Solver++(2M / 3M) on the same grid.
 
     python benchmarks/dpm_solver_v3.py            # gmm-d64@vp: statistics of 64 / 256 / 1024 samples x 1201 log-SNRs
-                                                  #   (1024 x 1201: the reference's CIFAR-10 setting); digits-vp-eps: 64 / 256 x 121
+                                                  #   (1024 x 1201: the reference's CIFAR-10 setting); digits-vp-eps: 64 / 256 x 121;
+                                                  #   each target also 256 samples with f' by a second JVP
     python benchmarks/dpm_solver_v3.py --full     # and digits-vp-eps 1024 x 121, gmm-d3072@vp 64 x 241 (slow on a CPU)
     python benchmarks/dpm_solver_v3.py --quick    # gmm-d64@vp: 64 / 256 samples x 241 log-SNRs (a few minutes)
 
@@ -12,12 +13,14 @@ statistics are computed by ``fewstep.model_statistics`` from ODE trajectories of
 reads them and reports the cost measured when they were made). Then RMSE against the reference at
 NFE 5, 6, 8, 10 of:
 
-* UniPC (fewstep's ``unipc``: bh2, order 3), DPM-Solver++(2M) (midpoint) and DPM-Solver++(3M) (exact
-  weights), on the preset's default logistic grid;
+* UniPC (fewstep's ``unipc``: bh2, order 3), UniPC-2 (the default solver), DPM-Solver++(2M) (midpoint)
+  and DPM-Solver++(3M) (exact weights), on the family's logistic grid and, where it differs, on the grid
+  the call ``fewstep.sample(model, x, "dpm_solver_v3", ...)`` uses;
 * DPM-Solver-v3 (fewstep's defaults: order 3, the corrector of as many nodes as the predictor, as the
-  reference's EDM / score_sde codebases; lower order at the end) on the same grid, with each set of
-  statistics; also without statistics (its degenerate form l = 1, s = b = 0) and with the README's
-  pseudo-order corrector of p + 1 nodes (``corrector_pseudo=True``), with the largest statistics.
+  reference's EDM / score_sde codebases; lower order at the end) on the same grids, with each set of
+  statistics (f' by the secant along the trajectory, the default, or by a second JVP); also without
+  statistics (its degenerate form l = 1, s = b = 0) and with the README's pseudo-order corrector of
+  p + 1 nodes (``corrector_pseudo=True``), with the largest secant statistics.
 
 Benchmarks never assert; the report says what was measured and where.
 """
@@ -43,27 +46,30 @@ import targets as T
 from _common import CACHE, REPORTS, log, report_header, write_text_atomic
 
 NFES = (5, 6, 8, 10)
-DEFAULT = {"gmm-d64@vp": [(64, 1201), (256, 1201), (1024, 1201)], "digits-vp-eps": [(64, 121), (256, 121)]}
-FULL = {**DEFAULT, "digits-vp-eps": [(64, 121), (256, 121), (1024, 121)], "gmm-d3072@vp": [(64, 241)]}
-QUICK = {"gmm-d64@vp": [(64, 241), (256, 241)]}
-BASELINES = (("UniPC", "unipc", {}), ("DPM++(2M)", "dpmpp_2m", {}), ("DPM++(3M)", "dpmpp_3m", {}))
+#: per target: (samples, log-SNRs, how f' is taken); the last "secant" setting also runs the c = p + 1 corrector
+DEFAULT = {"gmm-d64@vp": [(64, 1201, "secant"), (256, 1201, "secant"), (1024, 1201, "secant"), (256, 1201, "jvp")],
+           "digits-vp-eps": [(64, 121, "secant"), (256, 121, "secant"), (256, 121, "jvp")]}
+FULL = {**DEFAULT, "digits-vp-eps": [(64, 121, "secant"), (256, 121, "secant"), (1024, 121, "secant"), (256, 121, "jvp")],
+        "gmm-d3072@vp": [(64, 241, "secant")]}
+QUICK = {"gmm-d64@vp": [(64, 241, "secant"), (256, 241, "secant"), (64, 241, "jvp")]}
+BASELINES = (("UniPC", "unipc", {}), ("UniPC-2", "unipc", {"order": 2}), ("DPM++(2M)", "dpmpp_2m", {}), ("DPM++(3M)", "dpmpp_3m", {}))
 
 
-def _statistics(target: Any, n_samples: int, n_times: int, seed: int, batch: int) -> tuple[fewstep.ModelStatistics, bool]:
-    """The target model's statistics, from the cache when it has them (and they are this model's)."""
+def _statistics(target: Any, n_samples: int, n_times: int, seed: int, batch: int, derivative: str = "secant") -> tuple[fewstep.ModelStatistics, bool]:
+    """The target model's statistics, from the cache when it has them (this model's, same estimator)."""
     tag = target.name.replace("@", "-")
-    path = CACHE / f"ems-{tag}-n{n_samples}-t{n_times}-s{seed}.safetensors"
+    path = CACHE / f"ems-{tag}-n{n_samples}-t{n_times}-s{seed}-{derivative}.safetensors"
     key = model_key(target.model)
     if path.is_file():
         try:
             st = fewstep.ModelStatistics.load(path)
-            if st.model == key:
+            if st.model == key and st.settings.get("derivative") == derivative:
                 return st, True
         except fewstep.FewstepError as exc:
             log(f"[{target.name}] ignoring cached statistics {path.name}: {exc}")
     log(f"[{target.name}] statistics: {n_samples} samples x {n_times} log-SNRs ...")
     st = fewstep.model_statistics(target.model, n_samples=n_samples, n_times=n_times, seed=seed, batch_size=batch,
-                                  dtype=torch.float32 if target.kind == "zoo" else torch.float64)
+                                  dtype=torch.float32 if target.kind == "zoo" else torch.float64, derivative=derivative)
     st.save(path)
     log(f"[{target.name}]   {st.cost}")
     return st, False
@@ -76,33 +82,49 @@ def _rmse(target: Any, solver: str, nfe: int, grid: list[float], **opts: Any) ->
     return fewstep.rmse(x.to(torch.float64), target.ref)
 
 
-def run_target(tid: str, settings: list[tuple[int, int]], seed: int, nfes: tuple[int, ...]) -> dict[str, Any]:
+def _label(s: dict[str, Any]) -> str:
+    return f"v3 {s['n_samples']}x{s['n_times']}" + (" jvp" if s["derivative"] == "jvp" else "")
+
+
+def run_target(tid: str, settings: list[tuple[int, int, str]], seed: int, nfes: tuple[int, ...]) -> dict[str, Any]:
     target = T.build(tid, T.default_batch(tid, "judge"), "judge")
     sched = target.model.schedule
     dim = T.dimension(target.model)
-    grid_name, grid_opts = default_grid(sched, "unipc", dim)
-    grids = {n: [float(t) for t in fewstep.time_grid(sched, n, grid_name, **grid_opts)] for n in nfes}
+    # the family's logistic grid, and the one `fewstep.sample(model, x, "dpm_solver_v3", ...)` uses (it also
+    # shifts by the model's parameterisation): both when they differ
+    choices = {"the family's logistic grid": default_grid(sched, "unipc", dim),
+               "the call's grid": default_grid(sched, "unipc", dim, target.model.prediction)}
+    grid_sets = {}
+    for label, (name, opts) in choices.items():
+        if all((name, opts) != v for v in grid_sets.values()):
+            grid_sets[label] = (name, opts)
     stats = []
-    for n_samples, n_times in settings:
-        st, cached = _statistics(target, n_samples, n_times, seed, batch=min(256, n_samples))
-        plan = fewstep.preset("dpm_solver_v3", max(nfes), sched, statistics=st, spacing=grids[max(nfes)])
+    for n_samples, n_times, derivative in settings:
+        st, cached = _statistics(target, n_samples, n_times, seed, batch=min(256, n_samples), derivative=derivative)
+        name, opts = next(iter(grid_sets.values()))
+        plan = fewstep.preset("dpm_solver_v3", max(nfes), sched, statistics=st, spacing=name, **opts)
         st._cache.clear()
         t0 = time.perf_counter()
         compile_plan(plan, sched)
-        stats.append({"n_samples": n_samples, "n_times": n_times, "stats": st, "cached": cached, "compile_s": time.perf_counter() - t0})
-    rows = []
-    for n in nfes:
-        row: dict[str, Any] = {"nfe": n}
-        for label, name, opts in BASELINES:
-            row[label] = _rmse(target, name, n, grids[n], **opts)
-        row["v3 degenerate"] = _rmse(target, "dpm_solver_v3", n, grids[n])
-        for s in stats:
-            row[f"v3 {s['n_samples']}x{s['n_times']}"] = _rmse(target, "dpm_solver_v3", n, grids[n], statistics=s["stats"])
-        big = stats[-1]
-        row[f"v3 {big['n_samples']}x{big['n_times']} c=p+1"] = _rmse(target, "dpm_solver_v3", n, grids[n], statistics=big["stats"], corrector_pseudo=True)
-        rows.append(row)
-        log(f"[{tid}] NFE {n}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "nfe"))
-    return {"target": target, "grid": (grid_name, grid_opts), "stats": stats, "rows": rows}
+        stats.append({"n_samples": n_samples, "n_times": n_times, "derivative": derivative, "stats": st, "cached": cached,
+                      "compile_s": time.perf_counter() - t0})
+    tables = {}
+    for glabel, (gname, gopts) in grid_sets.items():
+        grids = {n: [float(t) for t in fewstep.time_grid(sched, n, gname, **gopts)] for n in nfes}
+        rows = []
+        for n in nfes:
+            row: dict[str, Any] = {"nfe": n}
+            for label, name, opts in BASELINES:
+                row[label] = _rmse(target, name, n, grids[n], **opts)
+            row["v3 degenerate"] = _rmse(target, "dpm_solver_v3", n, grids[n])
+            for s in stats:
+                row[_label(s)] = _rmse(target, "dpm_solver_v3", n, grids[n], statistics=s["stats"])
+            big = [s for s in stats if s["derivative"] == "secant"][-1]
+            row[_label(big) + " c=p+1"] = _rmse(target, "dpm_solver_v3", n, grids[n], statistics=big["stats"], corrector_pseudo=True)
+            rows.append(row)
+            log(f"[{tid}] {glabel}, NFE {n}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "nfe"))
+        tables[glabel] = {"grid": (gname, gopts), "rows": rows}
+    return {"target": target, "tables": tables, "stats": stats}
 
 
 def _fmt(v: float) -> str:
@@ -112,46 +134,52 @@ def _fmt(v: float) -> str:
 def report(results: list[dict[str, Any]], argv: list[str], wall: float, quick: bool) -> str:
     lines = report_header("DPM-Solver-v3: cost of the statistics and RMSE" + (" (quick)" if quick else ""), "dpm_solver_v3.py", argv, wall)
     lines += [
-        "DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023) against UniPC and DPM-Solver++(2M / 3M) on the same grid (the default",
-        "logistic grid of each target), RMSE against each target's reference on its judge noises. The statistics come from",
-        "`fewstep.model_statistics` on ODE trajectories of noises of another seed (docs/mathematics.md, \"DPM-Solver-v3\").",
+        "DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023) against UniPC (orders 3 and 2) and DPM-Solver++(2M / 3M) on the same",
+        "grid, RMSE against each target's reference on its judge noises: on the family's logistic grid, and, where it differs,",
+        "on the grid `fewstep.sample(model, x, \"dpm_solver_v3\", statistics=...)` uses (the default rule's, shifted by the",
+        "model's parameterisation). The statistics come from `fewstep.model_statistics` on ODE trajectories of noises of",
+        "another seed (docs/mathematics.md, \"DPM-Solver-v3\"), with f' by the secant along the trajectory (the default) or by",
+        "a second JVP (`jvp`).",
         "",
         "## Cost of the statistics",
         "",
-        "Each sample at each log-SNR costs two Jacobian-vector products (forward-mode AD): one for l, one for the total",
-        "derivative in lambda that s and b need; the trajectories reuse the first JVP's output (no extra model call).",
-        "Wall time is on this machine (CPU, shared); `compile` is building the v3 plan's per-dimension weights at the",
-        "largest NFE the first time (later calls reuse them).",
+        "Each sample at each log-SNR costs one Jacobian-vector product (forward-mode AD) for l, whose output also moves the",
+        "trajectory; `jvp` adds a second one for the derivative of the model along the ODE. Wall time is on this machine",
+        "(CPU, shared); `compile` is building the v3 plan's per-dimension weights at the largest NFE the first time (later",
+        "calls reuse them).",
         "",
-        "| target | samples | log-SNRs | model calls | JVPs (rows) | wall s | ms per JVP row | compile s | cached |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| target | samples | log-SNRs | f' | model calls | JVPs (rows) | wall s | ms per JVP row | compile s | cached |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for res in results:
         for s in res["stats"]:
             c = s["stats"].cost
             per = 1e3 * c["wall_s"] / max(1, c["jvps"])
-            lines.append(f"| {res['target'].name} | {s['n_samples']} | {s['n_times']} | {c['model_calls']} | {c['jvps']} | {c['wall_s']:.1f} | "
-                         f"{per:.3f} | {s['compile_s']:.2f} | {'yes' if s['cached'] else 'no'} |")
+            lines.append(f"| {res['target'].name} | {s['n_samples']} | {s['n_times']} | {s['derivative']} | {c['model_calls']} | {c['jvps']} | "
+                         f"{c['wall_s']:.1f} | {per:.3f} | {s['compile_s']:.2f} | {'yes' if s['cached'] else 'no'} |")
     lines += ["", "Rows marked cached were computed by an earlier run of this command; their cost is what that run measured",
               "(kept in the statistics file's metadata).", "",
               "The reference's settings: 1024 samples x 1201 log-SNRs (EDM CIFAR-10, NFE < 10), 4096 x 1201 (score_sde),",
               "1024 x 121 (EDM at NFE >= 10, LSUN), 1024 x 501 (ImageNet-256 guided), 1024 x 251 (Stable Diffusion).", ""]
     for res in results:
         t = res["target"]
-        name, opts = res["grid"]
-        lines += [f"## {t.name}", "", t.describe, f"Grid: `{name}` {opts}.", ""]
-        keys = [k for k in res["rows"][0] if k != "nfe"]
-        lines += ["| NFE | " + " | ".join(keys) + " | best v3 / UniPC | best v3 / best DPM++ |",
-                  "|---:|" + "---:|" * (len(keys) + 2)]
-        for row in res["rows"]:
-            v3 = min(v for k, v in row.items() if k.startswith("v3 ") and k != "v3 degenerate")
-            dpmpp = min(row["DPM++(2M)"], row["DPM++(3M)"])
-            lines.append(f"| {row['nfe']} | " + " | ".join(_fmt(row[k]) for k in keys) + f" | {v3 / row['UniPC']:.3f} | {v3 / dpmpp:.3f} |")
-        lines.append("")
-    lines += ["Columns: `v3 NxT`: DPM-Solver-v3 (defaults: corrector of p nodes) with statistics of N samples x T log-SNRs;",
-              "`c=p+1`: with the pseudo-order corrector of p + 1 nodes instead (the README's example);",
-              "`v3 degenerate`: without statistics (l = 1, s = b = 0: DPM-Solver++ with exact weights plus the corrector).",
-              "The ratios take the best v3 column (statistics and corrector variants) at that NFE.", ""]
+        lines += [f"## {t.name}", "", t.describe, ""]
+        for glabel, tab in res["tables"].items():
+            name, opts = tab["grid"]
+            lines += [f"### On {glabel}: `{name}` {opts}", ""]
+            keys = [k for k in tab["rows"][0] if k != "nfe"]
+            lines += ["| NFE | " + " | ".join(keys) + " | best v3 / UniPC | best v3 / best UniPC, DPM++ |",
+                      "|---:|" + "---:|" * (len(keys) + 2)]
+            for row in tab["rows"]:
+                v3 = min(v for k, v in row.items() if k.startswith("v3 ") and k != "v3 degenerate" and " jvp" not in k)
+                best = min(row["UniPC"], row["UniPC-2"], row["DPM++(2M)"], row["DPM++(3M)"])
+                lines.append(f"| {row['nfe']} | " + " | ".join(_fmt(row[k]) for k in keys) + f" | {v3 / row['UniPC']:.3f} | {v3 / best:.3f} |")
+            lines.append("")
+    lines += ["Columns: `v3 NxT`: DPM-Solver-v3 (defaults: corrector of p nodes) with statistics of N samples x T log-SNRs,",
+              "f' by the secant; `jvp`: f' by the second JVP; `c=p+1`: with the pseudo-order corrector of p + 1 nodes instead",
+              "(the README's example); `v3 degenerate`: without statistics (l = 1, s = b = 0: DPM-Solver++ with exact weights",
+              "plus the corrector). The ratios take the best v3 column with secant statistics (sizes and corrector variants)",
+              "at that NFE, against UniPC and against the best of the four baselines.", ""]
     return "\n".join(lines)
 
 

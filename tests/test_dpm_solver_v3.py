@@ -290,13 +290,22 @@ def test_the_cost_of_the_statistics_is_counted_exactly(oracle):
         return inner.fn(x, t)
 
     m = fewstep.Model(counted, SCHED, "x0", sample_shape=(DIM,))
-    st = fewstep.model_statistics(m, n_samples=10, n_times=7, batch_size=4, dtype=torch.float64)
-    assert seen == {"calls": 2 * 7 * 3, "rows": 2 * 7 * 10, "jvp_rows": 2 * 7 * 10}
-    assert (st.cost["model_calls"], st.cost["model_evaluations"], st.cost["jvps"]) == (seen["calls"], seen["rows"], seen["jvp_rows"])
-    assert (m.calls, m.evaluations) == (seen["calls"], seen["rows"])
+    # trajectories, f' by the secant: one JVP per sample and point; by a second JVP: two
+    for derivative, per in (("secant", 1), ("jvp", 2)):
+        seen.update(calls=0, rows=0, jvp_rows=0)
+        m.reset_counters()
+        st = fewstep.model_statistics(m, n_samples=10, n_times=7, batch_size=4, dtype=torch.float64, derivative=derivative)
+        assert seen == {"calls": per * 7 * 3, "rows": per * 7 * 10, "jvp_rows": per * 7 * 10}
+        assert (st.cost["model_calls"], st.cost["model_evaluations"], st.cost["jvps"]) == (seen["calls"], seen["rows"], seen["jvp_rows"])
+        assert (m.calls, m.evaluations) == (seen["calls"], seen["rows"]) and st.settings["derivative"] == derivative
     data = oracle.sample(6, seed=1)
     st2 = fewstep.model_statistics(m, n_samples=6, n_times=5, batch_size=6, data=data, dtype=torch.float64)
     assert st2.cost["model_evaluations"] == 2 * 5 * 6 and st2.settings["samples"] == "data" and st2.l.shape == (5, DIM)
+    assert st2.settings["derivative"] == "jvp"
+    with pytest.raises(fewstep.errors.ArgumentError, match="secant"):  # no trajectory to take a secant along
+        fewstep.model_statistics(m, n_samples=6, n_times=5, data=data, dtype=torch.float64, derivative="secant")
+    with pytest.raises(fewstep.errors.ArgumentError, match="derivative"):
+        fewstep.model_statistics(m, n_samples=6, n_times=5, dtype=torch.float64, derivative="exact")
 
 
 def test_the_estimator_matches_the_statistics_of_a_gaussian():
@@ -317,11 +326,16 @@ def test_the_estimator_matches_the_statistics_of_a_gaussian():
     assert torch.allclose(st.b, b_exact, rtol=0, atol=1.5e-3 * float(b_exact.abs().max()))
 
 
-def test_s_and_b_are_the_least_squares_fit_of_f_prime_on_f(model, stats):
+@pytest.mark.parametrize("derivative", ["jvp", "secant"])
+def test_s_and_b_are_the_least_squares_fit_of_f_prime_on_f(model, derivative):
     """At a few log-SNRs, ``f`` and ``f'`` recomputed from the same trajectory states (the statistics'
-    own solver, re-run with ``sample``), ``eps'`` as a central difference along ``(dx/dlambda, 1)``,
-    then ``s, b`` by least squares per dimension."""
+    own solver, re-run with ``sample``), ``f'`` with ``eps'`` as a central difference along
+    ``(dx/dlambda, 1)`` (``jvp``) or with the data prediction's derivative as the central difference
+    between the trajectory's neighbouring grid points (``secant``), then ``s, b`` by least squares per
+    dimension."""
     from fewstep.statistics import _smoothed_derivative
+
+    stats = fewstep.model_statistics(model, n_samples=32, n_times=61, seed=0, dtype=torch.float64, derivative=derivative)
 
     times = [float(SCHED.t_of_lambda(torch.tensor(v, dtype=torch.float64))) for v in stats.lambdas.tolist()]
     plan = fewstep.preset("dpmpp_3m", len(times), SCHED, spacing=times + [SCHED.t_clean], lower_order_final=False)
@@ -342,13 +356,36 @@ def test_s_and_b_are_the_least_squares_fit_of_f_prime_on_f(model, stats):
         deps = (model.predict(x + d * dx, tp).eps - model.predict(x - d * dx, tm).eps) / (2 * d)
         l = stats.l[j]
         f = (s * eps - l * x) / a
-        fp = math.exp(-lam) * ((l - 1) * eps + deps) - torch.from_numpy(l_d[j]) * x / a
+        if derivative == "jvp":
+            fp = math.exp(-lam) * ((l - 1) * eps + deps) - torch.from_numpy(l_d[j]) * x / a
+        else:  # f = -x0 + (1 - l) x / alpha: -x0' between the neighbours - (1 - l) e^-lambda eps - l' x / alpha
+            x0 = [(states[k] - float(SCHED.sigma(times[k])) * model.predict(states[k], times[k]).eps) / float(SCHED.alpha(times[k]))
+                  for k in (j - 1, j + 1)]
+            d_x0 = (x0[1] - x0[0]) / float(stats.lambdas[j + 1] - stats.lambdas[j - 1])
+            fp = -d_x0 - (1 - l) * math.exp(-lam) * eps - torch.from_numpy(l_d[j]) * x / a
         fc, fpc = f - f.mean(0), fp - fp.mean(0)
         s_ls = (fc * fpc).mean(0) / (fc * fc).mean(0)
         b_ls = fp.mean(0) - s_ls * f.mean(0)
         assert torch.allclose(stats.s[j], s_ls, rtol=1e-4, atol=1e-6), (j, stats.s[j], s_ls)
         assert torch.allclose(stats.b[j], b_ls, rtol=1e-4, atol=1e-6 * (1 + float(b_ls.abs().max()))), (j, stats.b[j], b_ls)
         assert abs(lam - lam_of(t)) < 1e-9
+
+
+def test_the_secant_derivative_is_not_thrown_by_a_fast_wiggle_in_time(oracle, model):
+    """A network's sinusoidal time embedding makes its output wiggle between nearby times (on the bundled
+    8x8 network, a period of about 6 of its 1000 steps). Here the oracle's output times
+    ``1 + 2e-3 sin(3 t)``: the outputs barely move, but their derivative in ``t`` does. The JVP's ``f'``
+    takes that derivative, and its ``s`` moves by about 0.5 from the clean model's (median over log-SNRs and
+    dimensions); the secant between the trajectory's grid points sees the wiggle's size, not its
+    slope, and stays within 0.05."""
+    def wiggly(x, t):
+        return model.fn(x, t) * (1 + 2e-3 * torch.sin(3.0 * t).reshape(-1, 1))
+
+    m = fewstep.Model(wiggly, SCHED, "x0", sample_shape=(DIM,))
+    clean = fewstep.model_statistics(model, n_samples=32, n_times=61, seed=0, dtype=torch.float64, derivative="jvp")
+    moved = {d: float((fewstep.model_statistics(m, n_samples=32, n_times=61, seed=0, dtype=torch.float64, derivative=d).s - clean.s)
+                      .abs().median()) for d in ("jvp", "secant")}
+    assert moved["secant"] < 0.05 < 0.2 < moved["jvp"], moved
 
 
 def test_the_derivative_of_l_is_smoothed_as_the_reference_does():

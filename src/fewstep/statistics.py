@@ -8,18 +8,22 @@ end) and per data dimension, with ``x`` distributed as the model's own marginal 
   Rademacher Jacobian-vector product per sample (``E_v[v * (J v)] = diag J``), forward-mode AD
   (:mod:`torch.autograd.forward_ad`).
 * ``s, b``: the least-squares slope and intercept of ``f'`` on ``f`` per dimension,
-  ``s = Cov(f, f') / Var(f)``, ``b = E f' - s E f``, with ``f = (sigma eps - l x) / alpha`` and ``f' `` its
-  total derivative in lambda along the ODE trajectory,
-  ``f' = e^-lambda ((l - 1) eps + eps') - l' x / alpha``, where ``eps' = d/dlambda eps(x_lambda, lambda)``
-  is a second JVP with tangent ``(dx/dlambda, dt/dlambda)`` and ``l'`` the central difference of ``l``
-  on the grid smoothed by a moving average of +-5 points (the reference implementation's ``l_d``).
+  ``s = Cov(f, f') / Var(f)``, ``b = E f' - s E f``, with ``f = (sigma eps - l x) / alpha`` and ``f'`` its
+  total derivative in lambda along the ODE trajectory, ``f' = -x0' - (1 - l) e^-lambda eps - l' x / alpha``
+  (as ``f = -x0 + (1 - l) x / alpha`` and ``(x / alpha)' = -e^-lambda eps``), ``l'`` the central
+  difference of ``l`` on the grid smoothed by a moving average of +-5 points (the reference
+  implementation's ``l_d``). ``x0'``, the data prediction's derivative along the trajectory, is by
+  default the central difference between the trajectory's neighbouring grid points
+  (``derivative="secant"``); ``derivative="jvp"`` takes it at the point by a second JVP with tangent
+  ``(dx/dlambda, dt/dlambda)`` (docs/mathematics.md, section 14, says why the secant is the default).
 
 Samples: by default the model's own ODE trajectories from ``n_samples`` keyed noises, integrated through
 the grid points (DPM-Solver++(3M) with exact weights on the statistics grid itself; the evaluations
 it needs are the JVPs' primal outputs, so the trajectories cost no extra model call); with ``data=``
 (samples of x0), the forward process ``x = alpha x0 + sigma z`` at each point, as the reference's
-statistics script does with training data. Cost: ``2 * n_samples * n_times`` JVPs (each a model
-evaluation with a tangent), reported in ``cost``.
+statistics script does with training data (there only the JVP derivative applies). Cost:
+``n_samples * n_times`` JVPs (each a model evaluation with a tangent), twice that with the JVP
+derivative, reported in ``cost``.
 """
 
 from __future__ import annotations
@@ -129,14 +133,35 @@ class _Moments:
     def __init__(self, n_times: int, dim: int) -> None:
         self.out = {k: np.zeros((n_times, dim)) for k in self.NAMES}
         self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.held: dict[int, tuple[torch.Tensor, ...]] = {}
 
-    def add(self, l_part: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, u3: torch.Tensor) -> None:
-        self.parts.append(tuple(v.reshape(v.shape[0], -1).to(torch.float64) for v in (l_part, u1, u2, u3)))
+    def add(self, l_part: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, u3: torch.Tensor | None) -> None:
+        self.parts.append(tuple(v.reshape(v.shape[0], -1).to(torch.float64) for v in (l_part, u1, u2, u3) if v is not None))
 
     def close(self, j: int) -> None:
-        """All samples of grid point ``j`` are in: reduce them."""
+        """All samples of grid point ``j`` are in (``u3`` from the JVP): reduce them."""
         lp, u1, u2, u3 = (torch.cat(vs) for vs in zip(*self.parts))
         self.parts = []
+        self._reduce(j, lp, u1, u2, u3)
+
+    def hold(self, j: int) -> None:
+        """All samples of trajectory point ``j`` are in (no ``u3`` yet): keep them for the secant."""
+        self.held[j] = tuple(torch.cat(vs) for vs in zip(*(p[:3] for p in self.parts)))
+        self.parts = []
+
+    def close_secant(self, j: int, lambdas: np.ndarray) -> None:
+        """Reduce held point ``j`` with ``u3 = d u1 / d lambda`` along each trajectory, taken as
+        ``-x0' - u1``: on the ODE ``u2' = -u1``, so ``u1' = (u1 - u2)' - u1`` and ``u2 - u1 = x0``, the
+        data prediction, whose derivative is the central difference over the neighbours (one-sided at
+        the ends of the grid). ``x0`` is of the data's size at every noise level, where ``u1`` and
+        ``u2`` grow as ``e^-lambda``: differencing it keeps the truncation error small at high noise."""
+        lo, hi = (j - 1 if j - 1 in self.held else j), (j + 1 if j + 1 in self.held else j)
+        x0 = {k: self.held[k][2] - self.held[k][1] for k in (lo, hi)}
+        u3 = -(x0[hi] - x0[lo]) / float(lambdas[hi] - lambdas[lo]) - self.held[j][1]
+        self._reduce(j, *self.held[j], u3)
+        self.held.pop(j - 1, None)
+
+    def _reduce(self, j: int, lp: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, u3: torch.Tensor) -> None:
         l = lp.mean(0)
         a = u1 - l * u2
         c = u3 + l * u1
@@ -175,6 +200,7 @@ def model_statistics(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     smooth: int = SMOOTH_WINDOW,
+    derivative: str | None = None,
     progress: bool = False,
 ) -> ModelStatistics:
     """DPM-Solver-v3's empirical model statistics ``l, s, b`` of ``model`` (module docstring), on
@@ -184,7 +210,13 @@ def model_statistics(
     ``(N, *sample_shape)``), from its forward process. ``batch_size``: samples per model call;
     ``dtype`` / ``device``: of the samples the model sees (default: float32, or ``data``'s; the
     model's device is the caller's business, as in :func:`fewstep.sample`). ``smooth``: half-width of
-    the moving average of ``dl/dlambda``. The result records the model's
+    the moving average of ``dl/dlambda``. ``derivative``: how ``f'`` is taken along the ODE: ``"secant"``
+    (the default on trajectories: the central difference of ``e^-lambda eps`` between the neighbouring
+    grid points of each trajectory, one JVP per sample and point) or ``"jvp"`` (the tangent of a second
+    JVP: the derivative at the point itself; the only choice with ``data``). The secant sees the
+    model at the scale the solver's steps do; the JVP also sees how the network wiggles between
+    nearby times (a sinusoidal time embedding's fastest features), which on the bundled 8x8 network
+    swamped ``s`` (docs/mathematics.md). The result records the model's
     :func:`~fewstep.identity.model_key`, the schedule, the settings and the cost (model calls,
     evaluations, JVPs, wall time); ``fewstep.sample(model, x_T, "dpm_solver_v3", nfe=N, statistics=stats)``
     uses it, for this model only."""
@@ -196,6 +228,14 @@ def model_statistics(
     n_times = _positive_int("n_times", n_times, 2)
     batch_size = _positive_int("batch_size", batch_size)
     smooth = _positive_int("smooth", smooth, 0)
+    if derivative is None:
+        derivative = "jvp" if data is not None else "secant"
+    if derivative not in ("secant", "jvp"):
+        raise ArgumentError(f"derivative must be 'secant' or 'jvp', got {derivative!r}")
+    if derivative == "secant" and data is not None:
+        raise ArgumentError("derivative='secant' needs the model's own trajectories: with data= (independent forward-process "
+                            "samples at each log-SNR) the derivative along the ODE is the JVP's (derivative='jvp')")
+    secant = derivative == "secant"
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ArgumentError(f"seed must be an integer, got {seed!r}")
     sched = model.schedule
@@ -244,7 +284,7 @@ def model_statistics(
     edm = model.prediction == "edm"
 
     def visit(j: int, x: torch.Tensor) -> torch.Tensor:
-        """Both JVPs at grid point j for the rows ``x``; accumulates; returns the raw output."""
+        """The JVP(s) at grid point j for the rows ``x``; accumulates; returns the raw output."""
         p = grid[j]
         b = x.shape[0]
         v = (torch.randint(0, 2, x.shape, generator=gen, dtype=torch.int64) * 2 - 1).to(device=x.device, dtype=x.dtype)
@@ -254,13 +294,16 @@ def model_statistics(
         out, jv = _jvp(model, counter, xin, tin, v * (1.0 / p.alpha) if edm else v, None)
         eps = p.pe * x + p.qe * out
         l_part = p.sigma * v * (p.pe * v + p.qe * jv)  # sigma v * (J_eps v)
+        e = math.exp(-p.lam)
+        if secant:  # d(e^-lambda eps)/dlambda from the neighbouring points of the trajectory
+            acc.add(l_part, e * eps, x * (1.0 / p.alpha), None)
+            return out
         dx = p.dlog_alpha * x - p.sigma * eps  # dx/dlambda on the ODE
         if edm:  # (x / alpha)' and (sigma / alpha)' = -e^-lambda
             _, dout = _jvp(model, counter, xin, tin, dx * (1.0 / p.alpha) - x * (p.dlog_alpha / p.alpha), torch.full_like(tin, -math.exp(-p.lam)))
         else:
             _, dout = _jvp(model, counter, xin, tin, dx, torch.full_like(tin, p.dt))
         deps = p.dpe * x + p.pe * dx + p.dqe * out + p.qe * dout
-        e = math.exp(-p.lam)
         acc.add(l_part, e * eps, x * (1.0 / p.alpha), e * (deps - eps))
         return out
 
@@ -283,9 +326,16 @@ def model_statistics(
                     op = r.request()
                     assert op is not None and abs(op.t - times[j]) <= 1e-9 * max(1.0, abs(times[j]))
                     r.answer(visit(j, r.pending_input))
-                acc.close(j)
+                if secant:
+                    acc.hold(j)
+                    if j >= 1:
+                        acc.close_secant(j - 1, lambdas)
+                else:
+                    acc.close(j)
                 if bar is not None:
                     bar.update(1)
+            if secant:
+                acc.close_secant(n_times - 1, lambdas)
         else:
             x0 = data[:n_samples].to(device=dev, dtype=work)
             for j in range(n_times):
@@ -311,7 +361,8 @@ def model_statistics(
     settings = {"n_samples": n_samples, "n_times": n_times, "seed": int(seed), "lambda_start": lam_lo, "lambda_end": lam_hi,
                 "t_start": times[0], "t_end": times[-1], "samples": "data" if data is not None else "trajectories",
                 "trajectory_solver": None if data is not None else "dpmpp_3m (exact) on the statistics grid",
-                "batch_size": batch_size, "dtype": str(work).replace("torch.", ""), "smooth": smooth, "estimator": "rademacher jvp"}
+                "batch_size": batch_size, "dtype": str(work).replace("torch.", ""), "smooth": smooth, "estimator": "rademacher jvp",
+                "derivative": derivative}
     cost = {"model_calls": counter.calls, "model_evaluations": counter.rows, "jvps": counter.jvp_rows, "wall_s": round(wall, 3),
             "device": str(dev)}
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).reshape(n_times, *shape)  # noqa: E731
