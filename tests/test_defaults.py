@@ -144,6 +144,11 @@ def test_sample_reads_the_dimension_and_parameterisation_for_the_default_call_an
             _, named = fewstep.sample(model, x, "dpmpp_2m", nfe=8, return_info=True)
             assert named.plan.times == tuple(fewstep.time_grid(vp, 8, "logistic", logistic_center=opts["logistic_center"],
                                                                logistic_scale=opts["logistic_scale"]))
+            # DPM-Solver-v3 re-parameterises the model itself: its grid is the family's, whatever the model predicts
+            family = fewstep.default_call(vp, 8, g.dim, "x0")[1]
+            assert fewstep.preset("dpm_solver_v3", 8, vp, data_dim=g.dim, model_prediction=prediction).times == \
+                tuple(fewstep.time_grid(vp, 8, "logistic", logistic_center=family["logistic_center"], logistic_scale=family["logistic_scale"]))
+    assert fewstep.default_call(vp, 8, 64, "eps")[1] != fewstep.default_call(vp, 8, 64, "x0")[1]  # so the line above tells them apart
     # the compiled-plan cache tells the shapes and parameterisations apart
     m64, m1024 = small.as_model(vp), big.as_model(vp)
     p64 = fewstep.sample(m64, fewstep.initial_noise(vp, (2, 64), 0, dtype=torch.float64), nfe=8, return_info=True)[1].plan
