@@ -14,8 +14,8 @@ reads them and reports the cost measured when they were made). Then RMSE against
 NFE 5, 6, 8, 10 of:
 
 * UniPC (fewstep's ``unipc``: bh2, order 3), UniPC-2 (the default solver), DPM-Solver++(2M) (midpoint)
-  and DPM-Solver++(3M) (exact weights), on the family's logistic grid and, where it differs, on the grid
-  the call ``fewstep.sample(model, x, "dpm_solver_v3", ...)`` uses;
+  and DPM-Solver++(3M) (exact weights), on the grid ``fewstep.sample(model, x, "dpm_solver_v3", ...)``
+  uses (the family's logistic grid) and, where it differs, on the default call's (shifted for eps models);
 * DPM-Solver-v3 (fewstep's defaults: order 3, the corrector of as many nodes as the predictor, as the
   reference's EDM / score_sde codebases; lower order at the end) on the same grids, with each set of
   statistics (f' by the secant along the trajectory, the default, or by a second JVP); also without
@@ -90,10 +90,10 @@ def run_target(tid: str, settings: list[tuple[int, int, str]], seed: int, nfes: 
     target = T.build(tid, T.default_batch(tid, "judge"), "judge")
     sched = target.model.schedule
     dim = T.dimension(target.model)
-    # the family's logistic grid, and the one `fewstep.sample(model, x, "dpm_solver_v3", ...)` uses (it also
-    # shifts by the model's parameterisation): both when they differ
-    choices = {"the family's logistic grid": default_grid(sched, "unipc", dim),
-               "the call's grid": default_grid(sched, "unipc", dim, target.model.prediction)}
+    # the grid `fewstep.sample(model, x, "dpm_solver_v3", ...)` uses (the family's logistic grid), and the
+    # default call's (shifted for eps models): both when they differ
+    choices = {"v3's grid (the family's logistic grid)": default_grid(sched, "dpm_solver_v3", dim, target.model.prediction),
+               "the default call's grid (shifted for eps models)": default_grid(sched, "unipc", dim, target.model.prediction)}
     grid_sets = {}
     for label, (name, opts) in choices.items():
         if all((name, opts) != v for v in grid_sets.values()):
@@ -135,9 +135,9 @@ def report(results: list[dict[str, Any]], argv: list[str], wall: float, quick: b
     lines = report_header("DPM-Solver-v3: cost of the statistics and RMSE" + (" (quick)" if quick else ""), "dpm_solver_v3.py", argv, wall)
     lines += [
         "DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023) against UniPC (orders 3 and 2) and DPM-Solver++(2M / 3M) on the same",
-        "grid, RMSE against each target's reference on its judge noises: on the family's logistic grid, and, where it differs,",
-        "on the grid `fewstep.sample(model, x, \"dpm_solver_v3\", statistics=...)` uses (the default rule's, shifted by the",
-        "model's parameterisation). The statistics come from `fewstep.model_statistics` on ODE trajectories of noises of",
+        "grid, RMSE against each target's reference on its judge noises: on the grid `fewstep.sample(model, x, \"dpm_solver_v3\",",
+        "statistics=...)` uses (the family's logistic grid) and, where it differs, on the default call's (the default rule",
+        "shifts it for eps models). The statistics come from `fewstep.model_statistics` on ODE trajectories of noises of",
         "another seed (docs/mathematics.md, \"DPM-Solver-v3\"), with f' by the secant along the trajectory (the default) or by",
         "a second JVP (`jvp`).",
         "",

@@ -213,7 +213,7 @@ def default_call(sched: NoiseSchedule, nfe: int | None = None, dim: int | None =
 
 #: presets whose logistic grid ignores the model's parameterisation (the default rule's eps-model grid):
 #: DPM-Solver-v3 re-parameterises the model itself through its statistics, and on the family's grid it had
-#: 0.66-0.78x its error on the eps-shifted one on two held-out eps networks (val-unet8-eps-linear-long,
+#: 0.46-0.78x its error on the eps-shifted one on two held-out eps networks (val-unet8-eps-linear-long,
 #: val-mlp-eps-linear; 64 x 121 statistics, NFE 5-10) and 0.41-0.55x on digits-vp-eps (docs/defaults.md)
 PARAMETERISATION_BLIND_PRESETS = frozenset({"dpm_solver_v3"})
 
