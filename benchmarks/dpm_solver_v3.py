@@ -30,6 +30,7 @@ from __future__ import annotations
 import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
 import argparse
+import hashlib
 import time
 import warnings
 from pathlib import Path
@@ -58,8 +59,11 @@ BASELINES = (("UniPC", "unipc", {}), ("UniPC-2", "unipc", {"order": 2}), ("DPM++
 def _statistics(target: Any, n_samples: int, n_times: int, seed: int, batch: int, derivative: str = "secant") -> tuple[fewstep.ModelStatistics, bool]:
     """The target model's statistics, from the cache when it has them (this model's, same estimator)."""
     tag = target.name.replace("@", "-")
-    path = CACHE / f"ems-{tag}-n{n_samples}-t{n_times}-s{seed}-{derivative}.safetensors"
     key = model_key(target.model)
+    # the file is named by what the model computes too: benchmarks that label the same target differently
+    # (adaptation.py sets an identity) keep their own files instead of overwriting each other's
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    path = CACHE / f"ems-{tag}-{digest}-n{n_samples}-t{n_times}-s{seed}-{derivative}.safetensors"
     if path.is_file():
         try:
             st = fewstep.ModelStatistics.load(path)

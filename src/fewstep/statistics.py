@@ -146,7 +146,7 @@ class _Moments:
 
     def hold(self, j: int) -> None:
         """All samples of trajectory point ``j`` are in (no ``u3`` yet): keep them for the secant."""
-        self.held[j] = tuple(torch.cat(vs) for vs in zip(*(p[:3] for p in self.parts)))
+        self.held[j] = tuple(torch.cat(vs) for vs in zip(*self.parts))
         self.parts = []
 
     def close_secant(self, j: int, lambdas: np.ndarray) -> None:
@@ -211,7 +211,7 @@ def model_statistics(
     ``dtype`` / ``device``: of the samples the model sees (default: float32, or ``data``'s; the
     model's device is the caller's business, as in :func:`fewstep.sample`). ``smooth``: half-width of
     the moving average of ``dl/dlambda``. ``derivative``: how ``f'`` is taken along the ODE: ``"secant"``
-    (the default on trajectories: the central difference of ``e^-lambda eps`` between the neighbouring
+    (the default on trajectories: the data prediction's central difference between the neighbouring
     grid points of each trajectory, one JVP per sample and point) or ``"jvp"`` (the tangent of a second
     JVP: the derivative at the point itself; the only choice with ``data``). The secant sees the
     model at the scale the solver's steps do; the JVP also sees how the network wiggles between
@@ -295,7 +295,7 @@ def model_statistics(
         eps = p.pe * x + p.qe * out
         l_part = p.sigma * v * (p.pe * v + p.qe * jv)  # sigma v * (J_eps v)
         e = math.exp(-p.lam)
-        if secant:  # d(e^-lambda eps)/dlambda from the neighbouring points of the trajectory
+        if secant:  # f' from the neighbouring points of the trajectory, once they are in (close_secant)
             acc.add(l_part, e * eps, x * (1.0 / p.alpha), None)
             return out
         dx = p.dlog_alpha * x - p.sigma * eps  # dx/dlambda on the ODE
