@@ -9,7 +9,9 @@ Per target and NFE (default: the bundled digits networks and the 3072-d oracle, 
   judge noises, the best kept (chosen on the judge noises themselves: a bar that favours the presets);
 * **default**: ``fewstep.sample(model, x_T, nfe=N)`` with the model's tuned schedules removed;
 * **budgeted search**: ``fewstep.search(model, N, budget=B, noise_seed=101)``: its own calibration and
-  held-out noises (seed 101, never the judge's), everything it spends charged to ``B``;
+  held-out noises (seed 101, never the judge's), everything it spends charged to ``B``; the details
+  table gives what its last phase, the polish (Levenberg-Marquardt on the grid and IIA-form corrections),
+  did to the calibration error and which finalist the held-out check returned;
 * **grid-only**: Nelder-Mead (scipy) on the grid logits of the default call's solver, started from the
   default grid, on the same calibration noises and references as the search, for as many evaluations as
   the search's share of ``B`` buys (the issue's "plain Nelder-Mead on one preset's time gaps").
@@ -138,7 +140,8 @@ def run_cell(t: Any, nfe: int, budget: int) -> dict[str, Any]:
                      "baseline": {k: meta["baseline"][k] for k in ("preset", "options", "spacing")} if meta["baseline"] else None,
                      "noises": meta["calibration"]["noises"], "reference_nfe": plan_budget(budget, nfe).reference_nfe,
                      "generations": meta["budget"]["generations"], "raced_out": meta["budget"]["raced_out"],
-                     "reference_error_bar": meta["reference"]["error_bar"], "plan": plan.to_dict()}
+                     "reference_error_bar": meta["reference"]["error_bar"], "chosen": meta["heldout"]["chosen"],
+                     "finalists": meta["heldout"]["finalists"], "polish": meta["budget"]["polish"], "plan": plan.to_dict()}
     t0 = time.perf_counter()
     gplan, ginfo = grid_only(t.model, nfe, budget)
     rec["grid_only_s"] = time.perf_counter() - t0
@@ -146,6 +149,17 @@ def run_cell(t: Any, nfe: int, budget: int) -> dict[str, Any]:
     b = rec["best_preset"]["error"]
     rec["ratios"] = {"default": rec["default"] / b, "search": rec["search"]["error"] / b, "grid_only": rec["grid_only"]["error"] / b}
     return rec
+
+
+def _polish_cell(p: dict[str, Any] | None) -> str:
+    return f"{p['error'] / p['start_error']:.3f} ({p['model_evaluations']:,})" if p else "-"
+
+
+def _chosen_cell(s: dict[str, Any]) -> str:
+    f = s.get("finalists") or {}
+    if not f or "chosen" not in s:
+        return "-"
+    return f"{s['chosen']} ({f[s['chosen']] / f['search']:.3f})"
 
 
 def write_report(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Namespace, wall: float, path: str) -> None:
@@ -180,10 +194,10 @@ def write_report(results: dict[str, dict[int, dict[str, Any]]], args: argparse.N
               f"default {math.exp(np.mean([math.log(r['ratios']['default']) for c in results.values() for r in c.values()])):.3f}", ""]
     lines += ["## Search details", "", markdown_table(
         ["target", "NFE", "calibration noises", "reference NFE (error bar)", "generations", "raced out", "counted rows", "search's own held-out / calibration",
-         "grid-only evaluations", "seed it beat"],
+         "polish: calibration error after / before (rows)", "finalist returned (held-out error / search's)", "grid-only evaluations", "seed it beat"],
         [[tid, nfe, r["search"]["noises"], f"{r['search']['reference_nfe']} ({r['search']['reference_error_bar']:.2g})", r["search"]["generations"],
           r["search"]["raced_out"], f"{r['search']['counted_rows']:,}", f"{r['search']['heldout_error'] / r['search']['calibration_error']:.2f}",
-          r["grid_only"]["function_evaluations"],
+          _polish_cell(r["search"].get("polish")), _chosen_cell(r["search"]), r["grid_only"]["function_evaluations"],
           (r["search"]["baseline"] or {}).get("preset", "") + " (" + str((r["search"]["baseline"] or {}).get("spacing", "")) + ")"]
          for tid, cells in results.items() for nfe, r in sorted(cells.items())]), ""]
     write_text_atomic(REPORTS / path, "\n".join(lines))

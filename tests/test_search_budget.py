@@ -131,15 +131,59 @@ def test_a_budgeted_search_tunes_the_best_seeds_grid_first_and_returns_the_final
     plan, report = fewstep.search(model, 6, budget=12_000, cache_dir=tmp_path, return_report=True)
     phases = [h["phase"] for h in report.history]
     assert phases[0] == "seeds" and "grid" in phases and "evolve" in phases
-    assert phases == sorted(phases, key=["seeds", "grid", "evolve", "refine"].index)
+    head = phases[: phases.index("polish") + 1]  # what the polish leaves of the budget refines the grid
+    assert head == sorted(head, key=["seeds", "grid", "evolve", "refine", "polish"].index) and set(phases[len(head):]) <= {"refine"}
     grid_end = max(h["evaluations"] for h in report.history if h["phase"] == "grid")
     assert grid_end >= 0.35 * (12_000 - sum(plan_budget(12_000, 6).reserved.values()))
     assert report.grid_best is not None and report.grid_best_calibration is not None
     held = plan.meta["search"]["heldout"]
-    assert set(held["finalists"]) <= {"search", "grid_phase"} and held["error"] == min(held["finalists"].values())
+    assert set(held["finalists"]) <= {"search", "grid_phase", "polished"} and held["error"] == min(held["finalists"].values())
     assert held["chosen"] == min(held["finalists"], key=held["finalists"].get)
     # the finalist returned is what its held-out error says: re-evaluated here on the same held-out noises
     n = plan.meta["search"]["heldout"]["noises"]
     held_noises = fewstep.initial_noise(model.schedule, (n, 16), 0, indices=range(n, 2 * n))
     objective = Objective(reference_set(model, held_noises, reference_nfe=plan_budget(12_000, 6).reference_nfe, cache_dir=tmp_path))
     assert objective.error(fewstep.sample(model, held_noises, plan)) == pytest.approx(held["error"], rel=1e-6)
+
+
+def test_the_polish_fits_grid_and_corrections_to_the_final_error_and_its_plan_round_trips(tmp_path):
+    """The last phase (Levenberg-Marquardt on the best candidate's free grid logits and IIA-form
+    corrections) lowers the calibration error; the error it reports is its plan's; the plan saves,
+    loads and samples like any other."""
+    model = _oracle_model(dim=16, sched=fewstep.FlowMatching())
+    plan, report = fewstep.search(model, 6, budget=12_000, cache_dir=tmp_path, return_report=True)
+    pol = report.polished
+    assert pol is not None and pol.iterations >= 1 and pol.error < 0.97 * pol.start_error
+    assert "polish" in [h["phase"] for h in report.history] and model.evaluations <= 12_000
+    assert plan.meta["search"]["budget"]["polish"]["error"] == pol.error
+    from fewstep.schedule_search import Space
+
+    polished = pol.plan(Space(model.schedule, 6))
+    assert polished.steps[0].correction is None and all(st.correction is not None for st in polished.steps[1:])
+    n = plan.meta["search"]["calibration"]["noises"]
+    cal = fewstep.initial_noise(model.schedule, (n, 16), 0, indices=range(n))
+    objective = Objective(reference_set(model, cal, reference_nfe=plan_budget(12_000, 6).reference_nfe, cache_dir=tmp_path))
+    assert objective.error(fewstep.sample(model, cal, polished)) == pytest.approx(pol.error, rel=1e-6)
+    path = tmp_path / "polished.json"
+    polished.save(path)
+    again = fewstep.SolverSchedule.load(path)
+    assert again.steps == polished.steps and again.times == polished.times
+    assert torch.equal(fewstep.sample(model, cal, again), fewstep.sample(model, cal, polished))
+
+
+def test_a_search_interrupted_in_its_polish_resumes_to_the_uninterrupted_result(tmp_path):
+    model = _oracle_model(sched=fewstep.FlowMatching())
+    full = fewstep.search(model, 5, budget=8_000, cache_dir=tmp_path)
+
+    def stop_in_polish(message):
+        if message.startswith("polish 1:"):
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.json"
+    with pytest.raises(KeyboardInterrupt):
+        fewstep.search(model, 5, budget=8_000, cache_dir=tmp_path, state=state, log=stop_in_polish)
+    saved = json.loads(state.read_text())["polished"]
+    assert saved["iterations"] == 1
+    resumed = fewstep.search(model, 5, budget=8_000, cache_dir=tmp_path, state=state)
+    assert resumed.times == full.times and resumed.steps == full.steps
+    assert resumed.meta["search"]["budget"]["polish"] == full.meta["search"]["budget"]["polish"]

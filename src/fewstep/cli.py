@@ -669,7 +669,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     label = " ".join(str(v) for v in (base.get("preset"), base.get("options") or "") if v != "")
     rows = [["best preset at its best grid", f"{label} ({base.get('spacing')})",
              base.get("calibration_error"), base.get("heldout_error")],
-            ["searched", plan.name, meta["calibration"]["error"], meta["heldout"]["error"]]]
+            ["searched", f"{plan.name} ({meta['heldout'].get('chosen', 'search')} finalist)", meta["calibration"]["error"], meta["heldout"]["error"]]]
     print(markdown_table(["", "solver", f"calibration error ({meta['calibration']['noises']} noises)", f"held-out error ({meta['heldout']['noises']} noises)"], rows))
     ratio = meta["heldout"]["error"] / base["heldout_error"] if base.get("heldout_error") else float("nan")
     print(f"\nheld-out ratio searched / best preset: {ratio:.3f}; {meta['budget']['model_evaluations']} model evaluations, "

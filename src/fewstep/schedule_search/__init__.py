@@ -29,7 +29,7 @@ from ..metrics import rmse
 from ..models import Model
 from ..noise import initial_noise
 from ..solvers.plan import SolverSchedule, schedule_fingerprint
-from .budget import AUTO, BUDGET_SEED_PRESETS, BudgetPlan, default_budget, plan_budget, resolve_budget
+from .budget import AUTO, BUDGET_SEED_PRESETS, POLISH_SHARE, REFINE_SHARE, BudgetPlan, default_budget, plan_budget, resolve_budget
 from .engine import SEED_PRESETS, SEED_SPACINGS, SearchConfig, SearchReport, StateError, run_search, seed_plan
 from .evaluate import evaluate_plans
 from ..teacher import gits_times
@@ -159,7 +159,8 @@ def search(
         seed_presets=tuple((n, tuple(sorted(dict(o).items()))) for n, o in (seed_presets or (BUDGET_SEED_PRESETS if spend else SEED_PRESETS))),
         screen=screen or (spend.race if spend else SearchConfig.screen), seed_keep=seed_keep or (4 if spend else SearchConfig.seed_keep),
         extra_seeds=(default_seed,) if default_seed else (),
-        budget=spend.search if spend else None, race=spend.race if spend else 0)
+        budget=spend.search if spend else None, race=spend.race if spend else 0,
+        refine_fraction=REFINE_SHARE if spend else SearchConfig.refine_fraction, polish_fraction=POLISH_SHARE if spend else 0.0)
     key = model_key(model)  # once: the weights are hashed once per search
     probe = probe_for(model, cal)  # what the model computes: checked against cached references and the state
     evaluations0 = model.evaluations
@@ -189,16 +190,19 @@ def search(
     # instead when it is better on the held-out noises (the evolved strategies overfitted a few noises)
     grid_plan = (space.schedule(report.grid_best, name=f"searched-{model.name}-nfe{nfe}")
                  if report.grid_best is not None and report.grid_best != best else None)
-    plans = [plan] + ([base_plan] if base_plan is not None else []) + ([grid_plan] if grid_plan is not None else [])
-    held_samples, cost = evaluate_plans(model, plans, held, max_rows=max_rows)
-    held_errors = [objective.error(x, "heldout") for x in held_samples]
-    report.best_heldout = held_errors[0]
-    report.baseline_heldout = held_errors[1] if base_plan is not None else None
-    finalists = {"search": held_errors[0]}
-    if grid_plan is not None:
-        finalists["grid_phase"] = held_errors[-1]
-        if held_errors[-1] < held_errors[0]:
-            plan, report.best_calibration, report.best_heldout = grid_plan, float(report.grid_best_calibration), held_errors[-1]  # type: ignore[arg-type]
+    # and its polished finalist (grid and corrections fitted to the final error on the calibration noises)
+    pol = report.polished
+    polished_plan = pol.plan(space, name=f"searched-{model.name}-nfe{nfe}") if pol is not None and pol.error < pol.start_error else None
+    named = {"search": plan, "baseline": base_plan, "grid_phase": grid_plan, "polished": polished_plan}
+    named = {k: p for k, p in named.items() if p is not None}
+    held_samples, cost = evaluate_plans(model, list(named.values()), held, max_rows=max_rows)
+    held_errors = dict(zip(named, (objective.error(x, "heldout") for x in held_samples)))
+    report.best_heldout = held_errors["search"]
+    report.baseline_heldout = held_errors.get("baseline")
+    finalists = {k: e for k, e in held_errors.items() if k != "baseline"}
+    chosen = min(finalists, key=lambda k: (finalists[k], k != "search"))
+    calibration_of = {"search": report.best_calibration, "grid_phase": report.grid_best_calibration, "polished": pol.error if pol else None}
+    plan, report.best_calibration, report.best_heldout = named[chosen], float(calibration_of[chosen]), finalists[chosen]  # type: ignore[arg-type]
     if objective.calibration.error_bar > 0.2 * report.best_calibration and log:
         log(f"search: the references' error bar ({objective.calibration.error_bar:.3g}) is more than a fifth of the best error "
             f"({report.best_calibration:.3g}): raise reference_nfe")
@@ -207,11 +211,13 @@ def search(
         "objective": objective.metric_name, "fewstep_version": __version__, "seed": seed,
         "calibration": {"noises": int(cal.shape[0]), "noise_seed": noise_seed if calibration is None else None, "error": report.best_calibration},
         "heldout": {"noises": int(held.shape[0]), "error": report.best_heldout, "finalists": finalists,
-                    "chosen": "grid_phase" if plan is grid_plan else "search"},
+                    "chosen": chosen},
         "reference": {"method": objective.calibration.method, "error_bar": objective.calibration.error_bar},
         "baseline": {**base, "heldout_error": report.baseline_heldout} if base else None,
         "budget": {"budget": cap, "generations": len(report.history), "population": config.population, "offspring": config.offspring,
                    "race": config.race, "raced_out": report.history[-1].get("raced_out", 0) if report.history else 0,
+                   "polish": ({"iterations": pol.iterations, "start_error": pol.start_error, "error": pol.error,
+                               "model_evaluations": pol.cost.evaluations} if pol is not None else None),
                    "model_calls": report.calls + cost.calls, "model_evaluations": report.evaluations + cost.evaluations,
                    "reference_evaluations": reference_evaluations, "probe_evaluations": probe.evaluations,
                    "charged_evaluations": (probe.evaluations + spend.reserved["calibration_references"] + spend.reserved["heldout_references"]

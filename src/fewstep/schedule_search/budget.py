@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import ArgumentError
 
-__all__ = ["AUTO", "BudgetPlan", "BUDGET_SEED_PRESETS", "default_budget", "plan_budget", "resolve_budget"]
+__all__ = ["AUTO", "BudgetPlan", "BUDGET_SEED_PRESETS", "FINALISTS", "POLISH_SHARE", "REFINE_SHARE", "default_budget", "plan_budget", "resolve_budget"]
 
 #: ``search(..., budget=AUTO)``: :func:`default_budget` of the NFE
 AUTO = "auto"
@@ -40,6 +40,12 @@ MIN_NOISES = 8
 REFERENCE_SHARE = 0.08
 ERROR_BAR_ROWS = 8
 RACE = 8
+#: the share of the search's rows that refines the grid by pattern search, and the share that polishes
+#: the best candidate at the end (:mod:`.polish`)
+REFINE_SHARE = 0.1
+POLISH_SHARE = 0.35
+#: plans checked on the held-out noises at the end: the search's best, the best seed, the grid phase's best, the polished one
+FINALISTS = 4
 
 
 def default_budget(nfe: int) -> int:
@@ -91,7 +97,7 @@ def plan_budget(budget: int, nfe: int, *, n_calibration: int | None = None, n_he
     n_held = n_heldout if n_heldout is not None else n_cal
     race = min(RACE, max(2, n_cal // 4))
     reserved = {"probe": probe_rows, "calibration_references": reference_cost(n_cal, ref, ERROR_BAR_ROWS),
-                "heldout_references": reference_cost(n_held, ref, ERROR_BAR_ROWS), "heldout_check": 3 * n_held * nfe}
+                "heldout_references": reference_cost(n_held, ref, ERROR_BAR_ROWS), "heldout_check": FINALISTS * n_held * nfe}
     plan = BudgetPlan(budget, n_cal, n_held, ref, ERROR_BAR_ROWS, race, reserved)
     least = race * nfe + n_cal * nfe  # screen the default call, then evaluate it on every calibration noise
     if plan.search < least:

@@ -52,14 +52,15 @@ from ..solvers.plan import SolverSchedule, schedule_fingerprint
 from ..solvers.presets import preset
 from .evaluate import BatchCost, evaluate_plans
 from .objective import Objective, tensor_digest
+from .polish import JACOBIAN_ROWS, PolishResult, iteration_cost, polish
 from .space import Candidate, Gene, Space
 
 __all__ = ["SearchConfig", "run_search", "SearchReport", "SEED_PRESETS", "SEED_SPACINGS", "DISCRETE_SEED_SPACINGS", "StateError", "seed_plan",
            "add_budget_arguments", "metric_identity"]
 
 STATE_FORMAT = "fewstep.search_state"
-STATE_VERSION = 5  # 2: keyed by fewstep.identity.model_key, with the model's probe; 3: the reference settings and the metric's code;
-# 4: a budget, racing, and the default call among the seeds; 5: the grid phase of a budgeted search
+STATE_VERSION = 6  # 2: keyed by fewstep.identity.model_key, with the model's probe; 3: the reference settings and the metric's code;
+# 4: a budget, racing, and the default call among the seeds; 5: the grid phase of a budgeted search; 6: its polish phase
 
 #: the presets a search starts from (each at every seed spacing): every deterministic preset
 #: (aliases folded: ``plms`` is ``pndm``; ``lcm`` is stochastic) and the option variants users set
@@ -136,6 +137,9 @@ class SearchConfig:
     refine_fraction: float = 0.3
     #: with a budget: the grid phase runs until this share of it is spent (the seeds included)
     grid_fraction: float = 0.35
+    #: with a budget: the share of it (at the very end) that polishes the best candidate's grid and
+    #: corrections by Levenberg-Marquardt on the final error (:mod:`.polish`); 0: no polish
+    polish_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name, lo in (("nfe", 1), ("seed", 0), ("population", 2), ("offspring", 1), ("generations", 1), ("refine_generations", 0), ("max_rows", 1),
@@ -145,12 +149,13 @@ class SearchConfig:
                 raise ArgumentError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1):
             raise ArgumentError(f"budget must be a positive integer (model rows) or None, got {self.budget!r}")
-        for name in ("race_margin", "refine_fraction", "grid_fraction"):
+        for name in ("race_margin", "refine_fraction", "grid_fraction", "polish_fraction"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
                 raise ArgumentError(f"{name} must be a number in [0, 1), got {v!r}")
-        if self.grid_fraction + self.refine_fraction > 1.0:
-            raise ArgumentError(f"grid_fraction + refine_fraction must not exceed 1, got {self.grid_fraction} + {self.refine_fraction}")
+        if self.grid_fraction + self.refine_fraction + self.polish_fraction > 1.0:
+            raise ArgumentError(f"grid_fraction + refine_fraction + polish_fraction must not exceed 1, got {self.grid_fraction} + "
+                                f"{self.refine_fraction} + {self.polish_fraction}")
         if self.budget is None and self.refine_generations >= self.generations:
             raise ArgumentError(f"refine_generations ({self.refine_generations}) must be below generations ({self.generations})")
 
@@ -161,7 +166,7 @@ class SearchConfig:
                 "seed_grids": [[n, list(g)] for n, g in self.seed_grids],
                 "screen": self.screen, "seed_keep": self.seed_keep, "extra_seeds": [[n, dict(o), sp] for n, o, sp in self.extra_seeds],
                 "budget": self.budget, "race": self.race, "race_margin": self.race_margin, "refine_fraction": self.refine_fraction,
-                "grid_fraction": self.grid_fraction}
+                "grid_fraction": self.grid_fraction, "polish_fraction": self.polish_fraction}
 
 
 def _budget_value(text: str) -> int | str | None:
@@ -213,6 +218,8 @@ class SearchReport:
     #: a budgeted search's grid-phase finalist: the best candidate with the best seed's strategies
     grid_best: Candidate | None = None
     grid_best_calibration: float | None = None
+    #: a budgeted search's polished finalist (:mod:`.polish`): the best candidate, its grid and corrections fitted to the final error
+    polished: PolishResult | None = None
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -261,6 +268,7 @@ class _Search:
         self.delta = 0.4  # the grid step of the pattern search (refinement generations)
         self.grid_genes: tuple[Gene, ...] | None = None  # the strategies the grid phase tunes the grid of
         self.grid_delta = 0.4  # the grid phase's step
+        self.polished: PolishResult | None = None  # the polish phase's progress
         self.resumed_from: int | None = None
 
     # ---- state -----------------------------------------------------------------------------
@@ -282,6 +290,7 @@ class _Search:
             "presets": self.presets, "history": self.history,
             "cost": {"calls": self.cost.calls, "evaluations": self.cost.evaluations}, "wall_s": self.wall, "delta": self.delta,
             "grid_genes": [asdict(g) for g in self.grid_genes] if self.grid_genes is not None else None, "grid_delta": self.grid_delta,
+            "polished": self.polished.to_json() if self.polished is not None else None,
         })
 
     def _load(self) -> bool:
@@ -331,6 +340,7 @@ class _Search:
             genes = data["grid_genes"]
             self.grid_genes = None if genes is None else tuple(Gene(**g) for g in genes)
             self.grid_delta = float(data["grid_delta"])
+            self.polished = PolishResult.from_json(data["polished"]) if data["polished"] is not None else None
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"search state {str(self.state_path)!r} is malformed ({exc}); delete it to start over") from None
         self.resumed_from = self.generation
@@ -575,6 +585,37 @@ class _Search:
                 self.grid_delta *= 0.5
         self.population = [c for c, _ in self._ranked()[: self.config.population]]
 
+    def _polish_generation(self) -> None:
+        """The polish phase (:mod:`.polish`), in one generation: Levenberg-Marquardt on the best fully
+        evaluated candidate's grid and IIA-form corrections, every iteration saved to the state, its
+        Jacobian on as many noises (4 to 16) as leave room for two iterations. What it leaves of the
+        budget (converged early, or too little for an iteration) goes to grid refinement."""
+        left = self.config.budget - self.cost.evaluations  # type: ignore[operator]
+        if self.polished is None:
+            best, best_e = self._best_full() or self._ranked()[0]
+            n_cal, n = int(self.objective.calibration.noises.shape[0]), len(best.z)
+            fits = [k for k in range(4, JACOBIAN_ROWS + 1) if 2 * iteration_cost(n, self.config.nfe, n_cal, k) <= left]
+            self.polished = PolishResult.fresh(best, best_e, max(fits, default=4))
+            if not fits:
+                self.polished.done = True
+                self._refine_generation()
+                return
+        spent = self.polished.cost.evaluations
+
+        def saved(res: PolishResult) -> None:
+            nonlocal spent
+            self.cost.add(BatchCost(0, res.cost.evaluations - spent))
+            spent = res.cost.evaluations
+            self.polished = res
+            self._save()
+
+        calls0 = self.polished.cost.calls
+        res = polish(self.model, self.space, self.polished, self.objective, left,
+                     max_rows=self.config.max_rows, on_iteration=saved, log=self.log)
+        self.cost.add(BatchCost(res.cost.calls - calls0, res.cost.evaluations - spent))
+        res.done = True
+        self.polished = res
+
     def run(self) -> tuple[Candidate, SearchReport]:
         cfg = self.config
         self._load()
@@ -586,13 +627,16 @@ class _Search:
                 phase = "seeds"
             elif cfg.budget is not None and self.cost.evaluations < cfg.grid_fraction * cfg.budget:
                 phase = "grid"
-            elif (g < evo_end) if cfg.budget is None else (self.cost.evaluations < (1.0 - cfg.refine_fraction) * cfg.budget):
+            elif (g < evo_end) if cfg.budget is None else (self.cost.evaluations < (1.0 - cfg.refine_fraction - cfg.polish_fraction) * cfg.budget):
                 phase = "evolve"
-            else:
+            elif (cfg.budget is None or cfg.polish_fraction == 0.0 or self.cost.evaluations < (1.0 - cfg.polish_fraction) * cfg.budget
+                  or (self.polished is not None and self.polished.done)):
                 phase = "refine"
+            else:
+                phase = "polish"
             try:
                 {"seeds": self._seed_generation, "grid": self._grid_generation, "evolve": self._evolve_generation,
-                 "refine": self._refine_generation}[phase]()
+                 "refine": self._refine_generation, "polish": self._polish_generation}[phase]()
             except _BudgetSpent:
                 self.exhausted = True
             best_c, best_e = self._best_full() or self._ranked()[0]
@@ -614,7 +658,7 @@ class _Search:
         report = SearchReport(baseline=baseline, presets=self.presets, history=self.history, calls=self.cost.calls,
                               evaluations=self.cost.evaluations, wall_s=self.wall, best_calibration=best_e,
                               resumed_from=self.resumed_from, grid_best=grid[0] if grid else None,
-                              grid_best_calibration=grid[1] if grid else None)
+                              grid_best_calibration=grid[1] if grid else None, polished=self.polished)
         return best_c, report
 
 
