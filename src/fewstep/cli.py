@@ -622,7 +622,7 @@ def check_search_settings(args: argparse.Namespace) -> None:
         if budget is not None:
             if args.refine_generations is not None:
                 raise ArgumentError("refine_generations applies to the long search (--budget none): a budgeted search refines the grid "
-                                    "with the last 30 % of its budget")
+                                    "by pattern search and polishes it with the last 45 % of its budget")
             plan_budget(budget, args.nfe, n_calibration=args.calibration, n_heldout=args.heldout, reference_nfe=args.reference_nfe)
     except ArgumentError as exc:
         pattern = re.compile(r"\b(" + "|".join(_SEARCH_FLAGS) + r")\b")

@@ -139,7 +139,7 @@ def search(
     if cap is not None:
         if refine_generations is not None:
             raise ArgumentError("refine_generations applies to the long search (budget=None): a budgeted search refines the grid "
-                                "with the last 30 % of its budget")
+                                "by pattern search and polishes it with the last 45 % of its budget")
         spend = plan_budget(cap, nfe, n_calibration=rows_given.get("calibration", n_calibration),
                             n_heldout=rows_given.get("heldout", n_heldout), reference_nfe=reference_nfe)
         n_calibration, n_heldout, reference_nfe = spend.n_calibration, spend.n_heldout, spend.reference_nfe

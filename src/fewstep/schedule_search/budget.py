@@ -6,11 +6,12 @@ NFE) in all, references, the identity probe and the held-out check included.
 * references: UniPC at ``R = max(48, 8 NFE)`` evaluations (ten to twenty times finer than the searched
   schedule; their error bar, the change from a solve at ``R / 2``, is taken on at most 8 noises);
 * calibration and held-out noises: as many as 8 % of the budget buys at ``R`` each (8 to 48 each);
-* the search: what is left after the references, the probe and the final held-out check (three
-  finalists: the search's best, the best seed, the grid phase's best), spent by the raced engine
-  (:mod:`.engine`): the default call and a short list of strong presets (:data:`BUDGET_SEED_PRESETS`)
-  on every seed grid screened on the first ``race`` noises (successive halving), a grid phase on the
-  best seed's grid, then evolution whose every candidate races on those noises first, then grid refinement;
+* the search: what is left after the references, the probe and the final held-out check (four
+  plans: the search's best, the best seed, the grid phase's best, the polished one), spent by the
+  raced engine (:mod:`.engine`): the default call and a short list of strong presets
+  (:data:`BUDGET_SEED_PRESETS`) on every seed grid screened on the first ``race`` noises (successive
+  halving), a grid phase on the best seed's grid, then evolution whose every candidate races on those
+  noises first, then grid refinement (:data:`REFINE_SHARE`) and the polish (:data:`POLISH_SHARE`, :mod:`.polish`);
 * references read from the cache are charged as if computed, so that a budget gives the same result
   whether or not a cache exists.
 

@@ -20,12 +20,15 @@ first on the first ``race`` calibration noises only (the same noises for all: co
 and only one whose error there is within ``race_margin`` of the best fully evaluated candidate's error
 on the same noises goes on to the rest (successive halving in two stages; the losers keep an estimate
 ``error_race * best_full / best_race``, which is never below the best). A budgeted search runs in
-three phases after the seeds: up to ``grid_fraction`` of the budget a *grid phase* (compass search
+four phases after the seeds: up to ``grid_fraction`` of the budget a *grid phase* (compass search
 on every grid logit of the best seed, its steps' strategies fixed: few parameters, so it overfits a
-few noises least), then evolution, and the last ``refine_fraction`` refines the best grid. The grid
-phase's best is kept as a finalist (:attr:`SearchReport.grid_best`): :func:`fewstep.search` returns
-whichever of it and the overall best is better on the held-out noises. No batch is started that
-would spend more than is left, and the search stops when nothing fits.
+few noises least), then evolution, then ``refine_fraction`` refining the best grid, and the last
+``polish_fraction`` polishes the best candidate (:mod:`.polish`: its grid and IIA-form corrections
+fitted to the final error; what it leaves refines the grid). The grid phase's best
+(:attr:`SearchReport.grid_best`) and the polished plan (:attr:`SearchReport.polished`) are kept as
+finalists: :func:`fewstep.search` returns whichever of them and the overall best is best on the
+held-out noises. No batch is started that would spend more than is left, and the search stops when
+nothing fits.
 """
 
 from __future__ import annotations
