@@ -101,8 +101,8 @@ class PolishResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PolishResult":
         return cls(Candidate.from_dict(data["cand"]), tuple((float(a), float(b)) for a, b in data["corrections"]), float(data["error"]),
-                   float(data["start_error"]), int(data["iterations"]), float(data["mu"]), bool(data["done"]), int(data["jacobian_rows"]), BatchCost(int(data["cost"]["calls"]), int(data["cost"]["evaluations"])),
-                   list(data["history"]))
+                   float(data["start_error"]), int(data["iterations"]), float(data["mu"]), bool(data["done"]), int(data["jacobian_rows"]),
+                   BatchCost(int(data["cost"]["calls"]), int(data["cost"]["evaluations"])), list(data["history"]))
 
 
 def corrected(plan: SolverSchedule, corrections: tuple[tuple[float, float], ...]) -> SolverSchedule:
@@ -124,12 +124,14 @@ def _pack(res: PolishResult) -> np.ndarray:
     return np.concatenate([np.asarray(res.cand.z[1:], dtype=np.float64), np.asarray(res.corrections, dtype=np.float64).reshape(-1)])
 
 
-def polish(model: Model, space: Space, start: PolishResult, objective: Objective, rows: int, *, max_iterations: int = MAX_ITERATIONS, max_rows: int = 4096,
+def polish(model: Model, space: Space, start: PolishResult, objective: Objective, rows: int, *,
+           max_iterations: int = MAX_ITERATIONS, max_rows: int = 4096,
            on_iteration: Callable[[PolishResult], None] | None = None,
            log: Callable[[str], None] | None = None) -> PolishResult:
     """Levenberg-Marquardt on ``start``'s free grid logits and corrections (see the module docstring),
     spending at most ``rows`` model rows more than ``start.cost`` (a resumed polish passes its saved
-    result), the Jacobian on the first ``start.jacobian_rows`` calibration noises; ``on_iteration(result)`` after each iteration (the state save). Returns a new result."""
+    result), the Jacobian on the first ``start.jacobian_rows`` calibration noises; ``on_iteration(result)``
+    after each iteration (the state save). Returns a new result."""
     noises, ref = objective.calibration.noises, objective.calibration.reference
     n_cal, nfe = int(noises.shape[0]), space.nfe
     nj = min(start.jacobian_rows, n_cal)
