@@ -603,21 +603,21 @@ class _Search:
                 self.polished.done = True
                 self._refine_generation()
                 return
-        spent = self.polished.cost.evaluations
+        counted = BatchCost(self.polished.cost.calls, self.polished.cost.evaluations)  # the polish's work already in self.cost
+
+        def count(res: PolishResult) -> None:
+            self.cost.add(BatchCost(res.cost.calls - counted.calls, res.cost.evaluations - counted.evaluations))
+            counted.calls, counted.evaluations = res.cost.calls, res.cost.evaluations
+            self.polished = res
 
         def saved(res: PolishResult) -> None:
-            nonlocal spent
-            self.cost.add(BatchCost(0, res.cost.evaluations - spent))
-            spent = res.cost.evaluations
-            self.polished = res
+            count(res)
             self._save()
 
-        calls0 = self.polished.cost.calls
         res = polish(self.model, self.space, self.polished, self.objective, left,
                      max_rows=self.config.max_rows, on_iteration=saved, log=self.log)
-        self.cost.add(BatchCost(res.cost.calls - calls0, res.cost.evaluations - spent))
+        count(res)
         res.done = True
-        self.polished = res
 
     def run(self) -> tuple[Candidate, SearchReport]:
         cfg = self.config
