@@ -187,3 +187,21 @@ def test_a_search_interrupted_in_its_polish_resumes_to_the_uninterrupted_result(
     resumed = fewstep.search(model, 5, budget=8_000, cache_dir=tmp_path, state=state)
     assert resumed.times == full.times and resumed.steps == full.steps
     assert resumed.meta["search"]["budget"]["polish"] == full.meta["search"]["budget"]["polish"]
+
+
+def test_the_polish_least_squares_follow_the_mean_of_per_sample_errors():
+    """The polish's Gauss-Newton gradient is that of sum_b ||r_b|| (the search's RMSE up to a factor),
+    not of the sum of squares, which a far sample would dominate."""
+    from fewstep.schedule_search.polish import gauss_newton
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    base = ref + torch.randn(6, 5, generator=gen, dtype=torch.float64) * torch.tensor([0.01, 0.1, 1.0, 10.0, 0.5, 3.0])[:, None]
+    directions = torch.randn(3, 6, 5, generator=gen, dtype=torch.float64)  # samples move linearly in 3 parameters
+    step = 1e-3
+    g, h, scale = gauss_newton(base, [base + step * d for d in directions], ref, step)
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    x = base + torch.einsum("k,kbd->bd", theta, directions)
+    (x - ref).norm(dim=1).sum().backward()
+    assert g == pytest.approx(theta.grad.numpy(), rel=1e-8)
+    assert h.shape == (3, 3) and (scale > 0).all()

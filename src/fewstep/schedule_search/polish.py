@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from .evaluate import BatchCost, evaluate_plans
 from .objective import Objective
 from .space import Candidate, Space
 
-__all__ = ["PolishResult", "polish", "polish_parameters", "iteration_cost", "JACOBIAN_ROWS", "MAX_ITERATIONS"]
+__all__ = ["PolishResult", "polish", "gauss_newton", "corrected", "polish_parameters", "iteration_cost", "JACOBIAN_ROWS", "MAX_ITERATIONS"]
 
 #: calibration noises the Jacobian is taken on (all of them when there are fewer)
 JACOBIAN_ROWS = 16
@@ -109,8 +109,24 @@ def corrected(plan: SolverSchedule, corrections: tuple[tuple[float, float], ...]
     """``plan`` with step ``i + 1`` corrected by ``corrections[i] = (c_x0, c_eps)`` (zeros: no correction)."""
     steps = list(plan.steps)
     for i, (cx, ce) in enumerate(corrections, start=1):
-        steps[i] = dataclasses.replace(steps[i], correction=None if cx == 0.0 and ce == 0.0 else ((float(cx),), (float(ce),)))
+        steps[i] = steps[i].with_(correction=None if cx == 0.0 and ce == 0.0 else ((float(cx),), (float(ce),)))
     return plan.replace(steps=tuple(steps))
+
+
+def gauss_newton(base: torch.Tensor, nudged: Sequence[torch.Tensor], ref: torch.Tensor,
+                 step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gradient ``J^T r``, the matrix ``J^T J`` and its diagonal scale at the samples ``base``, from
+    the samples ``nudged[k]`` with parameter ``k`` moved by ``step`` (forward differences). The
+    objective is the mean over samples of each one's RMS, not the RMS of all: each sample's rows are
+    weighted by ``||r_b||^(-1/2)``, so that ``J^T r`` is the gradient of ``sum_b ||r_b||`` (IRLS)."""
+    b = base.shape[0]
+    r = (base - ref).to(torch.float64).reshape(b, -1)
+    norms = r.norm(dim=1)
+    root_w = norms.clamp_min(1e-12 * float(norms.mean()) + 1e-300).rsqrt()[:, None]
+    jac = torch.stack([((x - base).to(torch.float64).reshape(b, -1) * root_w).reshape(-1) / step for x in nudged], 1).cpu().numpy()
+    rw = (r * root_w).reshape(-1).cpu().numpy()
+    h = jac.T @ jac
+    return jac.T @ rw, h, np.diag(h) + 1e-12 * max(float(np.max(np.diag(h))), 1e-300)
 
 
 def _unpack(start: PolishResult, theta: np.ndarray) -> tuple[Candidate, tuple[tuple[float, float], ...]]:
@@ -153,14 +169,7 @@ def polish(model: Model, space: Space, start: PolishResult, objective: Objective
             if not all(bool(torch.isfinite(x).all()) for x in xs):
                 res.done = True  # a parameter's nudge diverges: nowhere safe to go
                 break
-            r0 = (xs[0] - ref[:nj]).to(torch.float64).reshape(nj, -1)
-            # the objective is the mean over samples of each one's RMS, not the RMS of all: weight each
-            # sample's rows by ||r_b||^(-1/2), so that the weighted squares are sum_b ||r_b|| here (IRLS)
-            root_w = r0.norm(dim=1).clamp_min(1e-12 * float(r0.norm(dim=1).mean()) + 1e-300).rsqrt()[:, None]
-            jac = torch.stack([((x - xs[0]).to(torch.float64).reshape(nj, -1) * root_w).reshape(-1) / STEP for x in xs[1:]], 1).cpu().numpy()
-            r0 = (r0 * root_w).reshape(-1).cpu().numpy()
-            h = jac.T @ jac
-            lsq = (jac.T @ r0, h, np.diag(h) + 1e-12 * max(float(np.max(np.diag(h))), 1e-300))
+            lsq = gauss_newton(xs[0], xs[1:], ref[:nj], STEP)
         elif res.cost.evaluations + trial_cost > limit:
             break
         g, h, scale = lsq
